@@ -1,0 +1,35 @@
+"""advfeat: adversarial examples are features.
+
+Attacks, evaluation and (soon) robust training and the robust / non-robust dataset constructions of
+Ilyas et al., "Adversarial Examples Are Not Bugs, They Are Features" (NeurIPS 2019), for any PyTorch
+model and data loader. See README.md and docs/.
+"""
+
+from . import engine, models
+from .attacks import (
+    FGSM,
+    L2PGD,
+    PGD,
+    Attack,
+    LinfPGD,
+    Outcome,
+    Restarts,
+    WorstOf,
+    cross_entropy,
+    cw_margin,
+    frozen_model,
+)
+from .evaluate import EvalResult, evaluate
+from .models import Normalize
+from .threat import Box, L2Ball, LinfBall, ThreatModel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Attack", "PGD", "L2PGD", "LinfPGD", "FGSM", "Restarts", "WorstOf", "Outcome",
+    "cross_entropy", "cw_margin", "frozen_model",
+    "ThreatModel", "L2Ball", "LinfBall", "Box",
+    "evaluate", "EvalResult", "Normalize",
+    "engine", "models",
+    "__version__",
+]

@@ -1,0 +1,482 @@
+"""Attacks: small, immutable configurations of the one engine, called with the model.
+
+``x_adv = attack(model, x, y)``. An attack is a frozen dataclass: printable, comparable, reusable across
+models and devices. ``y`` holds the true labels, or the targets when ``targeted=True``.
+
+Every attack call, built in or user-written, goes through :meth:`Attack.__call__`, which
+
+1. validates ``x`` (a finite floating tensor inside the attack's box) and ``y`` (integer labels, shape (N,)),
+2. guards the model (:func:`frozen_model`): runs it in eval mode and with ``requires_grad=False`` on every
+   parameter, and afterwards restores every module's ``training`` flag, every parameter's
+   ``requires_grad`` and every buffer exactly (``.grad`` is never touched: gradients are taken with
+   respect to the input only),
+3. calls :meth:`Attack.run`, the one method a subclass writes, and returns a new tensor of ``x``'s
+   dtype and device.
+
+Example:
+    >>> import torch, advfeat as af
+    >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    >>> x, y = torch.rand(5, 3, 2, 2), torch.tensor([0, 1, 2, 0, 1])
+    >>> attack = af.L2PGD(0.5, steps=20)
+    >>> attack
+    L2PGD(eps=0.5, steps=20)
+    >>> x_adv = attack(model, x, y)
+    >>> bool(((x_adv - x).flatten(1).norm(dim=1) <= 0.5 + 1e-6).all())
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from typing_extensions import final
+
+from ._checks import check_batch, check_logits, check_positive_float, check_positive_int
+from ._config import Config
+from .engine import optimize
+from .threat import ThreatModel, ball
+
+__all__ = [
+    "Attack", "PGD", "L2PGD", "LinfPGD", "FGSM", "Restarts", "WorstOf", "Outcome",
+    "cross_entropy", "cw_margin", "frozen_model", "LossFn",
+]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+"""``(logits (N, C), labels (N,)) -> per-sample loss (N,)``; the attack raises it (or lowers it, targeted)."""
+
+
+def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
+    """Per-sample cross-entropy, computed in float32 (also under autocast)."""
+    return F.cross_entropy(logits.float(), y, reduction="none")
+
+
+def cw_margin(logits: Tensor, y: Tensor) -> Tensor:
+    """Carlini-Wagner margin ``max_{j != y} z_j - z_y`` per sample: positive once the label is lost.
+
+    Targeted attacks minimise it with ``y`` = targets, which drives ``z_t`` above every other logit.
+    """
+    z = logits.float()
+    zy = z.gather(1, y[:, None]).squeeze(1)
+    others = z.scatter(1, y[:, None], float("-inf")).amax(1)
+    return others - zy
+
+
+@contextmanager
+def frozen_model(model: nn.Module, *, eval_mode: bool = True) -> Iterator[nn.Module]:
+    """Run ``model`` with frozen parameters (and in eval mode), then put every bit of its state back.
+
+    Restored on exit, also after an exception: every module's ``training`` flag, every parameter's
+    ``requires_grad``, every buffer's values (BatchNorm running statistics, even when ``eval_mode=False``
+    lets them change). Parameters' ``.grad`` are left alone: nothing inside computes parameter gradients.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        if eval_mode:
+            model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+        for p, requires_grad in flags:
+            p.requires_grad_(requires_grad)
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+
+
+class Outcome(NamedTuple):
+    """How well an attack did on each sample: ``success`` (label lost, or target reached) and ``score``
+    (the attack's loss, negated when targeted, so that higher is always better for the attacker)."""
+
+    success: Tensor
+    score: Tensor
+
+    def better_than(self, other: Outcome) -> Tensor:
+        """Per sample: success first, then the higher score."""
+        return (self.success & ~other.success) | ((self.success == other.success) & (self.score > other.score))
+
+
+class Attack(Config, ABC):
+    """Base class of all attacks. Subclass it as a frozen dataclass and implement :meth:`run`.
+
+    ``run(model, x, y, generator)`` receives a validated batch and a model already in eval mode with
+    frozen parameters, and returns the perturbed batch. Use ``generator`` for any randomness.
+
+    >>> import torch, advfeat as af
+    >>> from dataclasses import dataclass
+    >>> @dataclass(frozen=True)
+    ... class Noise(af.Attack):
+    ...     sigma: float = 0.1
+    ...     def run(self, model, x, y, generator):
+    ...         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    ...         return (x + self.sigma * noise).clamp(0, 1)
+    >>> Noise(0.2)(torch.nn.Flatten(), torch.rand(2, 4), torch.tensor([0, 1]), generator=torch.Generator()).shape
+    torch.Size([2, 4])
+    """
+
+    targeted: bool = False
+    eval_mode: bool = True
+    seed: int | None = None
+
+    @final
+    def __call__(
+        self, model: nn.Module, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Attack ``model`` at ``(x, y)``; returns a new tensor like ``x``.
+
+        Args:
+            model: any ``nn.Module`` mapping a batch to logits (N, C); its state is left exactly as found.
+            x: inputs (N, ...), floating, inside the box (default [0, 1]). Not modified.
+            y: labels (N,), or target classes when the attack is targeted.
+            generator: the random source; default: a new one seeded with ``self.seed`` if set, else
+                PyTorch's global generator (so ``torch.manual_seed`` makes runs repeatable).
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        lower, upper = self.box
+        x, y = check_batch(x, y, lower, upper)
+        if x.shape[0] == 0:
+            return x.clone()
+        if generator is None and self.seed is not None:
+            generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        with frozen_model(model, eval_mode=self.eval_mode):
+            x_adv = self.run(model, x, y, generator)
+        if not isinstance(x_adv, Tensor) or x_adv.shape != x.shape:
+            got = tuple(x_adv.shape) if isinstance(x_adv, Tensor) else type(x_adv).__name__
+            raise ValueError(f"{type(self).__name__}.run must return a tensor of shape {tuple(x.shape)}, got {got}")
+        x_adv = x_adv.detach().to(device=x.device, dtype=x.dtype)
+        return x_adv.clone() if x_adv.data_ptr() == x.data_ptr() else x_adv
+
+    @abstractmethod
+    def run(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None) -> Tensor:
+        """Return the perturbed batch. Called by ``__call__`` with a validated batch and a guarded model."""
+
+    @property
+    def box(self) -> tuple[float | Tensor, float | Tensor]:
+        """The valid input range ``(lower, upper)``; inputs outside it are refused. Default ``(0, 1)``."""
+        return (0.0, 1.0)
+
+    def outcome(self, model: nn.Module, x_adv: Tensor, y: Tensor) -> Outcome:
+        """Per-sample success and score of ``x_adv``, used to pick the worst case among candidates."""
+        with torch.no_grad():
+            logits = model(x_adv)
+        loss_fn: LossFn = getattr(self, "loss", None) or cross_entropy
+        loss = loss_fn(logits, y).float()
+        pred = logits.argmax(1)
+        if self.targeted:
+            return Outcome(pred == y, -loss)
+        return Outcome(pred != y, loss)
+
+    def for_evaluation(self, early_stop: bool) -> Attack:
+        """This attack as :func:`advfeat.evaluate` runs it: a sample counts as broken when any iterate
+        is misclassified (early stopping, or every step with ``keep_best``). Default: unchanged."""
+        return self
+
+
+class _Classification:
+    """The attack objective: ``loss(model(x), y)`` per sample, and success (label lost / target hit)."""
+
+    def __init__(self, model: nn.Module, y: Tensor, loss: LossFn, targeted: bool) -> None:
+        self.model, self.y, self.loss, self.targeted = model, y, loss, targeted
+        self.checked = False
+
+    def __call__(self, x: Tensor, index: Tensor | None) -> tuple[Tensor, Tensor]:
+        logits = self.model(x)
+        y = self.y if index is None else self.y.index_select(0, index)
+        if not self.checked:
+            check_logits(logits, y)
+        loss = self.loss(logits, y)
+        if not self.checked:
+            if not isinstance(loss, Tensor) or loss.shape != y.shape:
+                got = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+                raise ValueError(f"loss must return one value per sample, shape ({y.shape[0]},); got {got}")
+            self.checked = True
+        pred = logits.argmax(1)
+        return loss, (pred == y) if self.targeted else (pred != y)
+
+
+@dataclass(frozen=True, eq=False, kw_only=True, repr=False)
+class _EnginePGD(Attack):
+    """Fields shared by the PGD family: everything but the threat model."""
+
+    steps: int = 10
+    step_size: float | None = None
+    rel_step_size: float | None = None
+    random_start: bool = False
+    targeted: bool = False
+    loss: LossFn | None = None
+    keep_best: bool = False
+    early_stop: bool = False
+    eval_mode: bool = True
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        check_positive_int("steps", self.steps)
+        if self.step_size is not None and self.rel_step_size is not None:
+            raise ValueError("give step_size (absolute) or rel_step_size (a multiple of eps), not both")
+        if self.step_size is not None:
+            check_positive_float("step_size", self.step_size)
+        if self.rel_step_size is not None:
+            check_positive_float("rel_step_size", self.rel_step_size)
+        if self.loss is not None and not callable(self.loss):
+            raise TypeError(f"loss must be a callable (logits, y) -> per-sample loss, got {self.loss!r}")
+        threat = self.threat_model()
+        if self.step_size is None and getattr(threat, "eps", None) is None:
+            raise ValueError(f"step_size is required for {threat!r}, which has no eps to be relative to")
+
+    @abstractmethod
+    def threat_model(self) -> ThreatModel:
+        """The set this attack searches."""
+
+    @property
+    def box(self) -> tuple[float | Tensor, float | Tensor]:
+        t = self.threat_model()
+        return (t.lower, t.upper)
+
+    def step_length(self, threat: ThreatModel) -> float | Tensor:
+        """The absolute step: ``step_size``, or ``rel_step_size * eps`` (default ``2.5 / steps * eps``,
+        Madry et al.'s rule, which lets the iterate cross the ball)."""
+        if self.step_size is not None:
+            return self.step_size
+        rel = self.rel_step_size if self.rel_step_size is not None else 2.5 / self.steps
+        eps: float | Tensor = threat.eps  # type: ignore[attr-defined]
+        return eps * rel
+
+    def run(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None) -> Tensor:
+        threat = self.threat_model()
+        objective = _Classification(model, y, self.loss or cross_entropy, self.targeted)
+        return optimize(
+            objective, x, threat, steps=self.steps, step_size=self.step_length(threat),
+            maximize=not self.targeted, random_start=self.random_start, keep_best=self.keep_best,
+            early_stop=self.early_stop, generator=generator,
+        ).x
+
+    def for_evaluation(self, early_stop: bool) -> Attack:
+        if self.targeted:
+            return self
+        if early_stop:
+            return dataclasses.replace(self, early_stop=True)
+        return dataclasses.replace(self, keep_best=True, early_stop=False)
+
+    def __repr__(self) -> str:
+        shown = []
+        fields = sorted(dataclasses.fields(self), key=lambda f: bool(f.kw_only))  # positional first
+        for f in fields:
+            value = getattr(self, f.name)
+            if f.default is not dataclasses.MISSING and _same(value, f.default):
+                continue
+            shown.append(f"{f.name}={_short(value)}")
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+
+def _same(a: Any, b: Any) -> bool:
+    return not isinstance(a, Tensor) and not isinstance(b, Tensor) and type(a) is type(b) and a == b
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"tensor(shape={tuple(value.shape)})"
+    if callable(value) and hasattr(value, "__name__"):
+        return str(value.__name__)
+    return repr(value)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class PGD(_EnginePGD):
+    """Projected gradient descent over any threat model: ``PGD(af.L2Ball(0.5), steps=20)``.
+
+    Each step moves along ``threat.direction`` of the loss gradient by the step length and projects back
+    onto ball ∩ box. Untargeted attacks ascend ``loss(model(x), y)``; targeted ones descend it towards ``y``.
+    ``keep_best`` returns each sample's best iterate (success first, then loss) at the cost of one forward.
+    """
+
+    threat: ThreatModel
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.threat, ThreatModel):
+            raise TypeError(f"threat must be an advfeat ThreatModel (L2Ball, LinfBall, Box), got {self.threat!r}")
+        super().__post_init__()
+
+    def threat_model(self) -> ThreatModel:
+        return self.threat
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class _BallPGD(_EnginePGD):
+    eps: float | Tensor
+    lower: float | Tensor = field(default=0.0, kw_only=True)
+    upper: float | Tensor = field(default=1.0, kw_only=True)
+
+    def _norm(self) -> str:
+        raise NotImplementedError
+
+    def threat_model(self) -> ThreatModel:
+        return ball(self._norm(), self.eps, lower=self.lower, upper=self.upper)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class L2PGD(_BallPGD):
+    """PGD in the L2 ball of radius ``eps``: steps ``g / ||g||_2``. ``eps``: a float or a (N,) tensor."""
+
+    def _norm(self) -> str:
+        return "l2"
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class LinfPGD(_BallPGD):
+    """PGD in the Linf ball of radius ``eps``: steps ``sign(g)``. ``eps``: a float or a (N,) tensor."""
+
+    def _norm(self) -> str:
+        return "linf"
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class FGSM(_BallPGD):
+    """The fast gradient sign method: one step of length ``rel_step_size * eps`` (default 1.0).
+
+    ``norm="linf"`` (default) steps along ``sign(g)``; ``norm="l2"`` gives the fast gradient method.
+    With ``random_start=True`` and ``rel_step_size=1.25`` this is Wong et al.'s FGSM-RS.
+    """
+
+    steps: int = field(default=1, kw_only=True)
+    rel_step_size: float | None = field(default=1.0, kw_only=True)
+    norm: str = field(default="linf", kw_only=True)
+
+    def __post_init__(self) -> None:
+        if self.steps != 1:
+            raise ValueError(f"steps must be 1 for FGSM (use LinfPGD or L2PGD for more), got {self.steps}")
+        super().__post_init__()
+
+    def _norm(self) -> str:
+        return self.norm
+
+
+@dataclass(frozen=True, eq=False)
+class Restarts(Attack):
+    """Run ``attack`` ``n`` times and keep, per sample, the worst case: success first, then the highest
+    score. Each run draws fresh random starts from the same generator (``generator=`` or ``seed``)."""
+
+    attack: Attack
+    n: int
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.attack, Attack):
+            raise TypeError(f"attack must be an advfeat Attack, got {self.attack!r}")
+        check_positive_int("n", self.n)
+
+    @property
+    def targeted(self) -> bool:  # type: ignore[override]
+        return self.attack.targeted
+
+    @property
+    def eval_mode(self) -> bool:  # type: ignore[override]
+        return self.attack.eval_mode
+
+    @property
+    def box(self) -> tuple[float | Tensor, float | Tensor]:
+        return self.attack.box
+
+    def outcome(self, model: nn.Module, x_adv: Tensor, y: Tensor) -> Outcome:
+        return self.attack.outcome(model, x_adv, y)
+
+    def run(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None) -> Tensor:
+        return _worst_case(model, x, y, [self.attack] * self.n, self.attack, generator)
+
+    def for_evaluation(self, early_stop: bool) -> Attack:
+        return dataclasses.replace(self, attack=self.attack.for_evaluation(early_stop))
+
+
+@dataclass(frozen=True, eq=False, init=False)
+class WorstOf(Attack):
+    """Per sample, the worst case over several attacks: ``WorstOf(af.L2PGD(0.5), af.LinfPGD(8 / 255))``.
+
+    Candidates are ranked by success first, then by ``loss`` (default cross-entropy) of the combination,
+    so that attacks with different losses compare on one scale. All parts must agree on ``targeted``
+    and on the box.
+    """
+
+    attacks: tuple[Attack, ...]
+    loss: LossFn | None
+    seed: int | None
+
+    def __init__(self, *attacks: Attack, loss: LossFn | None = None, seed: int | None = None) -> None:
+        if not attacks:
+            raise ValueError("attacks: WorstOf needs at least one attack")
+        for a in attacks:
+            if not isinstance(a, Attack):
+                raise TypeError(f"attacks must be advfeat Attacks, got {a!r}")
+        if len({a.targeted for a in attacks}) > 1:
+            raise ValueError("attacks must all be targeted or all untargeted")
+        boxes = [a.box for a in attacks]
+        if any(not _same_box(boxes[0], b) for b in boxes[1:]):
+            raise ValueError(f"attacks must share one box, got {boxes}")
+        if loss is not None and not callable(loss):
+            raise TypeError(f"loss must be a callable (logits, y) -> per-sample loss, got {loss!r}")
+        object.__setattr__(self, "attacks", tuple(attacks))
+        object.__setattr__(self, "loss", loss)
+        object.__setattr__(self, "seed", seed)
+
+    @property
+    def targeted(self) -> bool:  # type: ignore[override]
+        return self.attacks[0].targeted
+
+    @property
+    def eval_mode(self) -> bool:  # type: ignore[override]
+        return self.attacks[0].eval_mode
+
+    @property
+    def box(self) -> tuple[float | Tensor, float | Tensor]:
+        return self.attacks[0].box
+
+    def run(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None) -> Tensor:
+        return _worst_case(model, x, y, list(self.attacks), self, generator)
+
+    def for_evaluation(self, early_stop: bool) -> Attack:
+        return WorstOf(*(a.for_evaluation(early_stop) for a in self.attacks), loss=self.loss, seed=self.seed)
+
+    def __repr__(self) -> str:
+        extra = "" if self.loss is None else f", loss={_short(self.loss)}"
+        return f"WorstOf({', '.join(map(repr, self.attacks))}{extra})"
+
+
+def _same_box(a: tuple[float | Tensor, float | Tensor], b: tuple[float | Tensor, float | Tensor]) -> bool:
+    return all(
+        (isinstance(u, Tensor) and isinstance(v, Tensor) and torch.equal(u, v))
+        or (not isinstance(u, Tensor) and not isinstance(v, Tensor) and u == v)
+        for u, v in zip(a, b, strict=True)
+    )
+
+
+def _worst_case(
+    model: nn.Module, x: Tensor, y: Tensor, parts: list[Attack], judge: Attack,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """Run each part (inside the caller's guard) and keep, per sample, the candidate ``judge`` rates worst."""
+    best: Tensor | None = None
+    best_outcome: Outcome | None = None
+    for part in parts:
+        cand = part.run(model, x, y, generator).detach().to(x.dtype)
+        out = judge.outcome(model, cand, y)
+        if best is None or best_outcome is None:
+            best, best_outcome = cand, out
+            continue
+        better = out.better_than(best_outcome)
+        best = torch.where(better.reshape(-1, *([1] * (x.ndim - 1))), cand, best)
+        best_outcome = Outcome(torch.where(better, out.success, best_outcome.success),
+                               torch.where(better, out.score, best_outcome.score))
+    assert best is not None
+    return best
+
