@@ -1,0 +1,102 @@
+"""Shared fixtures: a fixed hypothesis profile for CI and small models with every kind of state."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+from torch import nn
+
+settings.register_profile(
+    "ci", deadline=None, max_examples=25, derandomize=True, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("dev", deadline=None, max_examples=100)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+class FlatNet(nn.Module):
+    """(N, D) -> (N, C): Linear-BatchNorm-ReLU-Dropout-Linear, first layer frozen."""
+
+    def __init__(self, d: int, c: int = 4) -> None:
+        super().__init__()
+        self.frozen = nn.Linear(d, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(16, c)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(torch.relu(self.bn(self.frozen(x)))))
+
+
+class ConvNet(nn.Module):
+    """(N, C, H, W) -> (N, classes): Conv-BatchNorm-ReLU-Dropout-pool-Linear, first conv frozen."""
+
+    def __init__(self, cin: int, c: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(8, c)
+        self.conv.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(torch.relu(self.bn(self.conv(x))))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def make_model(shape: tuple[int, ...], classes: int = 4, dtype: torch.dtype = torch.float32,
+               seed: int = 0) -> nn.Module:
+    """A model for per-sample inputs of ``shape`` with non-trivial BatchNorm statistics, in train mode,
+    whose trainable parameters already hold a ``.grad``."""
+    torch.manual_seed(seed)
+    model: nn.Module = FlatNet(shape[0], classes) if len(shape) == 1 else ConvNet(shape[0], classes)
+    model.train()
+    with torch.no_grad():  # non-trivial running statistics
+        model(torch.rand(8, *shape))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.randn_like(p)
+    return model.to(dtype)
+
+
+def snapshot(model: nn.Module) -> dict[str, object]:
+    return {
+        "training": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "params": [p.detach().clone() for p in model.parameters()],
+        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "buffers": [b.clone() for b in model.buffers()],
+    }
+
+
+def same_state(a: dict[str, object], b: dict[str, object]) -> bool:
+    if a["training"] != b["training"] or a["requires_grad"] != b["requires_grad"]:
+        return False
+    for key in ("params", "buffers", "grads"):
+        for u, v in zip(a[key], b[key], strict=True):  # type: ignore[call-overload]
+            if (u is None) != (v is None) or (u is not None and not torch.equal(u, v)):
+                return False
+    return True
+
+
+def bf16_supported() -> bool:
+    try:
+        m = make_model((3, 4, 4), dtype=torch.bfloat16).eval()
+        x = torch.rand(2, 3, 4, 4, dtype=torch.bfloat16, requires_grad=True)
+        torch.autograd.grad(m(x).float().sum(), x)
+        return True
+    except RuntimeError:
+        return False
+
+
+@pytest.fixture
+def cuda() -> torch.device:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device; none is available here")
+    return torch.device("cuda")

@@ -1,0 +1,329 @@
+"""Attacks: the guarantees of DESIGN.md as properties over shapes, eps, dtypes and seeds."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import hypothesis.strategies as st
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import bf16_supported, make_model, same_state, snapshot
+from hypothesis import given
+
+import advfeat as af
+
+SHAPES = [(6,), (1, 5, 5), (3, 4, 4)]
+DTYPES = [torch.float32, torch.float64] + ([torch.bfloat16] if bf16_supported() else [])
+
+shapes = st.sampled_from(SHAPES)
+dtypes = st.sampled_from(DTYPES)
+seeds = st.integers(0, 2**31 - 1)
+
+
+@st.composite
+def attacks(draw):
+    norm = draw(st.sampled_from(["l2", "linf"]))
+    eps = draw(st.floats(0.01, 2.0)) if norm == "l2" else draw(st.floats(0.01, 0.3))
+    kind = draw(st.sampled_from(["pgd", "fgsm", "general"]))
+    targeted = draw(st.booleans())
+    random_start = draw(st.booleans())
+    if kind == "fgsm":
+        return af.FGSM(eps, norm=norm, targeted=targeted, random_start=random_start)
+    common = dict(steps=draw(st.integers(1, 6)), targeted=targeted, random_start=random_start,
+                  keep_best=draw(st.booleans()), loss=draw(st.sampled_from([None, af.cw_margin])))
+    if kind == "general":
+        threat = af.L2Ball(eps) if norm == "l2" else af.LinfBall(eps)
+        return af.PGD(threat, **common)
+    cls = af.L2PGD if norm == "l2" else af.LinfPGD
+    return cls(eps, **common)
+
+
+def batch(shape, n, dtype, seed, classes=4):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand((n, *shape), generator=g).to(dtype)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return x, y
+
+
+def eps_of(attack):
+    t = attack.threat_model()
+    return t.eps, "l2" if isinstance(t, af.L2Ball) else "linf"
+
+
+def dist(d, norm):
+    d = d.double().flatten(1)
+    return d.norm(dim=1) if norm == "l2" else d.abs().amax(1)
+
+
+def slack(x, dtype, norm):
+    """What the final rounding to ``dtype`` may add to the distance (zero for float32/64 beyond 1e-5)."""
+    if dtype != torch.bfloat16:
+        return 1e-5
+    ulp = 2.0 ** -8
+    return ulp * (x[0].numel() ** 0.5 if norm == "l2" else 1.0)
+
+
+@given(attack=attacks(), shape=shapes, dtype=dtypes, n=st.integers(1, 6), seed=seeds)
+def test_result_in_ball_and_box_with_dtype_and_model_state_preserved(attack, shape, dtype, n, seed):
+    model = make_model(shape, dtype=dtype, seed=seed % 7)
+    x, y = batch(shape, n, dtype, seed)
+    x0, y0, before = x.clone(), y.clone(), snapshot(model)
+    x_adv = attack(model, x, y, generator=torch.Generator().manual_seed(seed))
+    eps, norm = eps_of(attack)
+    assert x_adv.dtype == x.dtype and x_adv.device == x.device and x_adv.shape == x.shape
+    assert (dist(x_adv - x, norm) <= eps * (1 + 1e-5) + slack(x, dtype, norm)).all()
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert torch.equal(x, x0) and torch.equal(y, y0)  # inputs untouched
+    assert same_state(before, snapshot(model))  # modes, requires_grad, params, grads, buffers
+    assert not x_adv.requires_grad
+
+
+@given(attack=attacks(), shape=shapes, seed=seeds)
+def test_same_seed_same_result(attack, shape, seed):
+    attack = dataclasses.replace(attack, random_start=True, seed=seed)
+    model = make_model(shape)
+    x, y = batch(shape, 5, torch.float32, seed)
+    assert torch.equal(attack(model, x, y), attack(model, x, y))
+    g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    assert torch.equal(attack(model, x, y, generator=g1), attack(model, x, y, generator=g2))
+    torch.manual_seed(seed)
+    a = dataclasses.replace(attack, seed=None)(model, x, y)
+    torch.manual_seed(seed)
+    assert torch.equal(a, dataclasses.replace(attack, seed=None)(model, x, y))
+
+
+@given(shape=shapes, norm=st.sampled_from(["l2", "linf"]), targeted=st.booleans(), seed=seeds)
+def test_untargeted_raises_and_targeted_lowers_the_loss(shape, norm, targeted, seed):
+    model = make_model(shape, seed=seed % 5).eval()
+    x, y = batch(shape, 8, torch.float64, seed)
+    model = model.double()
+    eps = 0.5 if norm == "l2" else 0.05
+    cls = af.L2PGD if norm == "l2" else af.LinfPGD
+    attack = cls(eps, steps=5, targeted=targeted, keep_best=True)
+    x_adv = attack(model, x, y)
+    with torch.no_grad():
+        before = F.cross_entropy(model(x), y, reduction="none")
+        after = F.cross_entropy(model(x_adv), y, reduction="none")
+    # keep_best includes the start, so per sample the loss can only move the attacker's way
+    if targeted:
+        assert (after <= before + 1e-9).all() and after.sum() < before.sum()
+    else:
+        assert (after >= before - 1e-9).all() and after.sum() > before.sum()
+
+
+@given(shape=shapes, seed=seeds, targeted=st.booleans())
+def test_restarts_and_worst_of_never_worse_than_any_part(shape, seed, targeted):
+    model = make_model(shape, seed=seed % 5).eval()
+    x, y = batch(shape, 8, torch.float32, seed)
+    part = af.L2PGD(0.3, steps=2, random_start=True, targeted=targeted)
+    combo = af.Restarts(part, 3)
+    out = combo(model, x, y, generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)  # the same draws, one run after another
+    parts = [part(model, x, y, generator=g) for _ in range(3)]
+    o = combo.outcome(model, out, y)
+    for p in parts:
+        q = combo.outcome(model, p, y)
+        assert not (q.success & ~o.success).any()
+        assert ((q.success != o.success) | (o.score >= q.score - 1e-5)).all()
+
+    a, b = af.L2PGD(0.3, steps=3, targeted=targeted), af.LinfPGD(0.05, steps=3, loss=af.cw_margin, targeted=targeted)
+    worst = af.WorstOf(a, b)
+    out = worst(model, x, y)
+    o = worst.outcome(model, out, y)
+    for p in (a(model, x, y), b(model, x, y)):
+        q = worst.outcome(model, p, y)
+        assert not (q.success & ~o.success).any()
+        assert ((q.success != o.success) | (o.score >= q.score - 1e-5)).all()
+
+
+def test_attack_runs_the_model_in_eval_mode_and_restores_train_mode():
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            seen.append(self.training)
+            return self.lin(x)
+
+    model = Spy().train()
+    af.L2PGD(0.1, steps=2)(model, torch.rand(2, 4), torch.tensor([0, 1]))
+    assert seen and not any(seen) and model.training
+    seen.clear()
+    af.L2PGD(0.1, steps=2, eval_mode=False)(model, torch.rand(2, 4), torch.tensor([0, 1]))
+    assert all(seen) and model.training
+
+
+def test_train_mode_attack_leaves_batchnorm_statistics_alone():
+    model = make_model((3, 4, 4))
+    before = snapshot(model)
+    af.LinfPGD(0.1, steps=3, eval_mode=False)(model, *batch((3, 4, 4), 4, torch.float32, 0))
+    assert same_state(before, snapshot(model))
+
+
+def test_state_restored_after_an_exception():
+    model = make_model((6,))
+    before = snapshot(model)
+
+    def bad_loss(logits, y):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        af.L2PGD(0.1, loss=bad_loss)(model, *batch((6,), 3, torch.float32, 0))
+    assert same_state(before, snapshot(model))
+
+
+def test_no_parameter_gradients_are_computed():
+    model = make_model((6,)).eval()
+    grads = [p.grad for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = None
+    af.L2PGD(0.5, steps=3)(model, *batch((6,), 4, torch.float32, 1))
+    assert all(p.grad is None for p in model.parameters())
+    del grads
+
+
+def test_works_inside_no_grad():
+    model = make_model((6,)).eval()
+    x, y = batch((6,), 4, torch.float32, 2)
+    with torch.no_grad():
+        x_adv = af.L2PGD(0.5, steps=3)(model, x, y)
+    assert not torch.equal(x_adv, x)
+
+
+def test_autocast_bf16_on_cpu_keeps_float32_perturbation():
+    model = make_model((3, 4, 4)).eval()
+    x, y = batch((3, 4, 4), 6, torch.float32, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x_adv = af.L2PGD(0.5, steps=4)(model, x, y)
+    assert x_adv.dtype == torch.float32
+    assert ((x_adv - x).flatten(1).norm(dim=1) <= 0.5 + 1e-5).all() and x_adv.min() >= 0 and x_adv.max() <= 1
+    with torch.no_grad():
+        assert (F.cross_entropy(model(x_adv), y) > F.cross_entropy(model(x), y))
+
+
+def test_per_sample_eps():
+    model = make_model((6,)).eval()
+    x, y = batch((6,), 3, torch.float32, 4)
+    eps = torch.tensor([0.0, 0.2, 1.0])
+    x_adv = af.L2PGD(eps, steps=4)(model, x, y)
+    assert ((x_adv - x).norm(dim=1) <= eps + 1e-5).all() and torch.equal(x_adv[0], x[0])
+
+
+def test_empty_batch():
+    model = make_model((6,))
+    x, y = torch.rand(0, 6), torch.zeros(0, dtype=torch.long)
+    out = af.L2PGD(0.5)(model, x, y)
+    assert out.shape == (0, 6)
+
+
+def test_fgsm_linear_known_answer():
+    lin = torch.nn.Linear(5, 2).double()
+    x = torch.full((3, 5), 0.5, dtype=torch.float64)
+    y = torch.zeros(3, dtype=torch.long)
+    x_adv = af.FGSM(0.1)(lin, x, y)
+    w = (lin.weight[1] - lin.weight[0]).detach()  # the CE gradient for label 0 points along w1 - w0
+    assert torch.allclose(x_adv - x, 0.1 * w.sign().expand(3, 5))
+
+
+def test_cw_margin():
+    logits = torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, 1.0]])
+    assert torch.equal(af.cw_margin(logits, torch.tensor([0, 0])), torch.tensor([-1.0, 5.0]))
+
+
+def test_custom_attack_goes_through_validation_and_guard():
+    @dataclasses.dataclass(frozen=True)
+    class Shift(af.Attack):
+        amount: float = 0.1
+
+        def run(self, model, x, y, generator):
+            model(x)
+            return (x + self.amount).clamp(0, 1)
+
+    model = make_model((6,))
+    before = snapshot(model)
+    x, y = batch((6,), 3, torch.float32, 5)
+    out = Shift()(model, x, y)
+    assert torch.allclose(out, (x + 0.1).clamp(0, 1)) and same_state(before, snapshot(model))
+    with pytest.raises(ValueError, match="x must lie in the box"):
+        Shift()(model, x + 2, y)
+
+
+def test_configurations_are_immutable_comparable_printable():
+    a = af.L2PGD(0.5, steps=20, random_start=True)
+    assert a == af.L2PGD(0.5, steps=20, random_start=True) and a != af.L2PGD(0.5)
+    assert hash(a) == hash(af.L2PGD(0.5, steps=20, random_start=True))
+    assert repr(a) == "L2PGD(eps=0.5, steps=20, random_start=True)"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.steps = 3  # type: ignore[misc]
+    assert len({a, af.L2PGD(0.5, steps=20, random_start=True), af.LinfPGD(0.1)}) == 2
+    assert af.L2PGD(torch.ones(3)) == af.L2PGD(torch.ones(3))
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: af.L2PGD(0.5, steps=0), "steps"),
+        (lambda: af.L2PGD(0.5, step_size=0.0), "step_size"),
+        (lambda: af.L2PGD(0.5, step_size=-1.0), "step_size"),
+        (lambda: af.L2PGD(0.5, rel_step_size=0.0), "rel_step_size"),
+        (lambda: af.L2PGD(0.5, step_size=0.1, rel_step_size=0.1), "step_size"),
+        (lambda: af.PGD(af.Box()), "step_size"),
+        (lambda: af.PGD("l2"), "threat"),
+        (lambda: af.FGSM(0.1, steps=3), "steps"),
+        (lambda: af.Restarts(af.L2PGD(0.5), 0), "n"),
+        (lambda: af.WorstOf(), "attacks"),
+        (lambda: af.WorstOf(af.L2PGD(0.5), af.L2PGD(0.5, targeted=True)), "attacks"),
+        (lambda: af.L2PGD(0.5, loss="ce"), "loss"),
+    ],
+)
+def test_bad_configuration(make, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        make()
+
+
+def test_bad_inputs_name_the_argument():
+    model = make_model((6,)).eval()
+    x, y = batch((6,), 3, torch.float32, 6)
+    attack = af.L2PGD(0.5, steps=2)
+    cases = [
+        ((x * 255).long(), y, TypeError, "x must be a real floating"),
+        (x.to(torch.complex64), y, TypeError, "x must be a real floating"),
+        (x.clone().fill_(float("nan")), y, ValueError, "NaN"),
+        (torch.where(x > 0.5, torch.inf, x), y, ValueError, "NaN or inf"),
+        (x + 1.5, y, ValueError, r"box \[lower, upper\] = \[0, 1\]"),
+        (x - 0.6, y, ValueError, "Normalize"),
+        (x, y[:2], ValueError, r"y must have shape \(N,\) = \(3,\)"),
+        (x, y.float(), TypeError, "y must be an integer"),
+        (x, y.bool(), TypeError, "y must be an integer"),
+        (x, y - 5, ValueError, r"labels in \[0, C\)"),
+        (x, y + 10, ValueError, r"labels in \[0, C\) = \[0, 4\)"),
+        (x[0], y, ValueError, "batch dimension"),
+        ("x", y, TypeError, "x must be a torch.Tensor"),
+    ]
+    for xi, yi, err, match in cases:
+        with pytest.raises(err, match=match):
+            attack(model, xi, yi)
+    with pytest.raises(ValueError, match=r"model must return logits of shape \(N, C\)"):
+        attack(torch.nn.Flatten(0), x, y)
+    with pytest.raises(TypeError, match="model must be"):
+        attack(lambda z: z, x, y)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="loss must return one value per sample"):
+        af.L2PGD(0.5, loss=lambda logits, y: logits.sum())(model, x, y)
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu(cuda):
+    model = make_model((3, 8, 8)).eval()
+    x, y = batch((3, 8, 8), 16, torch.float32, 7)
+    cpu = af.L2PGD(0.5, steps=5)(model, x, y)
+    gpu = af.L2PGD(0.5, steps=5)(model.to(cuda), x.to(cuda), y.to(cuda))
+    assert gpu.device.type == "cuda" and gpu.dtype == x.dtype
+    assert torch.allclose(gpu.cpu(), cpu, atol=1e-3)
+    for dtype in (torch.float16, torch.bfloat16):
+        with torch.autocast("cuda", dtype=dtype):
+            out = af.LinfPGD(0.03, steps=5, random_start=True, seed=0)(model.to(cuda), x.to(cuda), y.to(cuda))
+        assert out.dtype == torch.float32 and ((out - x.to(cuda)).abs().amax() <= 0.03 + 1e-6)
