@@ -5,7 +5,7 @@ Ilyas et al., "Adversarial Examples Are Not Bugs, They Are Features" (NeurIPS 20
 model and data loader. See README.md and docs/.
 """
 
-from . import engine, models
+from . import data, engine, models
 from .attacks import (
     FGSM,
     L2PGD,
@@ -30,6 +30,6 @@ __all__ = [
     "cross_entropy", "cw_margin", "frozen_model",
     "ThreatModel", "L2Ball", "LinfBall", "Box",
     "evaluate", "EvalResult", "Normalize",
-    "engine", "models",
+    "data", "engine", "models",
     "__version__",
 ]

@@ -1,0 +1,273 @@
+"""Datasets from local files (never a download) and the synthetic planted-features dataset.
+
+* :func:`mnist`, :func:`fashion_mnist`: IDX files, gzipped or not.
+* :func:`cifar10`: CIFAR-10's binary version (``data_batch_1.bin`` ...) or its Python version (the pickles
+  torchvision downloads), read with a restricted unpickler that admits only what those files hold.
+* :func:`planted`: synthetic images with a robust and a non-robust class feature of known size.
+
+Images are returned as tensors in [0, 1] (float32), labels as int64. Real datasets are stored compactly as
+uint8 and converted per item.
+
+    >>> import advfeat as af
+    >>> p = af.data.planted(n_train=100, n_test=50)
+    >>> x, y = p.train[0]
+    >>> x.shape, x.dtype, y.dtype
+    (torch.Size([1, 16, 16]), torch.float32, torch.int64)
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+__all__ = [
+    "ImageDataset", "read_idx", "mnist", "fashion_mnist", "cifar10", "Planted", "planted",
+    "FASHION_MNIST_ROOT",
+]
+
+FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+"""Where Debian's ``dataset-fashion-mnist`` package puts the IDX files."""
+
+
+class ImageDataset(Dataset[tuple[Tensor, Tensor]]):
+    """Images ``(N, C, H, W)`` (uint8, or floating in [0, 1]) and int64 labels ``(N,)``; items are
+    ``(float32 image in [0, 1], label)``. ``tensors()`` gives the whole set at once."""
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        if images.ndim != 4:
+            raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
+        if images.dtype != torch.uint8 and not images.is_floating_point():
+            raise TypeError(f"images must be uint8 or floating, got {images.dtype}")
+        self.images = images
+        self.labels = labels.long()
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def _to_float(self, images: Tensor) -> Tensor:
+        return images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self._to_float(self.images[i]), self.labels[i]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[Tensor, Tensor]]:
+        """Batched fetch for DataLoader (one conversion per batch, not per image)."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        x, y = self._to_float(self.images[idx]), self.labels[idx]
+        return list(zip(x.unbind(0), y.unbind(0), strict=True))
+
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        """All images as float32 in [0, 1] and all labels."""
+        return self._to_float(self.images), self.labels
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.labels.max()) + 1 if len(self) else 0
+
+
+# -- IDX (MNIST, Fashion-MNIST) ----------------------------------------------------------------------------
+
+_IDX_TYPES: dict[int, str] = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (``.gz`` or plain) into a numpy array."""
+    path = Path(path)
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
+        raise ValueError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dtype = np.dtype(_IDX_TYPES[raw[2]])
+    offset = 4 + 4 * ndim
+    count = int(np.prod(dims)) if dims else 1
+    if len(raw) - offset != count * dtype.itemsize:
+        raise ValueError(f"{path}: header says {dims} of {dtype}, but the file holds {len(raw) - offset} bytes")
+    return np.frombuffer(raw, dtype, count=count, offset=offset).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def _find(root: Path, name: str, hint: str) -> Path:
+    for candidate in (root / name, root / f"{name}.gz"):
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(f"{root / name}[.gz] not found{hint}")
+
+
+def _idx_pair(root: str | Path, train: bool, hint: str) -> ImageDataset:
+    r = Path(root)
+    prefix = "train" if train else "t10k"
+    images = read_idx(_find(r, f"{prefix}-images-idx3-ubyte", hint))
+    labels = read_idx(_find(r, f"{prefix}-labels-idx1-ubyte", hint))
+    if images.ndim != 3 or labels.shape != (images.shape[0],):
+        raise ValueError(f"{r}: images {images.shape} and labels {labels.shape} do not match")
+    return ImageDataset(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
+
+
+def mnist(root: str | Path, train: bool = True) -> ImageDataset:
+    """MNIST from the IDX files in ``root`` (``train-images-idx3-ubyte[.gz]`` and the others)."""
+    return _idx_pair(root, train, "")
+
+
+def fashion_mnist(root: str | Path = FASHION_MNIST_ROOT, train: bool = True) -> ImageDataset:
+    """Fashion-MNIST from IDX files; by default where ``apt-get install dataset-fashion-mnist`` puts them."""
+    return _idx_pair(root, train, " (on Debian: apt-get install dataset-fashion-mnist)")
+
+
+# -- CIFAR-10 ------------------------------------------------------------------------------------------------
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Admits the plain containers (by opcode) and the few numpy names a CIFAR pickle refers to."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how protocol 2 writes bytes; it only turns a str into bytes
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR-10 file holds only numpy arrays")
+
+
+def _load_cifar_pickle(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with path.open("rb") as f:
+        d = _NumpyOnlyUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a dict, got {type(d).__name__}")
+    d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+    data, labels = np.asarray(d.get("data")), np.asarray(d.get("labels"), dtype=np.int64)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (data.shape[0],):
+        raise ValueError(f"{path}: not a CIFAR-10 batch (data {data.shape} {data.dtype}, labels {labels.shape})")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _load_cifar_bin(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size % 3073:
+        raise ValueError(f"{path}: size {raw.size} is not a multiple of 3073 (1 label byte + 3072 pixels)")
+    rec = raw.reshape(-1, 3073)
+    return rec[:, 1:].reshape(-1, 3, 32, 32), rec[:, 0].astype(np.int64)
+
+
+def cifar10(root: str | Path, train: bool = True) -> ImageDataset:
+    """CIFAR-10 from ``root`` (or its ``cifar-10-batches-bin`` / ``cifar-10-batches-py`` folder): the
+    binary version is used if present, else the Python version (restricted unpickling)."""
+    r = Path(root)
+    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    for folder in (r, r / "cifar-10-batches-bin", r / "cifar-10-batches-py"):
+        if all((folder / f"{n}.bin").exists() for n in names):
+            parts = [_load_cifar_bin(folder / f"{n}.bin") for n in names]
+            break
+        if all((folder / n).exists() for n in names):
+            parts = [_load_cifar_pickle(folder / n) for n in names]
+            break
+    else:
+        raise FileNotFoundError(f"CIFAR-10 {'training' if train else 'test'} batches ({names[0]}[.bin], ...) "
+                                f"not found in {r}; advfeat reads local files only")
+    x = np.concatenate([p[0] for p in parts])
+    y = np.concatenate([p[1] for p in parts])
+    if y.size and (y.min() < 0 or y.max() > 9):
+        raise ValueError(f"CIFAR-10 labels must be in [0, 10), found [{y.min()}, {y.max()}]")
+    return ImageDataset(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y))
+
+
+# -- planted features --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Planted:
+    """The planted dataset: ``train`` and ``test`` splits and the feature directions.
+
+    Each image is ``0.5 + robust_norm * a[y] + nonrobust_norm * b[y] + noise`` (clamped to [0, 1]) where the
+    rows of ``robust_directions`` (``a``) and ``nonrobust_directions`` (``b``) are orthonormal in pixel space.
+    """
+
+    train: ImageDataset
+    test: ImageDataset
+    robust_directions: Tensor
+    nonrobust_directions: Tensor
+    robust_norm: float
+    nonrobust_norm: float
+
+    def features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """How much of each class's robust and non-robust feature the images ``x`` carry: the coefficients
+        of ``x - 0.5`` along each direction, shapes (N, classes) and (N, classes)."""
+        flat = x.reshape(x.shape[0], -1).double() - 0.5
+        return flat @ self.robust_directions.double().T, flat @ self.nonrobust_directions.double().T
+
+
+def _smooth(n: int, shape: tuple[int, int, int], g: torch.Generator) -> Tensor:
+    """Low-frequency random patterns: coarse noise upsampled (visible blobs)."""
+    c, h, w = shape
+    coarse = torch.randn(n, c, max(2, h // 4), max(2, w // 4), generator=g, dtype=torch.float64)
+    return torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+
+
+def planted(
+    n_train: int = 10000,
+    n_test: int = 2000,
+    *,
+    shape: tuple[int, int, int] = (1, 16, 16),
+    classes: int = 10,
+    robust_norm: float = 2.5,
+    robust_noise: float = 0.8,
+    nonrobust_norm: float = 0.2,
+    nonrobust_noise: float = 0.02,
+    pixel_noise: float = 0.05,
+    seed: int = 0,
+) -> Planted:
+    """Synthetic images whose class shows in a robust and in a non-robust feature, of known sizes.
+
+    * Robust feature: ``robust_norm * a[y]`` with ``a[y]`` a smooth, visible unit pattern, plus Gaussian noise
+      of std ``robust_noise`` along every robust direction: predictive but not perfect (about 92% with the
+      defaults), and far too large for an L2 attack of eps 0.5 to move.
+    * Non-robust feature: ``nonrobust_norm * b[y]`` with ``b[y]`` a high-frequency unit pattern, with noise of
+      std ``nonrobust_noise``: nearly perfectly predictive, yet an L2 move of about ``nonrobust_norm * sqrt(2)``
+      (0.28 with the defaults, well below eps 0.5) swaps it to another class.
+    * Everything else: pixel noise of std ``pixel_noise`` orthogonal to both feature subspaces.
+
+    The directions are orthonormal (QR of random patterns), so :meth:`Planted.features` measures each feature
+    exactly (up to clamping into [0, 1], which the defaults rarely need). Seeded and deterministic.
+    """
+    c, h, w = shape
+    d = c * h * w
+    if 2 * classes > d:
+        raise ValueError(f"shape {shape} has {d} pixels, too few for 2 x {classes} orthogonal feature directions")
+    if classes < 2:
+        raise ValueError(f"classes must be >= 2, got {classes}")
+    g = torch.Generator().manual_seed(seed)
+    smooth = _smooth(classes, shape, g).reshape(classes, d)
+    rough = torch.randn(classes, d, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.cat([smooth, rough]).T)  # d x 2C, orthonormal columns
+    a, b = q[:, :classes].T.contiguous(), q[:, classes:].T.contiguous()
+    # orient each robust pattern so that its brighter part is positive (purely cosmetic)
+    a = a * torch.where(a.sum(1, keepdim=True) < 0, -1.0, 1.0)
+
+    def split(n: int, g: torch.Generator) -> ImageDataset:
+        y = torch.randint(0, classes, (n,), generator=g)
+        noise = torch.randn(n, d, generator=g, dtype=torch.float64) * pixel_noise
+        noise -= (noise @ a.T) @ a + (noise @ b.T) @ b  # pixel noise lives outside the feature subspaces
+        ra = torch.randn(n, classes, generator=g, dtype=torch.float64) * robust_noise
+        rb = torch.randn(n, classes, generator=g, dtype=torch.float64) * nonrobust_noise
+        ra[torch.arange(n), y] += robust_norm
+        rb[torch.arange(n), y] += nonrobust_norm
+        x = 0.5 + ra @ a + rb @ b + noise
+        return ImageDataset(x.clamp(0, 1).float().reshape(n, c, h, w), y)
+
+    train = split(n_train, torch.Generator().manual_seed(seed * 2 + 1))
+    test = split(n_test, torch.Generator().manual_seed(seed * 2 + 2))
+    return Planted(train, test, a.float(), b.float(), float(robust_norm), float(nonrobust_norm))
