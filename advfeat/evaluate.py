@@ -131,12 +131,12 @@ def evaluate(
     clean = torch.zeros((), dtype=torch.long, device=dev)
     robust = {k: torch.zeros((), dtype=torch.long, device=dev) for k in runs}
     worst = torch.zeros((), dtype=torch.long, device=dev)
+    lower, upper = next(iter(runs.values())).box if runs else (0.0, 1.0)
     with frozen_model(model) as m, progress_bar(loader, desc="evaluate", enabled=progress) as bar:
         for batch_no, batch in enumerate(bar):
             if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
                 raise TypeError(f"loader must yield (x, y) pairs; batch {batch_no} is {type(batch).__name__}")
             x, y = batch[0].to(dev), batch[1].to(dev)
-            lower, upper = next(iter(runs.values())).box if runs else (0.0, 1.0)
             x, y = check_batch(x, y, lower, upper)
             with torch.no_grad():
                 logits = m(x)
