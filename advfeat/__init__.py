@@ -1,11 +1,11 @@
 """advfeat: adversarial examples are features.
 
-Attacks, evaluation and (soon) robust training and the robust / non-robust dataset constructions of
+Attacks, evaluation, robust training and (soon) the robust / non-robust dataset constructions of
 Ilyas et al., "Adversarial Examples Are Not Bugs, They Are Features" (NeurIPS 2019), for any PyTorch
 model and data loader. See README.md and docs/.
 """
 
-from . import data, engine, models
+from . import data, engine, models, train
 from .attacks import (
     FGSM,
     L2PGD,
@@ -22,6 +22,7 @@ from .attacks import (
 from .evaluate import EvalResult, evaluate
 from .models import Normalize
 from .threat import Box, L2Ball, LinfBall, ThreatModel
+from .train import AdversarialTrainer, adversarial_train
 
 __version__ = "0.1.0"
 
@@ -29,7 +30,7 @@ __all__ = [
     "Attack", "PGD", "L2PGD", "LinfPGD", "FGSM", "Restarts", "WorstOf", "Outcome",
     "cross_entropy", "cw_margin", "frozen_model",
     "ThreatModel", "L2Ball", "LinfBall", "Box",
-    "evaluate", "EvalResult", "Normalize",
-    "data", "engine", "models",
+    "evaluate", "EvalResult", "Normalize", "AdversarialTrainer", "adversarial_train",
+    "data", "engine", "models", "train",
     "__version__",
 ]

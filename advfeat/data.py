@@ -224,24 +224,29 @@ def planted(
     shape: tuple[int, int, int] = (1, 16, 16),
     classes: int = 10,
     robust_norm: float = 2.5,
-    robust_noise: float = 0.8,
-    nonrobust_norm: float = 0.2,
+    robust_noise: float = 1.0,
+    nonrobust_norm: float = 0.3,
     nonrobust_noise: float = 0.02,
-    pixel_noise: float = 0.05,
+    pixel_noise: float = 0.02,
     seed: int = 0,
 ) -> Planted:
     """Synthetic images whose class shows in a robust and in a non-robust feature, of known sizes.
 
     * Robust feature: ``robust_norm * a[y]`` with ``a[y]`` a smooth, visible unit pattern, plus Gaussian noise
-      of std ``robust_noise`` along every robust direction: predictive but not perfect (about 92% with the
+      of std ``robust_noise`` along every robust direction: predictive but not perfect (about 81% with the
       defaults), and far too large for an L2 attack of eps 0.5 to move.
     * Non-robust feature: ``nonrobust_norm * b[y]`` with ``b[y]`` a high-frequency unit pattern, with noise of
-      std ``nonrobust_noise``: nearly perfectly predictive, yet an L2 move of about ``nonrobust_norm * sqrt(2)``
-      (0.28 with the defaults, well below eps 0.5) swaps it to another class.
+      std ``nonrobust_noise``: nearly perfectly predictive (99.9%), yet an L2 move of ``nonrobust_norm *
+      sqrt(2)`` (0.42 with the defaults, below eps 0.5) swaps it to another class.
     * Everything else: pixel noise of std ``pixel_noise`` orthogonal to both feature subspaces.
 
     The directions are orthonormal (QR of random patterns), so :meth:`Planted.features` measures each feature
-    exactly (up to clamping into [0, 1], which the defaults rarely need). Seeded and deterministic.
+    exactly (up to clamping into [0, 1], which touches about 3% of the pixels). Seeded and deterministic.
+
+    With the defaults and :class:`advfeat.models.PlantedNet` (Adam, lr 3e-3 one-cycle, 60 epochs, batch 128)
+    a standard model reaches about 100% clean and 0% accuracy under L2 PGD at eps 0.5; adversarial training
+    at eps 0.5 (7 steps) keeps about 83% clean and 62% robust. The model learns the small non-robust feature
+    only after it has fitted the large robust one: train long enough (30+ epochs), or it stays robust.
     """
     c, h, w = shape
     d = c * h * w

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Normalize", "SmallCNN", "SmallResNet"]
+__all__ = ["Normalize", "PlantedNet", "SmallCNN", "SmallResNet", "last_linear"]
 
 
 class Normalize(nn.Module):
@@ -52,6 +52,45 @@ class Normalize(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+class PlantedNet(nn.Module):
+    """An MLP for :func:`advfeat.data.planted` images: flatten-fc(hidden)-ReLU-fc(hidden)-ReLU-fc(classes).
+
+    Penultimate representation: the ``hidden``-dimensional input of ``fc3``.
+
+        >>> import torch
+        >>> PlantedNet((1, 16, 16))(torch.rand(3, 1, 16, 16)).shape
+        torch.Size([3, 10])
+    """
+
+    def __init__(self, shape: Sequence[int] = (1, 16, 16), num_classes: int = 10, hidden: int = 256) -> None:
+        super().__init__()
+        d = 1
+        for s in shape:
+            d *= int(s)
+        self.fc1 = nn.Linear(d, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.fc2(torch.relu(self.fc1(x.flatten(1)))))
+        out: Tensor = self.fc3(h)
+        return out
+
+
+def last_linear(model: nn.Module) -> nn.Linear:
+    """The last ``nn.Linear`` of ``model`` in registration order: its input is the default penultimate
+    representation ``g(x)``. Raises ValueError, naming the model's class, when there is none.
+
+        >>> last_linear(PlantedNet()).out_features
+        10
+    """
+    found = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not found:
+        raise ValueError(f"model ({type(model).__name__}) has no nn.Linear: pass representation=callable to say "
+                         "which representation g(x) to use")
+    return found[-1]
 
 
 class SmallCNN(nn.Module):

@@ -1,0 +1,520 @@
+"""Robust training: standard, PGD (Madry et al.), FGSM-RS (Wong et al.), free (Shafahi et al.), TRADES.
+
+Every adversarial example comes from the one engine (:func:`advfeat.engine.optimize`), through an attack
+or a threat model's step and projection: there is no second PGD loop here.
+
+Example (seconds on a CPU):
+    >>> import torch, advfeat as af
+    >>> from torch.utils.data import DataLoader
+    >>> data = af.data.planted(512, 256, seed=0)
+    >>> model = af.models.PlantedNet()
+    >>> history = af.adversarial_train(
+    ...     model, DataLoader(data.train, batch_size=128, shuffle=True), method="pgd",
+    ...     attack=af.L2PGD(0.5, steps=3), epochs=2, lr=0.05, progress=False,
+    ...     eval_loader=DataLoader(data.test, batch_size=256))
+    >>> [sorted(h) for h in history][0]  # doctest: +NORMALIZE_WHITESPACE
+    ['clean_accuracy', 'epoch', 'lr', 'robust_accuracy', 'seconds', 'train_accuracy', 'train_loss']
+
+Choices (documented, switchable):
+
+* BatchNorm during the attack: eval mode (``attack_eval_mode=True``), so that crafting an example does not
+  depend on, or change, batch statistics; ``False`` runs the attack in train mode (running statistics are
+  still restored afterwards by :func:`advfeat.frozen_model`).
+* Optimiser: SGD, momentum 0.9, weight decay 5e-4 at ``lr``, with a one-cycle schedule stepped per batch
+  (``schedule="onecycle"``), or ``"piecewise"`` (x0.1 at 50% and 75% of training) or ``"constant"``;
+  or pass your own ``optimizer`` and ``scheduler`` (stepped once per optimiser step).
+* Checkpoints (``checkpoint=path``) are written atomically at the end of every epoch and hold the model,
+  optimiser, scheduler, grad scaler, epoch, RNG states and history. ``resume=True`` continues from it; a
+  crash costs at most the epoch in progress, and the resumed run ends with the same weights as an
+  uninterrupted one under deterministic settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._checks import check_batch, check_logits, check_positive_float, check_positive_int
+from ._io import atomic_write
+from .attacks import PGD, Attack, _EnginePGD, frozen_model
+from .engine import optimize
+from .evaluate import evaluate
+from .progress import progress_bar
+from .threat import ThreatModel
+
+__all__ = ["AdversarialTrainer", "adversarial_train", "METHODS"]
+
+METHODS = ("standard", "pgd", "fgsm-rs", "free", "trades")
+
+Batches = Iterable[Any]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` (attacks need no gradient sync)."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) and type(model).__name__.endswith("DataParallel") else model
+
+
+def _rank() -> int:
+    d = torch.distributed
+    return d.get_rank() if d.is_available() and d.is_initialized() else 0
+
+
+class AdversarialTrainer:
+    """Train ``model`` on ``loader`` with one of :data:`METHODS`; :meth:`fit` runs the epochs.
+
+    Args:
+        model: any classifier ``nn.Module`` (or one wrapped in ``DistributedDataParallel``).
+        loader: an iterable of ``(x, y)`` batches, pixels in the attack's box; with a ``DistributedSampler``
+            its ``set_epoch`` is called every epoch.
+        method: ``"standard"``, ``"pgd"`` (train on ``attack``'s examples), ``"fgsm-rs"`` (one step of
+            1.25 eps from a random start in ``attack``'s ball), ``"free"`` (``replays`` passes over each batch,
+            one backward gives both gradients; the perturbation carries over between batches; each epoch
+            costs ``replays`` standard epochs), ``"trades"`` (clean loss + ``beta`` x KL(adv || clean), the
+            KL maximised with ``attack``'s ball, steps and step size from a start 0.001-Gaussian off x).
+        attack: the attack (``"pgd"``; any :class:`advfeat.Attack`) or the PGD configuration whose ball,
+            steps and step size the other methods use (an ``L2PGD``, ``LinfPGD`` or ``PGD``).
+        epochs: number of epochs.
+        lr, momentum, weight_decay, schedule: the default optimiser and schedule (see the module docs).
+        optimizer, scheduler: your own, instead (an optimiser over ``model``'s parameters; a scheduler
+            stepped once per optimiser step).
+        eval_loader, eval_attack: after every epoch, clean and robust accuracy on ``eval_loader`` under
+            ``eval_attack`` (default: ``attack``).
+        guard: for ``"fgsm-rs"``, guard against catastrophic overfitting: after every epoch, measure
+            ``attack``'s accuracy on one held batch (the first of ``eval_loader``, else of ``loader``) and
+            end training with the weights of the best epoch.
+        checkpoint, resume: see the module docs. A checkpoint of another model or configuration is refused.
+        history_file: a JSONL file that gets one line per epoch.
+        amp: None, ``"bf16"`` or ``"fp16"``: ``torch.autocast`` for the training forward passes (and the
+            attacks); fp16 on CUDA uses a gradient scaler.
+        attack_eval_mode: run attacks with the model in eval mode (default) or in train mode.
+        device: where to train (default: where the model's parameters are).
+        progress: show a tqdm bar per epoch.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loader: Batches,
+        *,
+        method: str = "pgd",
+        attack: Attack | None = None,
+        epochs: int = 10,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        schedule: str = "onecycle",
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        eval_loader: Batches | None = None,
+        eval_attack: Attack | None = None,
+        guard: bool = True,
+        beta: float = 6.0,
+        replays: int = 4,
+        checkpoint: str | Path | None = None,
+        resume: bool = False,
+        history_file: str | Path | None = None,
+        amp: str | None = None,
+        attack_eval_mode: bool = True,
+        device: str | torch.device | None = None,
+        progress: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
+        self.epochs = check_positive_int("epochs", epochs)
+        self.method = method
+        self.model = model
+        self.loader = loader
+        if method != "standard":
+            if not isinstance(attack, Attack):
+                raise TypeError(f"attack must be an advfeat Attack for method={method!r}, got {attack!r}")
+            if method != "pgd" and not isinstance(attack, _EnginePGD):
+                raise TypeError(f"method={method!r} takes its ball, steps and step size from a PGD configuration "
+                                f"(L2PGD, LinfPGD or PGD); got {type(attack).__name__}")
+        if eval_attack is not None and not isinstance(eval_attack, Attack):
+            raise TypeError(f"eval_attack must be an advfeat Attack or None, got {eval_attack!r}")
+        self.attack = attack
+        self.eval_attack = eval_attack if eval_attack is not None else attack
+        self.eval_loader = eval_loader
+        self.guard = bool(guard) and method == "fgsm-rs"
+        self.beta = check_positive_float("beta", beta)
+        self.replays = check_positive_int("replays", replays)
+        if amp not in (None, "bf16", "fp16"):
+            raise ValueError(f"amp must be None, 'bf16' or 'fp16'; got {amp!r}")
+        self.amp = amp
+        self.attack_eval_mode = bool(attack_eval_mode)
+        self.progress = progress
+        params = list(model.parameters())
+        if not params:
+            raise ValueError("model has no parameters to train")
+        self.device = torch.device(device) if device is not None else params[0].device
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self.history_file = Path(history_file) if history_file is not None else None
+        self.resume = bool(resume)
+
+        if optimizer is None:
+            check_positive_float("lr", lr)
+            optimizer = torch.optim.SGD(
+                [p for p in params if p.requires_grad], lr=lr, momentum=momentum, weight_decay=weight_decay)
+        elif not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+        self.optimizer = optimizer
+        per_epoch = self._steps_per_epoch()
+        if scheduler is None:
+            scheduler = self._default_schedule(schedule, per_epoch)
+        self.scheduler = scheduler
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16" and self.device.type == "cuda")
+        self.epoch = 0
+        self.history: list[dict[str, Any]] = []
+        self._train_attack = self._make_train_attack()
+        self._held: tuple[Tensor, Tensor] | None = None
+
+    # -- configuration ------------------------------------------------------------------------------------
+
+    def _steps_per_epoch(self) -> int | None:
+        try:
+            n = len(self.loader)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+        return n * (self.replays if self.method == "free" else 1)
+
+    def _default_schedule(self, schedule: str, per_epoch: int | None) -> Any:
+        opt = self.optimizer
+        if schedule == "constant":
+            return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        if schedule not in ("onecycle", "piecewise"):
+            raise ValueError(f"schedule must be 'onecycle', 'piecewise' or 'constant'; got {schedule!r}")
+        if per_epoch is None or per_epoch == 0:
+            raise ValueError(f"schedule={schedule!r} needs len(loader); pass schedule='constant' or a scheduler")
+        total = per_epoch * self.epochs
+        if schedule == "onecycle":
+            peak = [g["lr"] for g in opt.param_groups]
+            return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peak, total_steps=total)
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[total // 2, (3 * total) // 4], gamma=0.1)
+
+    def _make_train_attack(self) -> Attack | None:
+        a = self.attack
+        if a is None or self.method == "standard":
+            return None
+        if self.method == "pgd":
+            if dataclasses.is_dataclass(a) and any(f.name == "eval_mode" for f in dataclasses.fields(a)):
+                return dataclasses.replace(a, eval_mode=self.attack_eval_mode)
+            if not self.attack_eval_mode:
+                raise ValueError(f"attack_eval_mode=False needs an attack with an eval_mode field; {a!r} has none")
+            return a
+        assert isinstance(a, _EnginePGD)
+        if self.method == "fgsm-rs":
+            threat = a.threat_model()
+            eps = getattr(threat, "eps", None)
+            if eps is None:
+                raise ValueError(f"method='fgsm-rs' needs a ball with an eps; {threat!r} has none")
+            return PGD(threat, steps=1, rel_step_size=1.25, random_start=True, loss=a.loss,
+                       eval_mode=self.attack_eval_mode)
+        return a  # free and trades read the threat model, steps and step size from it
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed: the model's architecture and the training config."""
+        inner = _unwrap(self.model)
+        return {
+            "model": type(inner).__name__,
+            "parameters": [[k, list(v.shape)] for k, v in inner.state_dict().items()],
+            "method": self.method,
+            "attack": repr(self.attack),
+            "epochs": self.epochs,
+            "optimizer": type(self.optimizer).__name__,
+            "scheduler": type(self.scheduler).__name__,
+            "beta": self.beta if self.method == "trades" else None,
+            "replays": self.replays if self.method == "free" else None,
+            "amp": self.amp,
+        }
+
+    # -- state --------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything :meth:`fit` needs to continue: weights, optimiser, scheduler, scaler, epoch, RNGs."""
+        return {
+            "fingerprint": self.fingerprint(),
+            "epoch": self.epoch,
+            "model": _unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if hasattr(self.scheduler, "state_dict") else None,
+            "scaler": self.scaler.state_dict(),
+            "history": json.dumps(self.history),
+            "rng": _rng_state(self.loader),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        mine, theirs = self.fingerprint(), state.get("fingerprint", {})
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if diff:
+            shown = "; ".join(f"{k}: checkpoint {theirs.get(k)!r} vs now {mine.get(k)!r}" for k in diff)
+            raise ValueError(f"checkpoint was written for another model or configuration ({shown}); "
+                             "use another checkpoint path or the original settings")
+        _unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state["scheduler"] is not None and hasattr(self.scheduler, "load_state_dict"):
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch = int(state["epoch"])
+        self.history = json.loads(state["history"])
+        _set_rng_state(state["rng"], self.loader)
+
+    def save(self, path: str | Path) -> None:
+        """Write :meth:`state_dict` to ``path`` atomically (temporary file, fsync, rename)."""
+        state = self.state_dict()
+        atomic_write(path, lambda f: torch.save(state, f))
+
+    def load(self, path: str | Path) -> None:
+        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+
+    # -- training -----------------------------------------------------------------------------------------
+
+    def fit(self) -> list[dict[str, Any]]:
+        """Run the remaining epochs; returns the history (one dict per epoch)."""
+        if self.checkpoint is not None and self.checkpoint.exists():
+            if not self.resume:
+                raise FileExistsError(f"checkpoint {self.checkpoint} exists; pass resume=True to continue from it "
+                                      "or choose another path")
+            self.load(self.checkpoint)
+            if self.history_file is not None and _rank() == 0:
+                lines = "".join(json.dumps(h) + "\n" for h in self.history)
+                atomic_write(self.history_file, lambda f: f.write(lines.encode()))
+        best: tuple[float, dict[str, Tensor]] | None = None
+        while self.epoch < self.epochs:
+            record = self._train_epoch()
+            if self.guard:
+                acc = self._guard_accuracy()
+                record["guard_accuracy"] = acc
+                if best is None or acc >= best[0]:
+                    best = (acc, {k: v.detach().clone() for k, v in _unwrap(self.model).state_dict().items()})
+            if self.eval_loader is not None:
+                res = evaluate(_unwrap(self.model), self.eval_loader,
+                               {"robust": self.eval_attack} if self.eval_attack is not None else {},
+                               device=self.device, progress=False)
+                record["clean_accuracy"] = res.clean_accuracy
+                record["robust_accuracy"] = res.robust_accuracy("robust") if self.eval_attack is not None else None
+            self.epoch += 1
+            self.history.append(record)
+            if _rank() == 0:
+                if self.checkpoint is not None:
+                    self.save(self.checkpoint)
+                if self.history_file is not None:
+                    self.history_file.parent.mkdir(parents=True, exist_ok=True)
+                    with open(self.history_file, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+            _barrier()
+        if best is not None and self.history and self.history[-1].get("guard_accuracy", math.inf) < best[0]:
+            _unwrap(self.model).load_state_dict(best[1])
+            self.history[-1]["restored_best"] = True
+        return self.history
+
+    def _autocast(self) -> AbstractContextManager[Any]:
+        if self.amp is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
+
+    def _batch(self, batch: Any, where: str) -> tuple[Tensor, Tensor]:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise TypeError(f"loader must yield (x, y) pairs; {where} it yielded {type(batch).__name__}"
+                            + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+        x, y = batch
+        lower, upper = self.attack.box if self.attack is not None else (-math.inf, math.inf)
+        try:
+            x, y = check_batch(x, y, lower, upper)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"loader, {where}: {e}") from None
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def _train_epoch(self) -> dict[str, Any]:
+        sampler = getattr(self.loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)  # type: ignore[union-attr]
+        model, inner = self.model, _unwrap(self.model)
+        start = time.perf_counter()
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        seen = 0
+        delta: Tensor | None = None
+        desc = f"{self.method} epoch {self.epoch + 1}/{self.epochs}"
+        with progress_bar(self.loader, desc=desc, enabled=self.progress and _rank() == 0, unit="batch") as bar:
+            for b, batch in enumerate(bar):
+                where = f"epoch {self.epoch + 1}, batch {b + 1}"
+                x, y = self._batch(batch, where)
+                if self._held is None:
+                    self._held = (x[:256].clone(), y[:256].clone())
+                if self.method == "free":
+                    loss, logits, delta = self._free_step(x, y, delta, where)
+                else:
+                    xt = x
+                    if self._train_attack is not None and self.method != "trades":
+                        with self._autocast():
+                            xt = self._train_attack(inner, x, y)
+                    model.train()
+                    with self._autocast():
+                        logits = model(xt)
+                        if b == 0:
+                            check_logits(logits, y)
+                        loss = F.cross_entropy(logits.float(), y)
+                        if self.method == "trades":
+                            loss = loss + self.beta * self._trades_term(x, logits)
+                    self._step(loss, where)
+                n = y.shape[0]
+                seen += n
+                loss_sum += loss.detach().double() * n
+                correct += (logits.detach().argmax(1) == y).sum()
+        if seen == 0:
+            raise ValueError(f"loader yielded no batches in epoch {self.epoch + 1}")
+        return {
+            "epoch": self.epoch + 1,
+            "train_loss": float(loss_sum) / seen,
+            "train_accuracy": int(correct) / seen,
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "seconds": time.perf_counter() - start,
+        }
+
+    def _step(self, loss: Tensor, where: str) -> None:
+        if not bool(torch.isfinite(loss.detach())):
+            last = f"; the last good checkpoint ({self.checkpoint}) is kept" if self.checkpoint is not None else ""
+            raise FloatingPointError(f"non-finite training loss ({float(loss.detach())}) at {where}{last}")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+
+    def _threat(self) -> ThreatModel:
+        assert isinstance(self.attack, _EnginePGD)
+        return self.attack.threat_model()
+
+    def _trades_term(self, x: Tensor, logits_clean: Tensor) -> Tensor:
+        """KL(f(x_adv) || f(x)), x_adv maximising it in the attack's ball (TRADES, Zhang et al. 2019)."""
+        assert isinstance(self.attack, _EnginePGD)
+        threat = self._threat()
+        inner = _unwrap(self.model)
+        target = F.softmax(logits_clean.detach().float(), dim=1)
+
+        def kl(z: Tensor, index: Tensor | None) -> tuple[Tensor, None]:
+            p = target if index is None else target.index_select(0, index)
+            logp = F.log_softmax(inner(z).float(), dim=1)
+            return F.kl_div(logp, p, reduction="none").sum(1), None
+
+        start = x + 0.001 * torch.randn_like(x)
+        with frozen_model(inner, eval_mode=self.attack_eval_mode):
+            x_adv = optimize(kl, x, threat, steps=self.attack.steps, step_size=self.attack.step_length(threat),
+                             start=start).x.to(x.dtype)
+        self.model.train()
+        logp_adv = F.log_softmax(self.model(x_adv).float(), dim=1)
+        return F.kl_div(logp_adv, F.softmax(logits_clean.float(), dim=1), reduction="batchmean")
+
+    def _free_step(self, x: Tensor, y: Tensor, delta: Tensor | None, where: str) -> tuple[Tensor, Tensor, Tensor]:
+        """``replays`` minibatch replays; each backward yields the weight and the input gradient."""
+        threat = self._threat()
+        bounds = threat.bounds(x)
+        step = getattr(threat, "eps", None)
+        if step is None:
+            raise ValueError(f"method='free' needs a ball with an eps; {threat!r} has none")
+        if delta is None or delta.shape[1:] != x.shape[1:]:
+            delta = torch.zeros_like(x)
+        if delta.shape[0] < x.shape[0]:
+            delta = torch.cat([delta, torch.zeros_like(x[delta.shape[0]:])])
+        d = delta[: x.shape[0]]
+        self.model.train()
+        for _ in range(self.replays):
+            z = x + d
+            threat.project_(z, x, bounds)
+            z.requires_grad_(True)
+            with self._autocast():
+                logits = self.model(z)
+                loss = F.cross_entropy(logits.float(), y)
+            if not bool(torch.isfinite(loss.detach())):
+                self._step(loss, where)  # raises
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+            assert z.grad is not None
+            with torch.no_grad():
+                moved = z.detach() + threat.direction(z.grad.float()).mul_(
+                    step if not isinstance(step, Tensor) else step.view(-1, *[1] * (x.ndim - 1)))
+                threat.project_(moved, x, bounds)
+                d = moved - x
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+        delta = delta.clone()
+        delta[: x.shape[0]] = d
+        return loss, logits, delta
+
+    def _guard_accuracy(self) -> float:
+        if self.eval_loader is not None:
+            first = next(iter(self.eval_loader))
+            x, y = self._batch(first, "eval_loader, first batch")
+        else:
+            assert self._held is not None
+            x, y = self._held
+        assert self.attack is not None
+        inner = _unwrap(self.model)
+        x_adv = self.attack(inner, x, y)
+        with torch.no_grad(), frozen_model(inner):
+            return float((inner(x_adv).argmax(1) == y).double().mean())
+
+
+def adversarial_train(model: nn.Module, loader: Batches, **kwargs: Any) -> list[dict[str, Any]]:
+    """Train ``model`` in place; returns the history. Keyword arguments: see :class:`AdversarialTrainer`."""
+    return AdversarialTrainer(model, loader, **kwargs).fit()
+
+
+def _barrier() -> None:
+    d = torch.distributed
+    if d.is_available() and d.is_initialized():
+        d.barrier()
+
+
+def _rng_state(loader: Any) -> dict[str, Any]:
+    np_state: Any = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": json.dumps(random.getstate()),
+        "numpy": [str(np_state[0]), torch.from_numpy(np.asarray(np_state[1]).astype(np.int64)),
+                  int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    for name, g in _loader_generators(loader):
+        state[f"generator:{name}"] = g.get_state()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any], loader: Any) -> None:
+    torch.set_rng_state(state["torch"])
+    py = json.loads(state["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for name, g in _loader_generators(loader):
+        if f"generator:{name}" in state:
+            g.set_state(state[f"generator:{name}"])
+
+
+def _loader_generators(loader: Any) -> list[tuple[str, torch.Generator]]:
+    found: list[tuple[str, torch.Generator]] = []
+    for name, owner in (("loader", loader), ("sampler", getattr(loader, "sampler", None)),
+                        ("batch_sampler", getattr(getattr(loader, "batch_sampler", None), "sampler", None))):
+        g = getattr(owner, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not h for _, h in found):
+            found.append((name, g))
+    return found
+

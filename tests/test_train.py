@@ -1,0 +1,203 @@
+"""The trainer: the science on planted data, every method, crash-resume, DDP, AMP and bad input."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import advfeat as af
+
+WORKER = Path(__file__).parent / "workers" / "train_worker.py"
+
+
+@pytest.fixture(scope="module")
+def planted() -> af.data.Planted:
+    return af.data.planted(4000, 1000, seed=0)
+
+
+def _robust(model: nn.Module, data: af.data.Planted) -> tuple[float, float]:
+    r = af.evaluate(model, DataLoader(data.test, batch_size=500), {"l2": af.L2PGD(0.5, steps=20)}, progress=False)
+    return r.clean_accuracy, r.robust_accuracy("l2")
+
+
+def test_pgd_training_is_robust_where_standard_training_is_not(planted):
+    loader = DataLoader(planted.train, batch_size=128, shuffle=True)
+    torch.manual_seed(0)
+    std = af.models.PlantedNet()
+    af.adversarial_train(std, loader, method="standard", epochs=30, lr=0.1, progress=False)
+    torch.manual_seed(0)
+    rob = af.models.PlantedNet()
+    hist = af.adversarial_train(rob, loader, method="pgd", attack=af.L2PGD(0.5, steps=5), epochs=10, lr=0.1,
+                                progress=False, eval_loader=DataLoader(planted.test, batch_size=500),
+                                eval_attack=af.L2PGD(0.5, steps=10))
+    std_clean, std_rob = _robust(std, planted)
+    rob_clean, rob_rob = _robust(rob, planted)
+    # measured: standard 99.1% clean / 0.4% robust; PGD 82.6% / 62.3%
+    assert std_clean > 0.95 and std_rob < 0.1, (std_clean, std_rob)
+    assert rob_clean > 0.7 and rob_rob > 0.5, (rob_clean, rob_rob)
+    assert rob_rob > std_rob + 0.4
+    assert len(hist) == 10 and hist[-1]["robust_accuracy"] > 0.5
+
+
+@pytest.mark.parametrize("method", ["fgsm-rs", "free", "trades"])
+def test_fast_methods_are_robust_too(planted, method):
+    loader = DataLoader(planted.train, batch_size=128, shuffle=True)
+    torch.manual_seed(0)
+    m = af.models.PlantedNet()
+    hist = af.adversarial_train(m, loader, method=method, attack=af.L2PGD(0.5, steps=5),
+                                epochs=2 if method == "free" else 8, lr=0.1, progress=False)
+    clean, rob = _robust(m, planted)
+    assert rob > 0.45 and clean > 0.7, (method, clean, rob)
+    if method == "fgsm-rs":
+        assert all("guard_accuracy" in h for h in hist)
+
+
+def test_bn_stays_in_eval_mode_during_the_attack_by_default():
+    seen: list[bool] = []
+
+    class Spy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(4)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not torch.is_grad_enabled() or x.requires_grad:
+                seen.append(self.training)
+            return self.fc(self.bn(x))
+
+    data = TensorDataset(torch.rand(16, 4), torch.randint(0, 2, (16,)))
+    for mode in (True, False):
+        seen.clear()
+        af.adversarial_train(Spy(), DataLoader(data, batch_size=8), attack=af.L2PGD(0.1, steps=2), epochs=1,
+                             progress=False, attack_eval_mode=mode)
+        assert seen and all(s is (not mode) for s in seen)
+
+
+def _run(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(WORKER), str(out), *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_resume_after_sigkill_gives_the_same_weights(tmp_path):
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    full.mkdir()
+    crashed.mkdir()
+    assert _run(full).returncode == 0
+    # 256 images / 32 = 8 batches per epoch: die in the middle of epoch 2, then in the middle of epoch 3
+    r = _run(crashed, "--kill-after", "11")
+    assert r.returncode == -9, r.stderr
+    assert torch.load(crashed / "ckpt.pt", weights_only=True)["epoch"] == 1
+    r = _run(crashed, "--kill-after", "12")
+    assert r.returncode == -9, r.stderr
+    assert torch.load(crashed / "ckpt.pt", weights_only=True)["epoch"] == 2
+    r = _run(crashed)
+    assert r.returncode == 0, r.stderr
+    a, b = torch.load(full / "final.pt"), torch.load(crashed / "final.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lines = [json.loads(s) for s in (crashed / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in lines] == [1, 2, 3]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_ddp_matches_one_process_on_the_same_global_batches(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    port = _free_port()
+    r = subprocess.run([sys.executable, str(WORKER), str(one), "--ddp", "0", "1", str(_free_port()),
+                        "--batch", "32"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(two), "--ddp", str(rank), "2", str(port),
+                               "--batch", "16"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    a, b = torch.load(one / "final.pt"), torch.load(two / "final.pt")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_amp_bf16_path_runs():
+    data = af.data.planted(256, 64, seed=2)
+    m = af.models.PlantedNet(hidden=32)
+    hist = af.adversarial_train(m, DataLoader(data.train, batch_size=64), method="pgd", amp="bf16",
+                                attack=af.L2PGD(0.5, steps=2), epochs=1, progress=False)
+    assert torch.isfinite(torch.tensor(hist[0]["train_loss"]))
+    assert all(p.dtype == torch.float32 for p in m.parameters())
+
+
+def _tiny() -> tuple[nn.Module, DataLoader]:
+    data = TensorDataset(torch.rand(24, 1, 4, 4), torch.randint(0, 3, (24,)))
+    return af.models.PlantedNet((1, 4, 4), num_classes=3, hidden=8), DataLoader(data, batch_size=8)
+
+
+def test_checkpoint_of_another_config_or_model_is_refused(tmp_path):
+    model, loader = _tiny()
+    ck = tmp_path / "ck.pt"
+    af.adversarial_train(model, loader, method="standard", epochs=1, checkpoint=ck, progress=False)
+    with pytest.raises(FileExistsError, match="resume=True"):
+        af.adversarial_train(model, loader, method="standard", epochs=1, checkpoint=ck, progress=False)
+    with pytest.raises(ValueError, match="another model or configuration.*method"):
+        af.adversarial_train(model, loader, method="pgd", attack=af.L2PGD(0.1), epochs=1, checkpoint=ck,
+                             resume=True, progress=False)
+    other = af.models.PlantedNet((1, 4, 4), num_classes=3, hidden=9)
+    with pytest.raises(ValueError, match="parameters"):
+        af.adversarial_train(other, loader, method="standard", epochs=1, checkpoint=ck, resume=True,
+                             progress=False)
+    # a finished run resumes to a no-op with the same history
+    hist = af.adversarial_train(model, loader, method="standard", epochs=1, checkpoint=ck, resume=True,
+                                progress=False)
+    assert len(hist) == 1
+
+
+def test_bad_input_names_the_problem(tmp_path):
+    model, loader = _tiny()
+    with pytest.raises(ValueError, match="method must be one of"):
+        af.adversarial_train(model, loader, method="fast", epochs=1)
+    with pytest.raises(TypeError, match="attack must be an advfeat Attack"):
+        af.adversarial_train(model, loader, method="pgd", epochs=1)
+    with pytest.raises(TypeError, match="loader must yield \\(x, y\\) pairs; epoch 1, batch 1"):
+        af.adversarial_train(model, [torch.rand(8, 1, 4, 4)], method="standard", epochs=1, schedule="constant",
+                             progress=False)
+    with pytest.raises(ValueError, match="epoch 1, batch 1.*y must have shape"):
+        af.adversarial_train(model, [(torch.rand(8, 1, 4, 4), torch.zeros(7, dtype=torch.long))],
+                             method="standard", epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"labels in \[0, C\) = \[0, 3\)"):
+        af.adversarial_train(model, [(torch.rand(8, 1, 4, 4), torch.full((8,), 5))], method="standard",
+                             epochs=1, progress=False)
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        af.adversarial_train(model, loader, method="standard", epochs=0)
+
+
+def test_non_finite_loss_stops_with_epoch_and_batch_and_keeps_the_checkpoint(tmp_path):
+    class Breaks(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(16, 3)
+            self.calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            out = self.fc(x.flatten(1))
+            return out * float("nan") if self.calls == 5 else out
+
+    _, loader = _tiny()  # 3 batches per epoch: the 5th forward is epoch 2, batch 2
+    ck = tmp_path / "ck.pt"
+    with pytest.raises(FloatingPointError, match="epoch 2, batch 2.*last good checkpoint"):
+        af.adversarial_train(Breaks(), loader, method="standard", epochs=3, checkpoint=ck, progress=False)
+    assert torch.load(ck, weights_only=True)["epoch"] == 1

@@ -1,0 +1,78 @@
+"""Subprocess worker for the trainer's crash and distributed tests.
+
+``python -m tests.workers.train_worker OUT [--kill-after N]`` trains a small model with a checkpoint in OUT
+(resuming when one exists), killing itself with SIGKILL after N batches when asked; at the end it saves the
+weights to OUT/final.pt. ``--ddp RANK WORLD PORT`` trains one rank of a gloo process group instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+import advfeat as af
+
+
+class KillingLoader:
+    """A DataLoader that sends SIGKILL to its own process after ``kill_after`` batches (a real crash)."""
+
+    def __init__(self, loader: DataLoader, kill_after: int | None) -> None:
+        self.loader, self.kill_after, self.count = loader, kill_after, 0
+        self.sampler = loader.sampler
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            if self.kill_after is not None and self.count == self.kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+            self.count += 1
+            yield batch
+
+
+def model(dropout: float) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(af.models.PlantedNet(hidden=32), torch.nn.Dropout(dropout))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--kill-after", type=int)
+    ap.add_argument("--method", default="pgd")
+    ap.add_argument("--ddp", type=int, nargs=3, metavar=("RANK", "WORLD", "PORT"))
+    ap.add_argument("--batch", type=int, default=32)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    data = af.data.planted(256, 8, seed=1).train
+    net = model(0.0 if args.ddp else 0.1)  # dropout masks differ between ranks
+    if args.ddp:
+        rank, world, port = args.ddp
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+        sampler = torch.utils.data.DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False)
+        loader = DataLoader(data, batch_size=args.batch, sampler=sampler)
+        net = torch.nn.parallel.DistributedDataParallel(net)
+        af.adversarial_train(net, loader, method=args.method, attack=af.L2PGD(0.5, steps=2), epochs=2,
+                             lr=0.05, progress=False)
+        if rank == 0:
+            torch.save(net.module.state_dict(), args.out / "final.pt")
+        torch.distributed.destroy_process_group()
+        return
+    torch.manual_seed(1)
+    loader = KillingLoader(DataLoader(data, batch_size=args.batch, shuffle=True), args.kill_after)
+    af.adversarial_train(net, loader, method=args.method, attack=af.L2PGD(0.5, steps=2, random_start=True),
+                         epochs=3, lr=0.05, checkpoint=args.out / "ckpt.pt", resume=True,
+                         history_file=args.out / "history.jsonl", progress=False)
+    torch.save(net.state_dict(), args.out / "final.pt")
+
+
+if __name__ == "__main__":
+    main()
