@@ -1,6 +1,6 @@
 """advfeat: adversarial examples are features.
 
-Attacks, evaluation, robust training and (soon) the robust / non-robust dataset constructions of
+Attacks, evaluation, robust training and the robust / non-robust dataset constructions of
 Ilyas et al., "Adversarial Examples Are Not Bugs, They Are Features" (NeurIPS 2019), for any PyTorch
 model and data loader. See README.md and docs/.
 """
@@ -19,8 +19,10 @@ from .attacks import (
     cw_margin,
     frozen_model,
 )
+from .construct import nonrobustify, robustify
 from .evaluate import EvalResult, evaluate
 from .models import Normalize
+from .store import ConstructedDataset
 from .threat import Box, L2Ball, LinfBall, ThreatModel
 from .train import AdversarialTrainer, adversarial_train
 
@@ -31,6 +33,7 @@ __all__ = [
     "cross_entropy", "cw_margin", "frozen_model",
     "ThreatModel", "L2Ball", "LinfBall", "Box",
     "evaluate", "EvalResult", "Normalize", "AdversarialTrainer", "adversarial_train",
+    "robustify", "nonrobustify", "ConstructedDataset",
     "data", "engine", "models", "train",
     "__version__",
 ]

@@ -14,7 +14,7 @@ T = TypeVar("T")
 
 
 @contextmanager
-def progress_bar(iterable: Iterable[T], *, desc: str, enabled: bool = True, **kwargs: Any) -> Iterator[Any]:
+def progress_bar(iterable: Iterable[T] | None, *, desc: str, enabled: bool = True, **kwargs: Any) -> Iterator[Any]:
     """A tqdm bar over ``iterable`` that is closed however the block ends (also on Ctrl-C)."""
     bar = tqdm(iterable, desc=desc, disable=not enabled, dynamic_ncols=True, **kwargs)
     try:

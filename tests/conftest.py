@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -100,3 +102,15 @@ def cuda() -> torch.device:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device; none is available here")
     return torch.device("cuda")
+
+
+@pytest.fixture
+def free_port() -> Callable[[], int]:
+    """A function returning a free TCP port on 127.0.0.1 (for gloo process groups)."""
+
+    def get() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    return get

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -107,18 +106,12 @@ def test_resume_after_sigkill_gives_the_same_weights(tmp_path):
     assert [h["epoch"] for h in lines] == [1, 2, 3]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def test_ddp_matches_one_process_on_the_same_global_batches(tmp_path):
+def test_ddp_matches_one_process_on_the_same_global_batches(tmp_path, free_port):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()
-    port = _free_port()
-    r = subprocess.run([sys.executable, str(WORKER), str(one), "--ddp", "0", "1", str(_free_port()),
+    port = free_port()
+    r = subprocess.run([sys.executable, str(WORKER), str(one), "--ddp", "0", "1", str(free_port()),
                         "--batch", "32"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(two), "--ddp", str(rank), "2", str(port),

@@ -1,0 +1,415 @@
+"""The paper's dataset constructions: ``robustify`` (D_R / D_NR) and ``nonrobustify`` (D_rand / D_det).
+
+Both run the one engine (:func:`advfeat.engine.optimize`) over the source data in order, shard by shard:
+
+* ``robustify`` minimises ``||g(z) - g(x)||_2 / ||g(x)||_2`` over ``z`` in the box, from another training
+  image (``init="other"``, the paper) or from uniform noise (``init="noise"``), with normalised-gradient L2
+  steps; ``g`` is the model's penultimate representation. The label stays ``y``. Through a robust model this is
+  D_R, through a standard one D_NR. Per sample it records ``rel_distance`` (the final relative distance) and
+  ``start_index`` (the start image, -1 for noise).
+* ``nonrobustify`` runs targeted L2 PGD (:class:`advfeat.L2PGD`) towards ``t = (y + 1) mod C`` (``"det"``) or
+  ``t`` uniform over the other classes (``"rand"``) and relabels the image ``t``. Per sample it records
+  ``target_reached`` (the model now predicts ``t``), ``perturbation_norm`` and ``original_label``.
+
+Randomness depends only on ``(seed, i)`` for sample ``i``: the start image and the random target are drawn for
+the whole dataset at once from ``seed``, and noise starts from a per-sample generator; never on the batch or
+shard size or the number of processes.
+
+With ``out=path`` every finished shard is written atomically (see :mod:`advfeat.store`); calling again with the
+same settings resumes from the first missing shard; under ``torch.distributed`` rank ``r`` builds shards
+``r, r + W, r + 2W, ...`` of one directory. The result is bitwise identical to one uninterrupted process on CPU
+(same thread count).
+
+Example:
+    >>> import torch, advfeat as af
+    >>> data = af.data.planted(64, 16, seed=0)
+    >>> model = af.models.PlantedNet()
+    >>> d_det = af.nonrobustify(model, data.train, mode="det", eps=0.5, steps=5, progress=False)
+    >>> x, t = d_det[0]
+    >>> bool(t == (data.train[0][1] + 1) % 10), sorted(d_det.meta)
+    (True, ['original_label', 'perturbation_norm', 'target_reached'])
+    >>> d_r = af.robustify(model, data.train, steps=5, progress=False)
+    >>> float(d_r.meta["rel_distance"].max()) < 10
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler, default_collate
+
+from ._checks import check_batch, check_logits, check_positive_float, check_positive_int
+from .attacks import L2PGD, frozen_model
+from .engine import optimize
+from .models import last_linear
+from .progress import progress_bar
+from .store import FORMAT, ConstructedDataset, finished_shards, prepare_directory, shard_count, write_shard
+from .threat import Box
+
+__all__ = ["robustify", "nonrobustify"]
+
+Representation = Callable[[Tensor], Tensor]
+
+
+# -- the source data ------------------------------------------------------------------------------------------
+
+class _Source:
+    """Random access to the source samples in order, batched like the caller's loader."""
+
+    def __init__(self, data: Any, batch_size: int | None, lower: float, upper: float) -> None:
+        self.lower, self.upper = lower, upper
+        if isinstance(data, DataLoader):
+            if not isinstance(data.sampler, SequentialSampler) or getattr(data.batch_sampler, "drop_last", False):
+                raise ValueError("loader must not shuffle, sample or drop samples: order matters for resume and "
+                                 "for the (seed, index) randomness; pass DataLoader(dataset, shuffle=False) or the "
+                                 "Dataset itself")
+            self.dataset: Any = data.dataset
+            self.collate: Callable[[list[Any]], Any] = data.collate_fn
+            self.batch_size = batch_size or data.batch_size or 128
+        elif isinstance(data, Dataset) and not isinstance(data, IterableDataset):
+            self.dataset, self.collate = data, default_collate
+            self.batch_size = batch_size or 128
+        else:
+            raise TypeError(f"loader must be a non-shuffling DataLoader or a map-style Dataset, got "
+                            f"{type(data).__name__}")
+        check_positive_int("batch_size", self.batch_size)
+        try:
+            self.n = len(self.dataset)
+        except TypeError:
+            raise TypeError("loader's dataset must have a length (a map-style Dataset)") from None
+        if self.n < 1:
+            raise ValueError("loader's dataset is empty")
+
+    def get(self, idx: Tensor, what: str = "loader") -> tuple[Tensor, Tensor]:
+        ids = idx.tolist()
+        getitems = getattr(self.dataset, "__getitems__", None)
+        items = getitems(ids) if getitems is not None else [self.dataset[i] for i in ids]
+        batch = self.collate(items) if isinstance(items, list) else items
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise TypeError(f"{what} must yield (x, y) pairs, got {type(batch).__name__}")
+        x, y = batch
+        try:
+            return check_batch(x, y, self.lower, self.upper)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{what}, samples {ids[0]}..{ids[-1]}: {e}") from None
+
+    def labels(self) -> Tensor | None:
+        """All labels, when the dataset exposes them cheaply (else None: checked batch by batch)."""
+        ds = self.dataset
+        for attr in ("labels", "targets"):
+            v = getattr(ds, attr, None)
+            if isinstance(v, (Tensor, np.ndarray, list)):
+                return torch.as_tensor(v)
+        tensors = getattr(ds, "tensors", None)
+        if isinstance(tensors, tuple) and len(tensors) == 2 and isinstance(tensors[1], Tensor):
+            return tensors[1]
+        return None
+
+    def fingerprint(self) -> str:
+        """sha256 of the size and of up to 64 evenly spaced samples (images and labels), in order."""
+        h = hashlib.sha256(str(self.n).encode())
+        picks = torch.linspace(0, self.n - 1, min(64, self.n)).round().long()
+        x, y = self.get(picks)
+        h.update(x.detach().float().cpu().contiguous().numpy().tobytes())
+        h.update(y.cpu().numpy().astype(np.int64).tobytes())
+        return h.hexdigest()[:16]
+
+
+def _model_fingerprint(model: nn.Module) -> str:
+    h = hashlib.sha256(type(model).__name__.encode())
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+@contextmanager
+def _penultimate(model: nn.Module, representation: Representation | None) -> Iterator[Representation]:
+    """``g(x)``: the given callable, or the input of the model's last ``nn.Linear`` captured by a hook."""
+    if representation is not None:
+        yield representation
+        return
+    layer = last_linear(model)
+    captured: list[Tensor] = []
+
+    def hook(_m: nn.Module, args: tuple[Tensor, ...]) -> None:
+        captured.append(args[0])
+
+    handle = layer.register_forward_pre_hook(hook)
+
+    def g(x: Tensor) -> Tensor:
+        captured.clear()
+        model(x)
+        if not captured:
+            raise ValueError(f"the last nn.Linear of {type(model).__name__} did not run in forward; pass "
+                             "representation=callable")
+        return captured[-1]
+
+    try:
+        yield g
+    finally:
+        handle.remove()
+
+
+# -- the shared driver ------------------------------------------------------------------------------------------
+
+def _world() -> tuple[int, int]:
+    d = torch.distributed
+    if d.is_available() and d.is_initialized():
+        return d.get_rank(), d.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    d = torch.distributed
+    if d.is_available() and d.is_initialized():
+        d.barrier()
+
+
+def _build(
+    source: _Source,
+    config: dict[str, Any],
+    fields: list[str],
+    work: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, dict[str, Tensor]]],
+    *,
+    out: str | Path | None,
+    shard_size: int,
+    storage: str,
+    device: torch.device,
+    progress: bool,
+    desc: str,
+) -> ConstructedDataset:
+    """Run ``work(idx, x, y) -> (images, labels, meta)`` over the source, shard by shard."""
+    from . import __version__
+
+    n_shards = shard_count(source.n, shard_size)
+    rank, world = _world()
+    mine = [s for s in range(n_shards) if s % world == rank]
+    root = Path(out) if out is not None else None
+    done: set[int] = set()
+    if root is not None:
+        manifest = {"format": FORMAT, "library": f"advfeat {__version__}", "config": config,
+                    "shards": n_shards, "fields": fields}
+        if rank == 0:
+            prepare_directory(root, manifest)
+        _barrier()
+        if rank != 0:
+            prepare_directory(root, manifest)
+        for tmp in root.glob(".shard-*.tmp"):  # leftovers of a write killed half-way
+            if rank == 0:
+                tmp.unlink(missing_ok=True)
+        done = set(finished_shards(root, verify=True))
+    todo = [s for s in mine if s not in done]
+    total = sum(min(shard_size, source.n - s * shard_size) for s in todo)
+    parts: dict[int, dict[str, np.ndarray]] = {}
+    with progress_bar(None, desc=desc, enabled=progress and rank == 0, total=total, unit="img") as bar:
+        for s in todo:
+            start, stop = s * shard_size, min(source.n, (s + 1) * shard_size)
+            arrays: dict[str, list[np.ndarray]] = {}
+            for b0 in range(start, stop, source.batch_size):
+                idx = torch.arange(b0, min(stop, b0 + source.batch_size))
+                x, y = source.get(idx)
+                images, labels, meta = work(idx, x.to(device), y.to(device))
+                stored = images.detach().float().cpu()
+                if storage == "uint8":
+                    stored = stored.mul(255).round_().clamp_(0, 255).to(torch.uint8)
+                for k, v in {"images": stored, "labels": labels.detach().cpu().long(), **meta}.items():
+                    arrays.setdefault(k, []).append(v.detach().cpu().numpy())
+                bar.update(len(idx))
+            shard = {k: np.concatenate(v) for k, v in arrays.items()}
+            if root is not None:
+                write_shard(root, s, start, shard)
+            else:
+                parts[s] = shard
+    if root is None:
+        order = sorted(parts)
+        return ConstructedDataset([torch.from_numpy(parts[s]["images"]) for s in order],
+                                  [parts[s]["labels"] for s in order],
+                                  {f: [parts[s][f] for s in order] for f in fields}, config)
+    _barrier()
+    return ConstructedDataset.load(root)
+
+
+def _common(model: nn.Module, steps: int, step_size: float, shard_size: int, storage: str,
+            device: str | torch.device | None) -> torch.device:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_positive_int("steps", steps)
+    check_positive_float("step_size", step_size)
+    check_positive_int("shard_size", shard_size)
+    if storage not in ("float32", "uint8"):
+        raise ValueError(f"storage must be 'float32' (default, exact) or 'uint8' (quantised to 1/255, which can "
+                         f"erase non-robust features); got {storage!r}")
+    params = list(model.parameters()) + list(model.buffers())
+    return torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
+
+
+def _classes(model: nn.Module, source: _Source, device: torch.device) -> int:
+    x, y = source.get(torch.arange(min(2, source.n)))
+    with torch.no_grad(), frozen_model(model):
+        logits = model(x.to(device))
+    c = check_logits(logits, y.to(device))
+    labels = source.labels()
+    if labels is not None and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= c):
+        raise ValueError(f"loader's labels must lie in [0, C) = [0, {c}) for this model, found "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+    return c
+
+
+def _check_labels(y: Tensor, c: int) -> None:
+    if y.numel() and int(y.max()) >= c:
+        raise ValueError(f"loader's labels must lie in [0, C) = [0, {c}) for this model, found {int(y.max())}")
+
+
+# -- robustify ------------------------------------------------------------------------------------------------
+
+def robustify(
+    model: nn.Module,
+    loader: DataLoader[Any] | Dataset[Any],
+    *,
+    representation: Representation | None = None,
+    init: str = "other",
+    steps: int = 1000,
+    step_size: float = 0.1,
+    seed: int = 0,
+    lower: float = 0.0,
+    upper: float = 1.0,
+    out: str | Path | None = None,
+    shard_size: int = 4096,
+    batch_size: int | None = None,
+    storage: str = "float32",
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> ConstructedDataset:
+    """Rebuild every image from what ``model``'s representation sees of it (the paper's D_R / D_NR).
+
+    Args:
+        model: the classifier whose penultimate representation ``g`` is matched (robust: D_R; standard: D_NR).
+        loader: a non-shuffling ``DataLoader`` or a map-style ``Dataset`` of ``(x, y)``, pixels in
+            ``[lower, upper]``.
+        representation: ``g`` as a callable ``x -> (N, ...)``; default: the input of the model's last
+            ``nn.Linear`` (a forward hook).
+        init: ``"other"``: start from another image of the source, uniform at random (the paper);
+            ``"noise"``: from uniform noise in the box.
+        steps, step_size: normalised-gradient L2 steps (defaults 1000 x 0.1, as in the authors'
+            re-implementation; the optimisation is over the box only).
+        seed: the randomness of sample ``i`` depends only on ``(seed, i)``.
+        out: a directory to stream shards to (resumable, see the module docs); else built in memory.
+        shard_size: samples per shard; batch_size: samples per step (default: the loader's).
+        storage: ``"float32"`` (exact) or ``"uint8"`` (quantised: can erase non-robust features).
+    """
+    dev = _common(model, steps, step_size, shard_size, storage, device)
+    if init not in ("other", "noise"):
+        raise ValueError(f"init must be 'other' (another image, the paper) or 'noise'; got {init!r}")
+    if representation is None:
+        last_linear(model)  # raises a clear error before anything is written
+    elif not callable(representation):
+        raise TypeError(f"representation must be a callable x -> g(x), got {type(representation).__name__}")
+    source = _Source(loader, batch_size, lower, upper)
+    if init == "other" and source.n < 2:
+        raise ValueError("init='other' needs at least 2 source images")
+    c = _classes(model, source, dev)
+    g = torch.Generator().manual_seed(seed)
+    other = torch.randint(0, max(1, source.n - 1), (source.n,), generator=g)
+    other += (other >= torch.arange(source.n)).long()  # uniform over the other images
+    rep_name = "last nn.Linear input" if representation is None else getattr(
+        representation, "__qualname__", type(representation).__name__)
+    config = {"kind": "robustify", "init": init, "steps": steps, "step_size": step_size, "seed": seed,
+              "lower": lower, "upper": upper, "representation": rep_name, "n": source.n, "classes": c,
+              "shard_size": shard_size, "batch_size": source.batch_size, "storage": storage,
+              "model": _model_fingerprint(model), "data": source.fingerprint()}
+    box = Box(lower=lower, upper=upper)
+
+    def work(idx: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        _check_labels(y, c)
+        if init == "other":
+            start = source.get(other[idx])[0].to(x.device, x.dtype)
+            start_index = other[idx]
+        else:
+            start = torch.stack([
+                torch.rand(x.shape[1:], generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)))
+                for i in idx]).to(x.device, x.dtype) * (upper - lower) + lower
+            start_index = torch.full_like(idx, -1)
+        with frozen_model(model), _penultimate(model, representation) as rep:
+            with torch.no_grad():
+                target = rep(x).flatten(1).float()
+            scale = target.norm(dim=1).clamp_min(1e-12)
+
+            def distance(z: Tensor, index: Tensor | None) -> tuple[Tensor, None]:
+                t = target if index is None else target.index_select(0, index)
+                s = scale if index is None else scale.index_select(0, index)
+                return (rep(z).flatten(1).float() - t).norm(dim=1) / s, None
+
+            z = optimize(distance, x, box, steps=steps, step_size=step_size, maximize=False, start=start).x
+            z = z.to(x.dtype)
+            with torch.no_grad():
+                final = distance(z, None)[0]
+        return z, y, {"rel_distance": final.float(), "start_index": start_index}
+
+    return _build(source, config, ["rel_distance", "start_index"], work, out=out, shard_size=shard_size,
+                  storage=storage, device=dev, progress=progress, desc="robustify")
+
+
+# -- nonrobustify ---------------------------------------------------------------------------------------------
+
+def nonrobustify(
+    model: nn.Module,
+    loader: DataLoader[Any] | Dataset[Any],
+    *,
+    mode: str = "det",
+    eps: float = 0.5,
+    step_size: float = 0.1,
+    steps: int = 100,
+    seed: int = 0,
+    lower: float = 0.0,
+    upper: float = 1.0,
+    out: str | Path | None = None,
+    shard_size: int = 4096,
+    batch_size: int | None = None,
+    storage: str = "float32",
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> ConstructedDataset:
+    """Relabel every image by a targeted L2 attack on a standard ``model`` (the paper's D_rand / D_det).
+
+    Args:
+        mode: ``"det"``: target ``(y + 1) mod C``; ``"rand"``: a target uniform over the other classes.
+        eps, step_size, steps: the targeted L2 PGD (paper at CIFAR scale: 0.5, 0.1, 100).
+        Others: as :func:`robustify`.
+    """
+    dev = _common(model, steps, step_size, shard_size, storage, device)
+    if mode not in ("det", "rand"):
+        raise ValueError(f"mode must be 'det' (t = y + 1 mod C) or 'rand' (t uniform over the other classes); "
+                         f"got {mode!r}")
+    check_positive_float("eps", eps)
+    source = _Source(loader, batch_size, lower, upper)
+    c = _classes(model, source, dev)
+    if c < 2:
+        raise ValueError(f"mode={mode!r} needs a model with at least 2 classes, got {c}")
+    offsets = torch.randint(1, c, (source.n,), generator=torch.Generator().manual_seed(seed))
+    config = {"kind": "nonrobustify", "mode": mode, "eps": eps, "step_size": step_size, "steps": steps,
+              "seed": seed, "lower": lower, "upper": upper, "n": source.n, "classes": c,
+              "shard_size": shard_size, "batch_size": source.batch_size, "storage": storage,
+              "model": _model_fingerprint(model), "data": source.fingerprint()}
+    attack = L2PGD(eps, steps=steps, step_size=step_size, targeted=True, lower=lower, upper=upper)
+
+    def work(idx: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        _check_labels(y, c)
+        t = (y + (1 if mode == "det" else offsets[idx].to(y.device))) % c
+        x_adv = attack(model, x, t)
+        with torch.no_grad(), frozen_model(model):
+            reached = model(x_adv).argmax(1) == t
+        norm = (x_adv.float() - x.float()).flatten(1).norm(dim=1)
+        return x_adv, t, {"target_reached": reached, "perturbation_norm": norm, "original_label": y}
+
+    return _build(source, config, ["target_reached", "perturbation_norm", "original_label"], work, out=out,
+                  shard_size=shard_size, storage=storage, device=dev, progress=progress, desc=f"nonrobustify {mode}")
+

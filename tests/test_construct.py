@@ -1,0 +1,232 @@
+"""robustify / nonrobustify: the planted features, labels, the ball and the box, crash-resume, ranks, storage."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+import advfeat as af
+
+WORKER = Path(__file__).parent / "workers" / "construct_worker.py"
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[af.data.Planted, nn.Module, nn.Module]:
+    p = af.data.planted(4000, 500, seed=0)
+    loader = DataLoader(p.train, batch_size=128, shuffle=True)
+    torch.manual_seed(0)
+    std = af.models.PlantedNet()
+    af.adversarial_train(std, loader, method="standard", epochs=30, lr=0.1, progress=False)
+    torch.manual_seed(0)
+    rob = af.models.PlantedNet()
+    af.adversarial_train(rob, loader, method="pgd", attack=af.L2PGD(0.5, steps=5), epochs=10, lr=0.1,
+                         progress=False)
+    return p, std, rob
+
+
+def _accuracies(p: af.data.Planted, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    fa, fb = p.features(x)
+    return float((fa.argmax(1) == y).double().mean()), float((fb.argmax(1) == y).double().mean())
+
+
+def test_robustify_keeps_what_the_model_sees(trained):
+    p, std, rob = trained
+    src = Subset(p.train, range(600))
+    y = p.train.labels[:600]
+    d_r = af.robustify(rob, src, steps=100, progress=False)
+    d_nr = af.robustify(std, src, steps=100, progress=False)
+    assert torch.equal(d_r.labels, y) and torch.equal(d_nr.labels, y)
+    xr, _ = d_r.tensors()
+    xn, _ = d_nr.tensors()
+    assert xr.min() >= 0 and xr.max() <= 1 and xn.min() >= 0 and xn.max() <= 1
+    r_robust, r_nonrobust = _accuracies(p, xr, y)
+    n_robust, n_nonrobust = _accuracies(p, xn, y)
+    # measured: D_R robust 81% / non-robust 61%; D_NR robust 15% / non-robust 79% (start images: ~10% each)
+    assert r_robust > 0.7 and n_robust < 0.4, (r_robust, n_robust)
+    assert n_nonrobust > 0.65 and r_nonrobust < n_nonrobust - 0.1, (r_nonrobust, n_nonrobust)
+    # converged: the robust model's representation is matched closely
+    assert float(d_r.meta["rel_distance"].median()) < 0.1
+    starts = d_r.meta["start_index"]
+    assert (starts != torch.arange(600)).all() and starts.min() >= 0 and starts.max() < 600
+
+
+@pytest.mark.parametrize("mode", ["det", "rand"])
+def test_nonrobustify_moves_the_nonrobust_feature_to_the_target(trained, mode):
+    p, std, _ = trained
+    src = Subset(p.train, range(600))
+    x, y = p.train.tensors()
+    x, y = x[:600], y[:600]
+    d = af.nonrobustify(std, src, mode=mode, eps=0.5, step_size=0.1, steps=50, progress=False)
+    xa, t = d.tensors()
+    if mode == "det":
+        assert torch.equal(t, (y + 1) % 10)
+    else:
+        assert (t != y).all() and len(set(((t - y) % 10).tolist())) == 9
+    assert torch.equal(d.meta["original_label"], y)
+    norms = (xa - x).flatten(1).norm(dim=1)
+    assert (norms <= 0.5 + 1e-4).all() and xa.min() >= 0 and xa.max() <= 1
+    assert torch.allclose(norms, d.meta["perturbation_norm"], atol=1e-5)
+    fa, fb = p.features(xa)
+    reached = d.meta["target_reached"]
+    # measured: 80% of targets reached; the non-robust feature says t for ~100%, the robust one still says y
+    assert reached.double().mean() > 0.6
+    assert (fb.argmax(1) == t).double().mean() > 0.9
+    assert (fa.argmax(1) == y).double().mean() > 0.7
+
+
+def test_randomness_depends_only_on_seed_and_index():
+    data = af.data.planted(50, 8, seed=2).train
+    torch.manual_seed(0)
+    model = af.models.PlantedNet(hidden=16)
+    a = af.nonrobustify(model, data, mode="rand", steps=2, batch_size=7, shard_size=11, progress=False, seed=5)
+    b = af.nonrobustify(model, DataLoader(data, batch_size=50), mode="rand", steps=2, shard_size=100,
+                        progress=False, seed=5)
+    assert torch.equal(a.labels, b.labels)
+    r1 = af.robustify(model, data, steps=1, batch_size=3, shard_size=7, progress=False, seed=5)
+    r2 = af.robustify(model, data, steps=1, batch_size=16, progress=False, seed=5)
+    assert torch.equal(r1.meta["start_index"], r2.meta["start_index"])
+    assert not torch.equal(r1.meta["start_index"],
+                           af.robustify(model, data, steps=1, progress=False, seed=6).meta["start_index"])
+    n1 = af.robustify(model, data, init="noise", steps=1, batch_size=3, progress=False)
+    n2 = af.robustify(model, data, init="noise", steps=1, batch_size=50, progress=False)
+    assert torch.allclose(n1.tensors()[0], n2.tensors()[0], atol=1e-6)
+    assert (n1.meta["start_index"] == -1).all()
+
+
+def _worker(out: Path, kind: str, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, str(WORKER), str(out), kind, *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _same(a: af.ConstructedDataset, b: af.ConstructedDataset) -> None:
+    xa, ya = a.tensors()
+    xb, yb = b.tensors()
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)  # bitwise
+    assert a.meta.keys() == b.meta.keys() and all(torch.equal(a.meta[k], b.meta[k]) for k in a.meta)
+
+
+@pytest.mark.parametrize("kind", ["robustify", "rand"])
+def test_resume_after_sigkill_at_random_moments_is_bitwise_identical(tmp_path, kind):
+    ref, crashed = tmp_path / "ref", tmp_path / "crashed"
+    p = _worker(ref, kind)
+    assert p.wait(timeout=300) == 0, p.communicate()[1]
+    rng = random.Random(kind)
+    kills = 0
+    for _ in range(30):
+        p = _worker(crashed, kind)
+        try:
+            p.wait(timeout=rng.uniform(1.5, 3.0))
+        except subprocess.TimeoutExpired:
+            p.kill()  # SIGKILL
+            p.wait()
+            kills += 1
+            continue
+        assert p.returncode == 0, p.communicate()[1]
+        break
+    else:
+        pytest.fail("the worker never finished")
+    assert kills >= 2
+    _same(af.ConstructedDataset.load(ref), af.ConstructedDataset.load(crashed))
+
+
+def test_two_ranks_build_the_same_dataset_as_one(tmp_path, free_port):
+    one, two = tmp_path / "one", tmp_path / "two"
+    p = _worker(one, "det")
+    assert p.wait(timeout=300) == 0, p.communicate()[1]
+    port = str(free_port())
+    procs = [_worker(two, "det", "--ddp", str(r), "2", port) for r in range(2)]
+    for q in procs:
+        assert q.wait(timeout=300) == 0, q.communicate()[1]
+    _same(af.ConstructedDataset.load(one), af.ConstructedDataset.load(two))
+
+
+def test_store_round_trip_and_refusals(tmp_path):
+    data = af.data.planted(40, 8, seed=2).train
+    torch.manual_seed(0)
+    model = af.models.PlantedNet(hidden=16)
+    out = tmp_path / "d"
+    made = af.nonrobustify(model, data, steps=3, shard_size=16, out=out, progress=False)
+    mem = af.nonrobustify(model, data, steps=3, shard_size=16, progress=False)
+    _same(made, mem)
+    assert made.tensors()[0].dtype == torch.float32 and made.config["mode"] == "det"
+    assert sorted(q.name for q in out.glob("*.json")) == ["manifest.json", "shard-00000.json",
+                                                          "shard-00001.json", "shard-00002.json"]
+    again = af.nonrobustify(model, data, steps=3, shard_size=16, out=out, progress=False)  # all done: no work
+    _same(made, again)
+    with pytest.raises(ValueError, match="other settings.*steps"):
+        af.nonrobustify(model, data, steps=4, shard_size=16, out=out, progress=False)
+    # tampered
+    f = out / "shard-00001.images.npy"
+    raw = bytearray(f.read_bytes())
+    raw[-1] ^= 1
+    f.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="checksum"):
+        af.ConstructedDataset.load(out)
+    # partial
+    (out / "shard-00001.json").unlink()
+    with pytest.raises(ValueError, match="partial: 2 of 3 shards"):
+        af.ConstructedDataset.load(out)
+    # resuming rebuilds the missing shard, identical to before
+    _same(af.nonrobustify(model, data, steps=3, shard_size=16, out=out, progress=False), mem)
+    # uint8 storage: explicit and quantised to 1/255
+    q = af.nonrobustify(model, data, steps=3, storage="uint8", progress=False)
+    assert (q.tensors()[0] - mem.tensors()[0]).abs().max() <= 0.5 / 255 + 1e-6
+
+
+def test_a_pickle_in_a_shard_is_never_loaded(tmp_path):
+    data = af.data.planted(20, 8, seed=2).train
+    model = af.models.PlantedNet(hidden=8)
+    out = tmp_path / "d"
+    af.nonrobustify(model, data, steps=1, out=out, progress=False)
+    np.save(out / "shard-00000.labels.npy", np.array([object()] * 20, dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError):
+        af.ConstructedDataset.load(out, verify=False)  # even without the checksum: allow_pickle=False
+
+
+def test_bad_input_is_refused_before_anything_is_written(tmp_path):
+    data = af.data.planted(20, 8, seed=2).train
+    model = af.models.PlantedNet(hidden=8)
+    out = tmp_path / "never"
+    no_linear = nn.Sequential(nn.Flatten(), nn.Conv1d(1, 1, 1))
+    cases = [
+        (lambda: af.robustify(no_linear, data, out=out), ValueError, "no nn.Linear.*representation"),
+        (lambda: af.nonrobustify(model, data, mode="fancy", out=out), ValueError, "mode must be"),
+        (lambda: af.nonrobustify(model, data, eps=0.0, out=out), ValueError, "eps must be"),
+        (lambda: af.robustify(model, data, steps=0, out=out), ValueError, "steps must be >= 1"),
+        (lambda: af.robustify(model, data, init="zeros", out=out), ValueError, "init must be"),
+        (lambda: af.nonrobustify(model, DataLoader(data, shuffle=True), out=out), ValueError, "must not shuffle"),
+        (lambda: af.nonrobustify(model, TensorDataset(torch.rand(4, 1, 16, 16), torch.full((4,), 12)), out=out),
+         ValueError, r"labels in \[0, C\) = \[0, 10\)"),
+        (lambda: af.nonrobustify(nn.Sequential(nn.Flatten(), nn.Linear(256, 1)),
+                                 TensorDataset(torch.rand(4, 1, 16, 16), torch.zeros(4, dtype=torch.long)), out=out),
+         ValueError, "at least 2 classes"),
+        (lambda: af.nonrobustify(model, TensorDataset(torch.rand(4, 1, 16, 16)), out=out), TypeError,
+         r"\(x, y\) pairs"),
+        (lambda: af.nonrobustify(model, data, storage="float16", out=out), ValueError, "storage must be"),
+    ]
+    for call, kind, match in cases:
+        with pytest.raises(kind, match=match):
+            call()
+        assert not out.exists(), match
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds other files"):
+        af.nonrobustify(model, data, steps=1, out=other, progress=False)
+    assert sorted(q.name for q in other.iterdir()) == ["notes.txt"]
+
+
+def test_progress_is_reported(capsys):
+    data = af.data.planted(20, 8, seed=2).train
+    af.nonrobustify(af.models.PlantedNet(hidden=8), data, steps=1)
+    assert "img" in capsys.readouterr().err
+    time.sleep(0)
