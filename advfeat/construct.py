@@ -127,7 +127,7 @@ def _model_fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256(type(model).__name__.encode())
     for k, v in model.state_dict().items():
         h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+        h.update(v.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b"")
     return h.hexdigest()[:16]
 
 

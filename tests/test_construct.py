@@ -230,3 +230,26 @@ def test_progress_is_reported(capsys):
     af.nonrobustify(af.models.PlantedNet(hidden=8), data, steps=1)
     assert "img" in capsys.readouterr().err
     time.sleep(0)
+
+
+@pytest.mark.parametrize("kind", ["robustify", "det"])
+def test_the_model_state_is_untouched(kind):
+    from conftest import make_model, same_state, snapshot
+
+    model = make_model((3, 6, 6), classes=4)  # BatchNorm, dropout, a frozen layer, existing .grad, train mode
+    before = snapshot(model)
+    data = TensorDataset(torch.rand(10, 3, 6, 6), torch.randint(0, 4, (10,)))
+    if kind == "robustify":
+        af.robustify(model, data, steps=3, progress=False)
+    else:
+        af.nonrobustify(model, data, steps=3, progress=False)
+    assert same_state(before, snapshot(model))
+
+
+def test_a_custom_representation_and_float64_inputs():
+    data = TensorDataset(torch.rand(6, 1, 4, 4, dtype=torch.float64), torch.randint(0, 3, (6,)))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).double()
+    d = af.robustify(model, data, representation=lambda x: model(x).softmax(1), steps=5, progress=False)
+    assert d.config["representation"] == "test_a_custom_representation_and_float64_inputs.<locals>.<lambda>"
+    x, _ = d.tensors()
+    assert x.shape == (6, 1, 4, 4) and x.min() >= 0 and x.max() <= 1
