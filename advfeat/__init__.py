@@ -25,6 +25,7 @@ from .models import Normalize
 from .store import ConstructedDataset
 from .threat import Box, L2Ball, LinfBall, ThreatModel
 from .train import AdversarialTrainer, adversarial_train
+from .transfer import transfer_rates
 
 __version__ = "0.1.0"
 
@@ -33,7 +34,7 @@ __all__ = [
     "cross_entropy", "cw_margin", "frozen_model",
     "ThreatModel", "L2Ball", "LinfBall", "Box",
     "evaluate", "EvalResult", "Normalize", "AdversarialTrainer", "adversarial_train",
-    "robustify", "nonrobustify", "ConstructedDataset",
+    "robustify", "nonrobustify", "ConstructedDataset", "transfer_rates",
     "data", "engine", "models", "train",
     "__version__",
 ]

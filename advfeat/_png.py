@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ._io import atomic_write
 
-__all__ = ["save_grid"]
+__all__ = ["save_grid", "save_scatter"]
 
 _DIGITS = [  # 3 x 5 glyphs, rows top to bottom, 3 bits each
     "111101101101111", "010110010010111", "111001111100111", "111001111001111", "101101111001001",
@@ -51,6 +51,10 @@ def save_grid(path: str | Path, images: Tensor, labels: Tensor | None = None, pe
         canvas[:, top:top + h, left:left + w] = images[i].float().clamp(0, 1).expand(3, h, w)
         if labels is not None:
             canvas[:, top + h:top + h + 7, left:left + cell_w - 2] = _label(int(labels[i]), cell_w - 2)
+    _write(path, canvas, scale)
+
+
+def _write(path: str | Path, canvas: Tensor, scale: int) -> None:
     canvas = canvas.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
     pixels = (canvas * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous()
     height, width = pixels.shape[:2]
@@ -62,3 +66,25 @@ def save_grid(path: str | Path, images: Tensor, labels: Tensor | None = None, pe
     png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
     atomic_write(path, lambda f: f.write(png))
+
+
+def save_scatter(path: str | Path, xs: list[float], ys: list[float], size: int = 160, scale: int = 2) -> None:
+    """A scatter plot of points in [0, 1]^2 (x right, y up) with axes; point i is marked by the digit i + 1."""
+    pad = 12
+    canvas = torch.ones(3, size + 2 * pad, size + 2 * pad)
+    canvas[:, pad:pad + size + 1, pad] = 0  # y axis
+    canvas[:, pad + size, pad:pad + size + 1] = 0  # x axis
+    for t in range(0, 11):  # ticks every 0.1
+        p = pad + round(t * size / 10)
+        canvas[:, pad + size:pad + size + 3, p] = 0
+        canvas[:, pad + size - p + pad, pad - 3:pad] = 0
+    for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        if x != x or y != y:  # NaN
+            continue
+        cx = pad + round(min(max(x, 0.0), 1.0) * size)
+        cy = pad + size - round(min(max(y, 0.0), 1.0) * size)
+        canvas[:, max(0, cy - 2):cy + 3, max(0, cx - 2):cx + 3] = torch.tensor([0.8, 0.1, 0.1])[:, None, None]
+        label = 1 - _glyph((i + 1) % 10)
+        top, left = max(0, cy - 8), min(canvas.shape[2] - 3, cx + 3)
+        canvas[:, top:top + 5, left:left + 3] = torch.minimum(canvas[:, top:top + 5, left:left + 3], label)
+    _write(path, canvas, scale)

@@ -22,13 +22,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--scale", default="quick", choices=["quick", "full"])
     r.add_argument("--device", default="cpu")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--transfer", action="store_true", help="also the transfer experiment (Figure 3): several "
+                   "architectures trained on D_det")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     from .replicate import replicate
 
     try:
         replicate(args.dataset, root=args.root, out=args.out, scale=args.scale, device=args.device, seed=args.seed,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, transfer=args.transfer)
     except (FileNotFoundError, ValueError) as e:
         print(f"advfeat replicate: error: {e}", file=sys.stderr)
         return 2

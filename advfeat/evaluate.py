@@ -2,10 +2,11 @@
 
 Robust accuracy here counts a sample as correct only if it is classified correctly clean and at every
 iterate of the attack (the start and the final point included). With ``early_stop=True`` (default), PGD
-attacks stop spending steps on a sample as soon as it is misclassified and drop it from the batch a few
-times per attack (steps 1, 2, 4, 8, ...; one host sync each); with ``early_stop=False`` every step is run
-with ``keep_best``. Both count the same samples as broken: the trajectory of a sample until its first
-misclassification does not depend on the others (eval mode), so the accuracies agree.
+attacks stop spending steps on a sample as soon as it is misclassified and drop it from the batch (after
+every step on CPU; at steps 1, 2, 4, 8, ... on accelerators, one host sync each); with
+``early_stop=False`` every step is run with ``keep_best``. Both count the same samples as broken: the
+trajectory of a sample until its first misclassification does not depend on the others (eval mode), so the
+accuracies agree.
 
 Example:
     >>> import torch, advfeat as af

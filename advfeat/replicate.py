@@ -31,12 +31,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from . import data as afdata
 from . import models
 from ._io import atomic_write
-from ._png import save_grid
+from ._png import save_grid, save_scatter
 from .attacks import L2PGD
 from .construct import nonrobustify, robustify
 from .evaluate import evaluate
 from .store import ConstructedDataset
 from .train import adversarial_train
+from .transfer import transfer_rates
 
 __all__ = ["replicate", "Settings", "settings_for", "PAPER"]
 
@@ -155,10 +156,10 @@ class _Run:
         return result
 
     def train(self, name: str, data: Dataset[Any], test: Dataset[Any], method: str, epochs: int,
-              lr: float | None = None) -> dict[str, Any]:
+              lr: float | None = None, make: Callable[[], nn.Module] | None = None) -> dict[str, Any]:
         s = self.s
         torch.manual_seed(self.seed)
-        model = _model(s).to(self.device)
+        model = (make or (lambda: _model(s)))().to(self.device)
         loader = DataLoader(data, batch_size=s.batch_size, shuffle=True)
         attack = L2PGD(s.eps, steps=s.train_steps)
         adversarial_train(model, loader, method=method, attack=attack, epochs=epochs, lr=lr or s.lr, device=self.device,
@@ -174,8 +175,8 @@ class _Run:
         r = evaluate(model, DataLoader(test, batch_size=500), attacks, device=self.device, progress=False)
         return {"clean": r.clean_accuracy, "robust": {k: r.robust_accuracy(k) for k in attacks}, "n_test": r.total}
 
-    def load_model(self, name: str) -> nn.Module:
-        m = _model(self.s)
+    def load_model(self, name: str, make: Callable[[], nn.Module] | None = None) -> nn.Module:
+        m = (make or (lambda: _model(self.s)))()
         m.load_state_dict(torch.load(self.out / "models" / f"{name}.pt", map_location="cpu", weights_only=True))
         return m.to(self.device).eval()
 
@@ -189,9 +190,14 @@ def replicate(
     device: str | torch.device = "cpu",
     seed: int = 0,
     progress: bool = True,
+    transfer: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run the replication; returns what ``results.json`` holds. See the module docs."""
+    """Run the replication; returns what ``results.json`` holds. See the module docs.
+
+    ``transfer=True`` adds the paper's Figure 3: several architectures trained on D_det, each one's test
+    accuracy beside the rate at which the standard model's adversarial examples transfer to it.
+    """
     s = settings_for(dataset, scale)
     dev = torch.device(device)
     outdir = Path(out)
@@ -239,14 +245,50 @@ def replicate(
     results["control"] = run.stage("control", lambda: run.train("control", source, test, "standard",
                                                                  s.constructed_epochs))
     _grids(outdir, train, built)
-    summary = {"settings": dataclasses.asdict(s), "seed": seed, "device": str(dev),
-               "rows": results, "total_seconds": round(time.perf_counter() - t_start, 2)}
+    summary: dict[str, Any] = {"settings": dataclasses.asdict(s), "seed": seed, "device": str(dev),
+                               "rows": results}
+    if transfer:
+        summary["transfer"] = [run.stage(f"transfer_{arch}", lambda arch=arch, make=make: _transfer(  # type: ignore[misc]
+            run, arch, make, built["d_det"], test)) for arch, make in _architectures(s).items()]
+        save_scatter(outdir / "grids" / "transfer.png", [t["transfer_rate"] for t in summary["transfer"]],
+                     [t["test_accuracy"] for t in summary["transfer"]])
+    summary["total_seconds"] = round(time.perf_counter() - t_start, 2)
     text = json.dumps(summary, indent=1)
     atomic_write(outdir / "results.json", lambda f: f.write(text.encode()))
     report = render_report(summary)
     atomic_write(outdir / "report.md", lambda f: f.write(report.encode()))
     log(report)
     return summary
+
+
+def _architectures(s: Settings) -> dict[str, Callable[[], nn.Module]]:
+    """The architectures trained on D_det for the transfer experiment."""
+    if s.dataset == "planted":
+        shape, size = (1, 16, 16), 16
+    elif s.dataset == "cifar10":
+        shape, size = (3, 32, 32), 32
+    else:
+        shape, size = (1, 28, 28), 28
+    d = shape[0] * shape[1] * shape[2]
+    return {
+        "linear": lambda: nn.Sequential(nn.Flatten(), nn.Linear(d, 10)),
+        "mlp-64": lambda: models.PlantedNet(shape, hidden=64),
+        "mlp-1024": lambda: models.PlantedNet(shape, hidden=1024),
+        "cnn": lambda: models.SmallCNN(in_channels=shape[0], size=size),
+        "same as source": lambda: _model(s),
+    }
+
+
+def _transfer(run: _Run, arch: str, make: Callable[[], nn.Module], d_det: Dataset[Any],
+              test: Dataset[Any]) -> dict[str, Any]:
+    s = run.s
+    name = f"transfer_{arch.replace(' ', '_')}"
+    acc = run.train(name, d_det, test, "standard", s.constructed_epochs, s.lr, make=make)["clean"]
+    target = run.load_model(name, make)
+    torch.manual_seed(run.seed)
+    rate = transfer_rates(run.load_model("standard"), {arch: target}, DataLoader(test, batch_size=500),
+                          L2PGD(s.eps, steps=s.eval_steps, rel_step_size=0.2), device=run.device)[arch]
+    return {"architecture": arch, "test_accuracy": acc, "transfer_rate": rate}
 
 
 def _shift(run: _Run, test: Dataset[Any]) -> dict[str, Any]:
@@ -303,6 +345,15 @@ def render_report(summary: dict[str, Any]) -> str:
             lines.append(f"| {key} | {rows[key]['n']} | {m} | {v:.3f} |")
     if "predicts_y_plus_1" in rows["d_det"]:
         lines.append(f"| d_det | - | model predicts y+1 on the test set | {rows['d_det']['predicts_y_plus_1']:.3f} |")
+    if "transfer" in summary:
+        lines += ["", "## Transfer (the paper's Figure 3)", "",
+                  "Architectures trained on D_det: accuracy on the real test set, and the rate at which L2 PGD "
+                  f"examples (eps {s['eps']:g}) of the standard model on D transfer to each (among test samples "
+                  "the target gets right and the source is fooled by). Scatter plot: grids/transfer.png "
+                  "(x: transfer rate, y: test accuracy; point k is row k).", "",
+                  "| # | architecture | test accuracy | transfer rate |", "|---|---|---|---|"]
+        for k, t in enumerate(summary["transfer"], 1):
+            lines.append(f"| {k} | {t['architecture']} | {_pct(t['test_accuracy'])} | {_pct(t['transfer_rate'])} |")
     lines += ["", "## Settings", "",
               f"Learning rate {s['lr']} (SGD, momentum 0.9, wd 5e-4, one-cycle) everywhere except on D_NR and "
               f"D_rand ({s['lr_nr']}), following the authors' recipe (0.1 on D_R / D_det, 0.01 on D_NR / D_rand). "
