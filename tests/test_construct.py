@@ -121,10 +121,10 @@ def test_resume_after_sigkill_at_random_moments_is_bitwise_identical(tmp_path, k
     assert p.wait(timeout=300) == 0, p.communicate()[1]
     rng = random.Random(kind)
     kills = 0
-    for _ in range(30):
+    for attempt in range(30):
         p = _worker(crashed, kind)
-        try:
-            p.wait(timeout=rng.uniform(1.5, 3.0))
+        try:  # kill at a random moment; later attempts get longer, so a slow machine still finishes
+            p.wait(timeout=rng.uniform(1.5, 3.0) + 0.25 * attempt)
         except subprocess.TimeoutExpired:
             p.kill()  # SIGKILL
             p.wait()
