@@ -155,16 +155,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip-eval", action="store_true", help="skip the early-stopping comparison")
+    ap.add_argument("--skip-overhead", action="store_true", help="only the early-stopping comparison")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}")
-    print("| model | attack | time / floor |")
-    print("|---|---|---|")
-    for model, attack, ratio in overhead(device, args.repeats):
-        print(f"| {model} | {attack} | {ratio:.3f} |")
+    if not args.skip_overhead:
+        print("| model | attack | time / floor |")
+        print("|---|---|---|")
+        for model, attack, ratio in overhead(device, args.repeats):
+            print(f"| {model} | {attack} | {ratio:.3f} |")
     if not args.skip_eval:
         data, rows = early_stop(device, max(1, args.repeats // 3))
         print(f"\nearly-stopped / full evaluation, L2 PGD 20 steps, standard SmallCNN, {data}")
