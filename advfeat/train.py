@@ -94,7 +94,8 @@ class AdversarialTrainer:
             ``eval_attack`` (default: ``attack``).
         guard: for ``"fgsm-rs"``, guard against catastrophic overfitting: after every epoch, measure
             ``attack``'s accuracy on one held batch (the first of ``eval_loader``, else of ``loader``) and
-            end training with the weights of the best epoch.
+            end training with the weights of the best epoch (among the epochs run by this process: a
+            resumed run compares the epochs it runs itself).
         checkpoint, resume: see the module docs. A checkpoint of another model or configuration is refused.
         history_file: a JSONL file that gets one line per epoch.
         amp: None, ``"bf16"`` or ``"fp16"``: ``torch.autocast`` for the training forward passes (and the
@@ -320,6 +321,9 @@ class AdversarialTrainer:
         if best is not None and self.history and self.history[-1].get("guard_accuracy", math.inf) < best[0]:
             _unwrap(self.model).load_state_dict(best[1])
             self.history[-1]["restored_best"] = True
+            if self.checkpoint is not None and _rank() == 0:
+                self.save(self.checkpoint)  # a later resume of this finished run returns the same weights
+            _barrier()
         return self.history
 
     def _autocast(self) -> AbstractContextManager[Any]:
