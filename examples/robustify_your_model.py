@@ -1,6 +1,6 @@
 """Build D_R / D_NR and D_det from your own model and loader, stream them to disk, and train on them.
 
-    python examples/robustify_your_model.py            # about a minute on a CPU
+    python examples/robustify_your_model.py            # about 30 s on a 2-core CPU
     python examples/robustify_your_model.py --small    # seconds (used by the tests)
 
 Replace ``MyNet`` and ``my_data`` with yours: any classifier whose last layer is an ``nn.Linear`` (or pass
