@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["check_batch", "check_logits", "check_positive_int", "check_positive_float"]
+__all__ = ["check_batch", "check_labels", "check_logits", "check_positive_int", "check_positive_float"]
 
 
 def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
@@ -74,9 +74,14 @@ def check_logits(logits: object, y: Tensor, what: str = "model") -> int:
         shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(f"{what} must return logits of shape (N, C) = ({y.shape[0]}, C), got {shape}")
     c = logits.shape[1]
-    if y.numel() and bool((y >= c).any()):
-        raise ValueError(f"y must hold labels in [0, C) = [0, {c}), found {int(y.max())}")
+    check_labels(y, c)
     return c
+
+
+def check_labels(y: Tensor, c: int, what: str = "y") -> None:
+    """Every label in ``[0, c)`` (one host sync)."""
+    if y.numel() and bool(((y < 0) | (y >= c)).any()):
+        raise ValueError(f"{what} must hold labels in [0, C) = [0, {c}), found [{int(y.min())}, {int(y.max())}]")
 
 
 def _show(v: float | Tensor) -> str:

@@ -46,7 +46,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler, default_collate
 
-from ._checks import check_batch, check_logits, check_positive_float, check_positive_int
+from ._checks import check_batch, check_labels, check_logits, check_positive_float, check_positive_int
+from ._dist import barrier, rank_world
 from .attacks import L2PGD, frozen_model
 from .engine import optimize
 from .models import last_linear
@@ -161,19 +162,6 @@ def _penultimate(model: nn.Module, representation: Representation | None) -> Ite
 
 # -- the shared driver ------------------------------------------------------------------------------------------
 
-def _world() -> tuple[int, int]:
-    d = torch.distributed
-    if d.is_available() and d.is_initialized():
-        return d.get_rank(), d.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    d = torch.distributed
-    if d.is_available() and d.is_initialized():
-        d.barrier()
-
-
 def _build(
     source: _Source,
     config: dict[str, Any],
@@ -191,7 +179,7 @@ def _build(
     from . import __version__
 
     n_shards = shard_count(source.n, shard_size)
-    rank, world = _world()
+    rank, world = rank_world()
     mine = [s for s in range(n_shards) if s % world == rank]
     root = Path(out) if out is not None else None
     done: set[int] = set()
@@ -200,7 +188,7 @@ def _build(
                     "shards": n_shards, "fields": fields}
         if rank == 0:
             prepare_directory(root, manifest)
-        _barrier()
+        barrier()
         if rank != 0:
             prepare_directory(root, manifest)
         for tmp in root.glob(".shard-*.tmp"):  # leftovers of a write killed half-way
@@ -234,7 +222,7 @@ def _build(
         return ConstructedDataset([torch.from_numpy(parts[s]["images"]) for s in order],
                                   [parts[s]["labels"] for s in order],
                                   {f: [parts[s][f] for s in order] for f in fields}, config)
-    _barrier()
+    barrier()
     return ConstructedDataset.load(root)
 
 
@@ -258,15 +246,9 @@ def _classes(model: nn.Module, source: _Source, device: torch.device) -> int:
         logits = model(x.to(device))
     c = check_logits(logits, y.to(device))
     labels = source.labels()
-    if labels is not None and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= c):
-        raise ValueError(f"loader's labels must lie in [0, C) = [0, {c}) for this model, found "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
+    if labels is not None:  # all labels up front when the dataset exposes them, before anything is written
+        check_labels(labels, c, "loader's labels")
     return c
-
-
-def _check_labels(y: Tensor, c: int) -> None:
-    if y.numel() and int(y.max()) >= c:
-        raise ValueError(f"loader's labels must lie in [0, C) = [0, {c}) for this model, found {int(y.max())}")
 
 
 # -- robustify ------------------------------------------------------------------------------------------------
@@ -329,7 +311,7 @@ def robustify(
     box = Box(lower=lower, upper=upper)
 
     def work(idx: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        _check_labels(y, c)
+        check_labels(y, c, "loader's labels")
         if init == "other":
             start = source.get(other[idx])[0].to(x.device, x.dtype)
             start_index = other[idx]
@@ -402,7 +384,7 @@ def nonrobustify(
     attack = L2PGD(eps, steps=steps, step_size=step_size, targeted=True, lower=lower, upper=upper)
 
     def work(idx: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        _check_labels(y, c)
+        check_labels(y, c, "loader's labels")
         t = (y + (1 if mode == "det" else offsets[idx].to(y.device))) % c
         x_adv = attack(model, x, t)
         with torch.no_grad(), frozen_model(model):

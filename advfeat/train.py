@@ -47,12 +47,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_batch, check_logits, check_positive_float, check_positive_int
+from ._dist import barrier, rank_world
 from ._io import atomic_write
 from .attacks import PGD, Attack, _EnginePGD, frozen_model
 from .engine import optimize
 from .evaluate import evaluate
 from .progress import progress_bar
-from .threat import ThreatModel
+from .threat import ThreatModel, _column
 
 __all__ = ["AdversarialTrainer", "adversarial_train", "METHODS"]
 
@@ -68,8 +69,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _rank() -> int:
-    d = torch.distributed
-    return d.get_rank() if d.is_available() and d.is_initialized() else 0
+    return rank_world()[0]
 
 
 class AdversarialTrainer:
@@ -317,13 +317,13 @@ class AdversarialTrainer:
                     self.history_file.parent.mkdir(parents=True, exist_ok=True)
                     with open(self.history_file, "a") as f:
                         f.write(json.dumps(record) + "\n")
-            _barrier()
+            barrier()
         if best is not None and self.history and self.history[-1].get("guard_accuracy", math.inf) < best[0]:
             _unwrap(self.model).load_state_dict(best[1])
             self.history[-1]["restored_best"] = True
             if self.checkpoint is not None and _rank() == 0:
                 self.save(self.checkpoint)  # a later resume of this finished run returns the same weights
-            _barrier()
+            barrier()
         return self.history
 
     def _autocast(self) -> AbstractContextManager[Any]:
@@ -358,7 +358,7 @@ class AdversarialTrainer:
             for b, batch in enumerate(bar):
                 where = f"epoch {self.epoch + 1}, batch {b + 1}"
                 x, y = self._batch(batch, where)
-                if self._held is None:
+                if self.guard and self._held is None:
                     self._held = (x[:256].clone(), y[:256].clone())
                 if self.method == "free":
                     loss, logits, delta = self._free_step(x, y, delta, where)
@@ -390,10 +390,14 @@ class AdversarialTrainer:
             "seconds": time.perf_counter() - start,
         }
 
-    def _step(self, loss: Tensor, where: str) -> None:
+    def _check_finite(self, loss: Tensor, where: str) -> None:
+        """One host sync per optimiser step: stop at the first non-finite loss, naming epoch and batch."""
         if not bool(torch.isfinite(loss.detach())):
             last = f"; the last good checkpoint ({self.checkpoint}) is kept" if self.checkpoint is not None else ""
             raise FloatingPointError(f"non-finite training loss ({float(loss.detach())}) at {where}{last}")
+
+    def _step(self, loss: Tensor, where: str) -> None:
+        self._check_finite(loss, where)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
         self.scaler.step(self.optimizer)
@@ -444,20 +448,18 @@ class AdversarialTrainer:
             with self._autocast():
                 logits = self.model(z)
                 loss = F.cross_entropy(logits.float(), y)
-            if not bool(torch.isfinite(loss.detach())):
-                self._step(loss, where)  # raises
+            self._check_finite(loss, where)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
             assert z.grad is not None
             with torch.no_grad():
                 moved = z.detach() + threat.direction(z.grad.float()).mul_(
-                    step if not isinstance(step, Tensor) else step.view(-1, *[1] * (x.ndim - 1)))
+                    _column(step, x.ndim) if isinstance(step, Tensor) else step)
                 threat.project_(moved, x, bounds)
                 d = moved - x
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
-        delta = delta.clone()
         delta[: x.shape[0]] = d
         return loss, logits, delta
 
@@ -478,12 +480,6 @@ class AdversarialTrainer:
 def adversarial_train(model: nn.Module, loader: Batches, **kwargs: Any) -> list[dict[str, Any]]:
     """Train ``model`` in place; returns the history. Keyword arguments: see :class:`AdversarialTrainer`."""
     return AdversarialTrainer(model, loader, **kwargs).fit()
-
-
-def _barrier() -> None:
-    d = torch.distributed
-    if d.is_available() and d.is_initialized():
-        d.barrier()
 
 
 def _rng_state(loader: Any) -> dict[str, Any]:

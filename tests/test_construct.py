@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -229,7 +228,6 @@ def test_progress_is_reported(capsys):
     data = af.data.planted(20, 8, seed=2).train
     af.nonrobustify(af.models.PlantedNet(hidden=8), data, steps=1)
     assert "img" in capsys.readouterr().err
-    time.sleep(0)
 
 
 @pytest.mark.parametrize("kind", ["robustify", "det"])
