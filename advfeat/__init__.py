@@ -5,7 +5,7 @@ Ilyas et al., "Adversarial Examples Are Not Bugs, They Are Features" (NeurIPS 20
 model and data loader. See README.md and docs/.
 """
 
-from . import data, engine, models, train
+from . import allocator, data, engine, models, train
 from .attacks import (
     FGSM,
     L2PGD,
@@ -35,6 +35,6 @@ __all__ = [
     "ThreatModel", "L2Ball", "LinfBall", "Box",
     "evaluate", "EvalResult", "Normalize", "AdversarialTrainer", "adversarial_train",
     "robustify", "nonrobustify", "ConstructedDataset", "transfer_rates",
-    "data", "engine", "models", "train",
+    "allocator", "data", "engine", "models", "train",
     "__version__",
 ]

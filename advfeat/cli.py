@@ -25,8 +25,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--transfer", action="store_true", help="also the transfer experiment (Figure 3): several "
                    "architectures trained on D_det")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--keep-malloc", action="store_true", help="leave glibc's malloc settings alone (by default "
+                   "the process keeps freed memory for reuse, which is faster on CPU: see advfeat.allocator)")
     args = ap.parse_args(argv)
+    from .allocator import tune
     from .replicate import replicate
+
+    if not args.keep_malloc:
+        tune()
 
     try:
         replicate(args.dataset, root=args.root, out=args.out, scale=args.scale, device=args.device, seed=args.seed,

@@ -152,16 +152,19 @@ def early_stop(device: torch.device, repeats: int) -> tuple[str, list[tuple[floa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
+                    help="tuned: advfeat.allocator.tune() first (as advfeat replicate does); default: glibc as it is")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip-eval", action="store_true", help="skip the early-stopping comparison")
     ap.add_argument("--skip-overhead", action="store_true", help="only the early-stopping comparison")
     args = ap.parse_args()
+    malloc_tuned = args.malloc == "tuned" and af.allocator.tune()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}")
+    print(f"device: {name}; torch {torch.__version__}; malloc {'tuned' if malloc_tuned else 'as is'}")
     if not args.skip_overhead:
         print("| model | attack | time / floor |")
         print("|---|---|---|")

@@ -29,9 +29,12 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=None)
     ap.add_argument("--n-test", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
+                    help="tuned: advfeat.allocator.tune() first (as advfeat replicate does); default: glibc as it is")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--methods", default="standard,pgd,fgsm-rs,free,trades")
     args = ap.parse_args()
+    malloc_tuned = args.malloc == "tuned" and af.allocator.tune()
     if args.threads:
         torch.set_num_threads(args.threads)
     dataset = args.dataset
@@ -58,7 +61,7 @@ def main() -> None:
     ev = af.L2PGD(eps, steps=20, rel_step_size=0.2)
     attack = af.L2PGD(eps, steps=7)
     print(f"{dataset}: {len(train)} train / {len(test)} test images, L2 eps {eps}, {epochs} epochs, "
-          f"{torch.get_num_threads()} threads, {device}")
+          f"{torch.get_num_threads()} threads, {device}, malloc {'tuned' if malloc_tuned else 'as is'}")
     rows = []
     for method in args.methods.split(","):
         torch.manual_seed(0)

@@ -34,7 +34,7 @@ def render() -> str:
         if inspect.ismodule(obj) or name == "__version__":
             continue
         parts.append(entry(f"advfeat.{name}", obj))
-    for mod in ("data", "models"):
+    for mod in ("data", "models", "allocator"):
         m = getattr(af, mod)
         parts.append(f"## advfeat.{mod}\n")
         for name in m.__all__:
