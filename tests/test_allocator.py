@@ -47,5 +47,6 @@ def test_tune_stops_page_faults_and_changes_no_result() -> None:
     assert tuned["sum"] == default["sum"]  # bit for bit the same attack
 
 
-def test_tune_answers_with_a_bool() -> None:
-    assert af.allocator.tune() in (True, False)
+@glibc
+def test_tune_can_be_called_again() -> None:
+    assert af.allocator.tune() is True  # conftest has called it already; glibc takes the settings again
