@@ -1,27 +1,54 @@
-"""Crash-safe files: write to a temporary file in the same folder, fsync, rename over the target."""
+"""Crash-safe files: write to a temporary file in the same folder, fsync, rename over the target.
+
+Files get the permissions a plain ``open(path, "w")`` would give them: a new file ``0o666`` less the process's
+umask (0644 under the usual 022, 0664 under a group-sharing 002), an existing file keeps its mode. (A
+``tempfile.mkstemp`` file is always 0600, which would hide reports and datasets from a lab-mate.)
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_write", "sha256_file"]
+__all__ = ["atomic_write", "sha256_file", "TMP_SUFFIX"]
+
+TMP_SUFFIX = ".tmp"
+
+
+def _open_temporary(target: Path) -> tuple[int, Path]:
+    """A new file beside ``target`` named ``.<name>.<random>.tmp``, created with mode 0o666 so that the kernel
+    applies the umask, exactly as for ``open(path, "w")``."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # pragma: no cover - 32 random bits collided
+            continue
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None:
     """Call ``write(f)`` on a temporary file next to ``path``, then make it ``path`` atomically.
 
-    After a crash at any moment, ``path`` holds either its old content or the complete new one.
+    After a crash at any moment, ``path`` holds either its old content or the complete new one. The file gets
+    the mode ``open(path, "w")`` would give it (see the module docs).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        keep_mode: int | None = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        keep_mode = None
+    fd, tmp = _open_temporary(target)
     try:
         with os.fdopen(fd, "wb") as f:
+            if keep_mode is not None and hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), keep_mode)
             write(f)
             f.flush()
             os.fsync(f.fileno())
