@@ -6,6 +6,7 @@ model and data loader. See README.md and docs/.
 """
 
 from . import allocator, data, engine, models, train
+from ._lock import InUseError
 from .attacks import (
     FGSM,
     L2PGD,
@@ -34,7 +35,7 @@ __all__ = [
     "cross_entropy", "cw_margin", "frozen_model",
     "ThreatModel", "L2Ball", "LinfBall", "Box",
     "evaluate", "EvalResult", "Normalize", "AdversarialTrainer", "adversarial_train",
-    "robustify", "nonrobustify", "ConstructedDataset", "transfer_rates",
+    "robustify", "nonrobustify", "ConstructedDataset", "transfer_rates", "InUseError",
     "allocator", "data", "engine", "models", "train",
     "__version__",
 ]

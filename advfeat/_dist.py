@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["rank_world", "barrier"]
+__all__ = ["rank_world", "barrier", "broadcast_object"]
 
 
 def rank_world() -> tuple[int, int]:
@@ -20,3 +20,13 @@ def barrier() -> None:
     d = torch.distributed
     if d.is_available() and d.is_initialized():
         d.barrier()
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's ``obj`` on every rank (``obj`` is ignored elsewhere); ``obj`` itself in one process."""
+    d = torch.distributed
+    if not (d.is_available() and d.is_initialized()):
+        return obj
+    box = [obj]
+    d.broadcast_object_list(box, src=0)
+    return box[0]

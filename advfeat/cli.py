@@ -28,6 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--keep-malloc", action="store_true", help="leave glibc's malloc settings alone (by default "
                    "the process keeps freed memory for reuse, which is faster on CPU: see advfeat.allocator)")
     args = ap.parse_args(argv)
+    from ._lock import InUseError
     from .allocator import tune
     from .replicate import replicate
 
@@ -37,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         replicate(args.dataset, root=args.root, out=args.out, scale=args.scale, device=args.device, seed=args.seed,
                   progress=not args.no_progress, transfer=args.transfer)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, InUseError) as e:
         print(f"advfeat replicate: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -48,11 +48,21 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSam
 
 from ._checks import check_batch, check_labels, check_logits, check_positive_float, check_positive_int
 from ._dist import barrier, rank_world
+from ._io import TMP_SUFFIX
+from ._lock import exclusive_for_job, folder_lock
 from .attacks import L2PGD, frozen_model
 from .engine import optimize
 from .models import last_linear
 from .progress import progress_bar
-from .store import FORMAT, ConstructedDataset, finished_shards, prepare_directory, shard_count, write_shard
+from .store import (
+    FORMAT,
+    ConstructedDataset,
+    check_directory,
+    finished_shards,
+    prepare_directory,
+    shard_count,
+    write_shard,
+)
 from .threat import Box
 
 __all__ = ["robustify", "nonrobustify"]
@@ -175,30 +185,59 @@ def _build(
     progress: bool,
     desc: str,
 ) -> ConstructedDataset:
-    """Run ``work(idx, x, y) -> (images, labels, meta)`` over the source, shard by shard."""
+    """Run ``work(idx, x, y) -> (images, labels, meta)`` over the source, shard by shard.
+
+    With ``out``, the folder is checked (nothing written) and then held by this job for the whole build
+    (:mod:`advfeat._lock`): a second writer stops at once with an error naming the holder.
+    """
+    if out is None:
+        parts: dict[int, dict[str, np.ndarray]] = {}
+        _run_shards(source, list(range(shard_count(source.n, shard_size))), work, parts.__setitem__,
+                    shard_size=shard_size, storage=storage, device=device, progress=progress, desc=desc)
+        order = sorted(parts)
+        return ConstructedDataset([torch.from_numpy(parts[s]["images"]) for s in order],
+                                  [parts[s]["labels"] for s in order],
+                                  {f: [parts[s][f] for s in order] for f in fields}, config)
     from . import __version__
 
+    root = Path(out)
     n_shards = shard_count(source.n, shard_size)
     rank, world = rank_world()
-    mine = [s for s in range(n_shards) if s % world == rank]
-    root = Path(out) if out is not None else None
-    done: set[int] = set()
-    if root is not None:
-        manifest = {"format": FORMAT, "library": f"advfeat {__version__}", "config": config,
-                    "shards": n_shards, "fields": fields}
+    manifest = {"format": FORMAT, "library": f"advfeat {__version__}", "config": config,
+                "shards": n_shards, "fields": fields}
+    check_directory(root, manifest)  # refuse a foreign folder before the lock file is created in it
+    with exclusive_for_job(folder_lock(root), f"out={str(root)!r}"):
         if rank == 0:
             prepare_directory(root, manifest)
+            for tmp in root.glob(f".shard-*{TMP_SUFFIX}"):  # leftovers of a write killed half-way
+                tmp.unlink(missing_ok=True)
         barrier()
         if rank != 0:
             prepare_directory(root, manifest)
-        for tmp in root.glob(".shard-*.tmp"):  # leftovers of a write killed half-way
-            if rank == 0:
-                tmp.unlink(missing_ok=True)
         done = set(finished_shards(root, verify=True))
-    todo = [s for s in mine if s not in done]
+        todo = [s for s in range(n_shards) if s % world == rank and s not in done]
+        _run_shards(source, todo, work, lambda s, shard: write_shard(root, s, s * shard_size, shard),
+                    shard_size=shard_size, storage=storage, device=device, progress=progress and rank == 0,
+                    desc=desc)
+        barrier()
+    return ConstructedDataset.load(root)
+
+
+def _run_shards(
+    source: _Source,
+    todo: list[int],
+    work: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, dict[str, Tensor]]],
+    finish: Callable[[int, dict[str, np.ndarray]], None],
+    *,
+    shard_size: int,
+    storage: str,
+    device: torch.device,
+    progress: bool,
+    desc: str,
+) -> None:
+    """Build the shards ``todo`` in order, batch by batch, handing each finished shard to ``finish``."""
     total = sum(min(shard_size, source.n - s * shard_size) for s in todo)
-    parts: dict[int, dict[str, np.ndarray]] = {}
-    with progress_bar(None, desc=desc, enabled=progress and rank == 0, total=total, unit="img") as bar:
+    with progress_bar(None, desc=desc, enabled=progress, total=total, unit="img") as bar:
         for s in todo:
             start, stop = s * shard_size, min(source.n, (s + 1) * shard_size)
             arrays: dict[str, list[np.ndarray]] = {}
@@ -212,18 +251,7 @@ def _build(
                 for k, v in {"images": stored, "labels": labels.detach().cpu().long(), **meta}.items():
                     arrays.setdefault(k, []).append(v.detach().cpu().numpy())
                 bar.update(len(idx))
-            shard = {k: np.concatenate(v) for k, v in arrays.items()}
-            if root is not None:
-                write_shard(root, s, start, shard)
-            else:
-                parts[s] = shard
-    if root is None:
-        order = sorted(parts)
-        return ConstructedDataset([torch.from_numpy(parts[s]["images"]) for s in order],
-                                  [parts[s]["labels"] for s in order],
-                                  {f: [parts[s][f] for s in order] for f in fields}, config)
-    barrier()
-    return ConstructedDataset.load(root)
+            finish(s, {k: np.concatenate(v) for k, v in arrays.items()})
 
 
 def _common(model: nn.Module, steps: int, step_size: float, shard_size: int, storage: str,

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from . import data as afdata
 from . import models
 from ._io import atomic_write
+from ._lock import exclusive, folder_lock
 from ._png import save_grid, save_scatter
 from .attacks import L2PGD
 from .construct import nonrobustify, robustify
@@ -197,10 +198,18 @@ def replicate(
 
     ``transfer=True`` adds the paper's Figure 3: several architectures trained on D_det, each one's test
     accuracy beside the rate at which the standard model's adversarial examples transfer to it.
+
+    One run at a time per ``out``: a second one stops at once with :class:`advfeat.InUseError` naming the
+    process that holds the folder (the lock dies with that process, so a killed run blocks nothing).
     """
     s = settings_for(dataset, scale)
-    dev = torch.device(device)
     outdir = Path(out)
+    with exclusive(folder_lock(outdir), f"--out {str(outdir)!r}"):
+        return _replicate(s, root, outdir, torch.device(device), seed, progress, transfer, log)
+
+
+def _replicate(s: Settings, root: str | None, outdir: Path, dev: torch.device, seed: int, progress: bool,
+               transfer: bool, log: Callable[[str], None]) -> dict[str, Any]:
     run = _Run(s, outdir, dev, seed, progress, log)
     t_start = time.perf_counter()
     train, test, planted = _load(s, root, seed)

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from ._checks import check_batch, check_logits, check_positive_float, check_positive_int
 from ._dist import barrier, rank_world
 from ._io import atomic_write
+from ._lock import exclusive_for_job, file_lock
 from .attacks import PGD, Attack, _EnginePGD, frozen_model
 from .engine import optimize
 from .evaluate import evaluate
@@ -285,7 +286,17 @@ class AdversarialTrainer:
     # -- training -----------------------------------------------------------------------------------------
 
     def fit(self) -> list[dict[str, Any]]:
-        """Run the remaining epochs; returns the history (one dict per epoch)."""
+        """Run the remaining epochs; returns the history (one dict per epoch).
+
+        With a ``checkpoint``, this job holds it while it trains: a second trainer on the same checkpoint stops
+        at once with :class:`advfeat.InUseError` naming the holder (ranks of one job share it).
+        """
+        if self.checkpoint is None:
+            return self._fit()
+        with exclusive_for_job(file_lock(self.checkpoint), f"checkpoint={str(self.checkpoint)!r}"):
+            return self._fit()
+
+    def _fit(self) -> list[dict[str, Any]]:
         if self.checkpoint is not None and self.checkpoint.exists():
             if not self.resume:
                 raise FileExistsError(f"checkpoint {self.checkpoint} exists; pass resume=True to continue from it "

@@ -3,20 +3,31 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import HANG_GUARD_S
 
 from advfeat.cli import main
 from advfeat.replicate import ROWS
+
+WORKER = Path(__file__).parent / "workers" / "replicate_worker.py"
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     out = tmp_path_factory.mktemp("replication")
-    assert main(["replicate", "--out", str(out), "--no-progress"]) == 0
+    old = os.umask(0o022)
+    try:
+        assert main(["replicate", "--out", str(out), "--no-progress"]) == 0
+    finally:
+        os.umask(old)
     return out, json.loads((out / "results.json").read_text())
 
 
@@ -53,6 +64,16 @@ def test_outputs_exist_and_the_report_agrees_with_the_json(run):
     assert re.search(r"\| d_det \| 5000 \| targets_reached \| ", report)
 
 
+def test_every_file_gets_the_umasks_mode(run):
+    """Under umask 022 every file the replication writes is 0644, as open(path, "w") would make it: reports,
+    stage results, models, checkpoints, constructed datasets, grids and the lock file."""
+    out, _ = run
+    files = [f for f in out.rglob("*") if f.is_file()]
+    assert len(files) > 50 and any(f.suffix == ".npy" for f in files) and any(f.suffix == ".pt" for f in files)
+    modes = {oct(stat.S_IMODE(f.stat().st_mode)) for f in files}
+    assert modes == {"0o644"}, sorted((oct(stat.S_IMODE(f.stat().st_mode)), str(f)) for f in files)[:5]
+
+
 def test_a_rerun_skips_finished_stages(run, capsys):
     out, res = run
     stamp = (out / "stages" / "standard.json").stat().st_mtime_ns
@@ -62,6 +83,31 @@ def test_a_rerun_skips_finished_stages(run, capsys):
     assert "running" not in log and log.count("skipped") == len(list((out / "stages").glob("*.json")))
     assert (out / "stages" / "standard.json").stat().st_mtime_ns == stamp
     assert json.loads((out / "results.json").read_text())["rows"] == res["rows"]
+
+
+def _paused_replication(out: Path) -> subprocess.Popen[str]:
+    p = subprocess.Popen([sys.executable, str(WORKER), str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    for line in p.stdout:  # wait for the worker's own progress, not for a clock
+        if line.strip() == "paused":
+            return p
+    raise AssertionError(f"the replication never reached its first stage: {p.communicate()[1][-2000:]}")
+
+
+def test_one_replication_per_folder_and_a_killed_one_blocks_nothing(tmp_path):
+    out = tmp_path / "rep"
+    first = _paused_replication(out)
+    second = subprocess.run([sys.executable, "-m", "advfeat", "replicate", "--out", str(out), "--no-progress"],
+                            capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert second.returncode == 2, second.stderr
+    assert f"--out {str(out)!r} is in use by another process (pid {first.pid} " in second.stderr
+    assert "[standard]" not in second.stdout  # it stopped before any work
+    first.kill()  # SIGKILL while holding the folder
+    first.wait()
+    again = _paused_replication(out)  # the next run gets the folder
+    again.kill()
+    again.wait()
 
 
 def test_bad_arguments_exit_with_a_message(tmp_path, capsys):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import HANG_GUARD_S
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -83,7 +84,7 @@ def test_bn_stays_in_eval_mode_during_the_attack_by_default():
 
 def _run(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, str(WORKER), str(out), *args], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=HANG_GUARD_S)
 
 
 def test_resume_after_sigkill_gives_the_same_weights(tmp_path):
@@ -106,23 +107,35 @@ def test_resume_after_sigkill_gives_the_same_weights(tmp_path):
     assert [h["epoch"] for h in lines] == [1, 2, 3]
 
 
-def test_ddp_matches_one_process_on_the_same_global_batches(tmp_path, free_port):
+def test_ddp_matches_one_process_on_the_same_global_batches(tmp_path, rendezvous):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()
-    port = free_port()
-    r = subprocess.run([sys.executable, str(WORKER), str(one), "--ddp", "0", "1", str(free_port()),
-                        "--batch", "32"], capture_output=True, text=True, timeout=300)
+    r = _run(one, "--ddp", "0", "1", str(tmp_path / "rendezvous-one"), "--batch", "32")
     assert r.returncode == 0, r.stderr
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(two), "--ddp", str(rank), "2", str(port),
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(two), "--ddp", str(rank), "2", str(rendezvous),
                                "--batch", "16"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for rank in range(2)]
     for p in procs:
-        _, err = p.communicate(timeout=300)
+        _, err = p.communicate(timeout=HANG_GUARD_S)
         assert p.returncode == 0, err
     a, b = torch.load(one / "final.pt"), torch.load(two / "final.pt")
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_one_trainer_per_checkpoint_and_a_killed_trainer_blocks_nothing(tmp_path):
+    holder = subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), "--pause-after", "3"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert holder.stdout is not None
+    assert holder.stdout.readline().strip() == "paused"  # it holds the checkpoint now
+    r = _run(tmp_path)
+    assert r.returncode == 1
+    ck = str(tmp_path / "ckpt.pt")
+    assert f"InUseError: checkpoint={ck!r} is in use by another process (pid {holder.pid} " in r.stderr
+    holder.kill()
+    holder.wait()
+    assert _run(tmp_path).returncode == 0  # the SIGKILLed holder left nothing that blocks
 
 
 def test_amp_bf16_path_runs():

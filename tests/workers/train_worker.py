@@ -1,8 +1,9 @@
 """Subprocess worker for the trainer's crash and distributed tests.
 
-``python -m tests.workers.train_worker OUT [--kill-after N]`` trains a small model with a checkpoint in OUT
-(resuming when one exists), killing itself with SIGKILL after N batches when asked; at the end it saves the
-weights to OUT/final.pt. ``--ddp RANK WORLD PORT`` trains one rank of a gloo process group instead.
+``python tests/workers/train_worker.py OUT [--kill-after N]`` trains a small model with a checkpoint in OUT
+(resuming when one exists), killing itself with SIGKILL after N batches when asked (``--pause-after N``: print
+``paused`` and wait until stdin closes, holding the checkpoint); at the end it saves the weights to
+OUT/final.pt. ``--ddp RANK WORLD FILE`` trains one rank of a gloo process group that meets at the file FILE.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
 from pathlib import Path
 
 import torch
@@ -21,8 +23,8 @@ import advfeat as af
 class KillingLoader:
     """A DataLoader that sends SIGKILL to its own process after ``kill_after`` batches (a real crash)."""
 
-    def __init__(self, loader: DataLoader, kill_after: int | None) -> None:
-        self.loader, self.kill_after, self.count = loader, kill_after, 0
+    def __init__(self, loader: DataLoader, kill_after: int | None, pause_after: int | None = None) -> None:
+        self.loader, self.kill_after, self.pause_after, self.count = loader, kill_after, pause_after, 0
         self.sampler = loader.sampler
 
     def __len__(self) -> int:
@@ -32,6 +34,9 @@ class KillingLoader:
         for batch in self.loader:
             if self.kill_after is not None and self.count == self.kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if self.pause_after is not None and self.count == self.pause_after:
+                print("paused", flush=True)
+                sys.stdin.read()
             self.count += 1
             yield batch
 
@@ -45,8 +50,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
     ap.add_argument("--kill-after", type=int)
+    ap.add_argument("--pause-after", type=int)
     ap.add_argument("--method", default="pgd")
-    ap.add_argument("--ddp", type=int, nargs=3, metavar=("RANK", "WORLD", "PORT"))
+    ap.add_argument("--ddp", nargs=3, metavar=("RANK", "WORLD", "FILE"))
     ap.add_argument("--batch", type=int, default=32)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -54,9 +60,9 @@ def main() -> None:
     data = af.data.planted(256, 8, seed=1).train
     net = model(0.0 if args.ddp else 0.1)  # dropout masks differ between ranks
     if args.ddp:
-        rank, world, port = args.ddp
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+        rank, world = int(args.ddp[0]), int(args.ddp[1])
+        torch.distributed.init_process_group("gloo", init_method=Path(args.ddp[2]).resolve().as_uri(), rank=rank,
+                                             world_size=world)
         sampler = torch.utils.data.DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False)
         loader = DataLoader(data, batch_size=args.batch, sampler=sampler)
         net = torch.nn.parallel.DistributedDataParallel(net)
@@ -67,7 +73,7 @@ def main() -> None:
         torch.distributed.destroy_process_group()
         return
     torch.manual_seed(1)
-    loader = KillingLoader(DataLoader(data, batch_size=args.batch, shuffle=True), args.kill_after)
+    loader = KillingLoader(DataLoader(data, batch_size=args.batch, shuffle=True), args.kill_after, args.pause_after)
     af.adversarial_train(net, loader, method=args.method, attack=af.L2PGD(0.5, steps=2, random_start=True),
                          epochs=3, lr=0.05, checkpoint=args.out / "ckpt.pt", resume=True,
                          history_file=args.out / "history.jsonl", progress=False)
