@@ -160,6 +160,11 @@ def finished_shards(root: Path, *, verify: bool = True) -> dict[int, dict[str, A
             sums: dict[str, str] = info["sha256"]
         except (ValueError, KeyError, TypeError):
             raise ValueError(f"{j} is not a shard record; the directory was changed by hand") from None
+        for key, name in files.items():
+            if not _own_file(name, i, key):
+                raise ValueError(f"{j} names {name!r} for {key!r}, which is not this shard's own file in {root} "
+                                 f"(expected {shard_name(i)}.{key}.npy); the record was changed by hand: delete "
+                                 f"{j.name} and call the constructor again to rebuild that shard")
         if verify:
             for key, name in files.items():
                 f = root / name
@@ -170,6 +175,13 @@ def finished_shards(root: Path, *, verify: bool = True) -> dict[int, dict[str, A
                                      f"delete {j.name} and call the constructor again to rebuild that shard")
         out[i] = info
     return out
+
+
+def _own_file(name: object, i: int, key: object) -> bool:
+    """A shard record may name only its own files, by plain name inside the dataset's folder: never a path
+    (``../x.npy``, ``/etc/x``, ``sub/x``), so that a hand-edited record cannot make :meth:`load` read elsewhere."""
+    return isinstance(name, str) and isinstance(key, str) and name == f"{shard_name(i)}.{key}.npy" \
+        and Path(name).name == name
 
 
 def write_shard(root: Path, i: int, start: int, arrays: Mapping[str, np.ndarray]) -> None:
@@ -188,8 +200,8 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
     atomic_write(path, lambda f: np.save(f, np.ascontiguousarray(arr), allow_pickle=False))
 
 
-def prepare_directory(root: Path, manifest: dict[str, Any]) -> None:
-    """Create ``root`` with ``manifest``, or check that it already holds the same construction.
+def check_directory(root: Path, manifest: dict[str, Any]) -> bool:
+    """Whether ``root`` already holds this construction (True) or nothing yet (False); writes nothing.
 
     Refuses (ValueError) a directory holding something else or built with another configuration.
     """
@@ -202,11 +214,17 @@ def prepare_directory(root: Path, manifest: dict[str, Any]) -> None:
             shown = "; ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in diff)
             raise ValueError(f"out={str(root)!r} holds a construction with other settings ({shown}); "
                              "choose another directory or the original settings")
-        return
+        return True
     if root.exists() and any(p for p in root.iterdir() if not p.name.startswith(".")):
         raise ValueError(f"out={str(root)!r} exists and holds other files (no manifest.json): refusing to write "
                          "into it; choose an empty or new directory")
-    atomic_write(m, lambda f: f.write(json.dumps(manifest, indent=1, sort_keys=True).encode()))
+    return False
+
+
+def prepare_directory(root: Path, manifest: dict[str, Any]) -> None:
+    """Create ``root`` with ``manifest``, or check that it already holds the same construction."""
+    if not check_directory(root, manifest):
+        atomic_write(root / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=1, sort_keys=True).encode()))
 
 
 def shard_count(n: int, shard_size: int) -> int:
