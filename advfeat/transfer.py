@@ -6,11 +6,11 @@ it: non-robust features are shared across models.
 
     >>> import torch, advfeat as af
     >>> from torch.utils.data import TensorDataset
+    >>> _ = torch.manual_seed(0)
     >>> src = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
-    >>> data = TensorDataset(torch.rand(16, 1, 2, 2), torch.randint(0, 2, (16,)))
-    >>> rates = af.transfer_rates(src, {"itself": src}, data, af.L2PGD(1.0, steps=5))
-    >>> 0.0 <= rates["itself"] <= 1.0
-    True
+    >>> data = TensorDataset(torch.rand(64, 1, 2, 2), torch.randint(0, 2, (64,)))
+    >>> af.transfer_rates(src, {"itself": src}, data, af.L2PGD(1.0, steps=5))  # a model fools itself
+    {'itself': 1.0}
 """
 
 from __future__ import annotations

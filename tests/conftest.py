@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import os
-import socket
-from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,12 +12,16 @@ from torch import nn
 
 import advfeat
 
-settings.register_profile(
-    "ci", deadline=None, max_examples=25, derandomize=True, print_blob=True,
+settings.register_profile(  # the same examples on every machine: no clock, no seed, no saved examples
+    "ci", deadline=None, max_examples=25, derandomize=True, database=None, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile("dev", deadline=None, max_examples=100)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+HANG_GUARD_S = 600
+"""How long a test waits for a subprocess before calling it hung. Not a speed assumption: the work it guards
+takes seconds; the guard only turns a deadlock into a failure well inside CI's 90 minutes."""
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 advfeat.allocator.tune()  # faster on CPU, same results (see advfeat/allocator.py)
@@ -108,12 +111,7 @@ def cuda() -> torch.device:
 
 
 @pytest.fixture
-def free_port() -> Callable[[], int]:
-    """A function returning a free TCP port on 127.0.0.1 (for gloo process groups)."""
-
-    def get() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return int(s.getsockname()[1])
-
-    return get
+def rendezvous(tmp_path: Path) -> Path:
+    """A file for a gloo process group to meet at (``init_method=file://...``): no TCP port to pick, so no
+    race with other processes for a free one."""
+    return tmp_path / "rendezvous"

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import random
+import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import HANG_GUARD_S
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
@@ -101,9 +103,14 @@ def test_randomness_depends_only_on_seed_and_index():
     assert (n1.meta["start_index"] == -1).all()
 
 
-def _worker(out: Path, kind: str, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, str(WORKER), str(out), kind, *extra], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+def _worker(out: Path, kind: str, *extra: str, stdin: int | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, str(WORKER), str(out), kind, *extra], stdin=stdin,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(p: subprocess.Popen[str]) -> tuple[int, str, str]:
+    out, err = p.communicate(timeout=HANG_GUARD_S)
+    return p.returncode, out, err
 
 
 def _same(a: af.ConstructedDataset, b: af.ConstructedDataset) -> None:
@@ -113,38 +120,80 @@ def _same(a: af.ConstructedDataset, b: af.ConstructedDataset) -> None:
     assert a.meta.keys() == b.meta.keys() and all(torch.equal(a.meta[k], b.meta[k]) for k in a.meta)
 
 
+SHARDS, BATCHES_PER_SHARD = 10, 2  # the worker's defaults: 160 samples, shards of 16, batches of 8
+# Where each attempt dies, counted from its own start: in a shard's second batch; half-way through writing
+# a shard's 4th file (its arrays partly written, no record, a partial temporary file left); after a shard's
+# last batch, before its write; in a shard's first batch. Then a run that finishes.
+KILLS = [("--kill-after-batches", "3"), ("--kill-in-write", "4"), ("--kill-after-batches", "4"),
+         ("--kill-after-batches", "5")]
+
+
 @pytest.mark.parametrize("kind", ["robustify", "rand"])
-def test_resume_after_sigkill_at_random_moments_is_bitwise_identical(tmp_path, kind):
+def test_resume_after_sigkills_at_chosen_moments_is_bitwise_identical(tmp_path, kind):
+    """Crashes placed by the work's progress (never by a clock): every attempt dies where it was told to,
+    the next resumes without redoing finished shards, and the result is bitwise the uninterrupted build."""
     ref, crashed = tmp_path / "ref", tmp_path / "crashed"
-    p = _worker(ref, kind)
-    assert p.wait(timeout=300) == 0, p.communicate()[1]
-    rng = random.Random(kind)
+    code, _, err = _finish(_worker(ref, kind))
+    assert code == 0, err
     kills = 0
-    for attempt in range(30):
-        p = _worker(crashed, kind)
-        try:  # kill at a random moment; later attempts get longer, so a slow machine still finishes
-            p.wait(timeout=rng.uniform(1.5, 3.0) + 0.25 * attempt)
-        except subprocess.TimeoutExpired:
-            p.kill()  # SIGKILL
-            p.wait()
-            kills += 1
-            continue
-        assert p.returncode == 0, p.communicate()[1]
-        break
-    else:
-        pytest.fail("the worker never finished")
+    first_record: tuple[int, int] | None = None
+    for flag, n in KILLS:
+        code, _, err = _finish(_worker(crashed, kind, flag, n))
+        assert code == -signal.SIGKILL, (flag, n, code, err)
+        kills += 1
+        if flag == "--kill-in-write":
+            assert list(crashed.glob(".*.tmp")), "a kill inside a write leaves a partial temporary file"
+        if first_record is None:
+            rec = (crashed / "shard-00000.json").stat()
+            first_record = (rec.st_ino, rec.st_mtime_ns)
     assert kills >= 2
+    records = len(list(crashed.glob("shard-*.json")))
+    assert 0 < records < SHARDS
+    code, out, err = _finish(_worker(crashed, kind))
+    assert code == 0, err
+    # resumed, not redone: the last run built only the missing shards, and the first shard's record is the
+    # one written before the second crash
+    assert json.loads(out.strip().splitlines()[-1])["batches"] == (SHARDS - records) * BATCHES_PER_SHARD
+    rec = (crashed / "shard-00000.json").stat()
+    assert (rec.st_ino, rec.st_mtime_ns) == first_record
+    assert not list(crashed.glob(".*.tmp"))  # the partial file was cleaned up
     _same(af.ConstructedDataset.load(ref), af.ConstructedDataset.load(crashed))
 
 
-def test_two_ranks_build_the_same_dataset_as_one(tmp_path, free_port):
+def test_one_writer_per_folder_and_a_killed_writer_blocks_nothing(tmp_path):
+    out = tmp_path / "d"
+    holder = _worker(out, "det", "--pause-after-batches", "1", stdin=subprocess.PIPE)
+    assert holder.stdout is not None and holder.stdin is not None
+    assert holder.stdout.readline().strip() == "paused"  # it holds the folder now
+    code, _, err = _finish(_worker(out, "det"))
+    assert code == 1
+    assert "InUseError" in err and f"out={str(out)!r} is in use by another process (pid {holder.pid} " in err
+    holder.kill()  # SIGKILL while holding the lock
+    holder.wait()
+    code, _, err = _finish(_worker(out, "det"))  # nothing stale blocks the next writer; it resumes
+    assert code == 0, err
+    assert len(af.ConstructedDataset.load(out)) == 160
+
+
+def test_a_second_writer_in_the_same_process_is_refused(tmp_path):
+    from advfeat._lock import exclusive, folder_lock
+
+    data = af.data.planted(20, 8, seed=2).train
+    model = af.models.PlantedNet(hidden=8)
+    with exclusive(folder_lock(tmp_path / "d"), "test"):
+        with pytest.raises(af.InUseError, match=r"in use by this process already"):
+            af.nonrobustify(model, data, steps=1, out=tmp_path / "d", progress=False)
+    af.nonrobustify(model, data, steps=1, out=tmp_path / "d", progress=False)  # released: fine now
+
+
+def test_two_ranks_build_the_same_dataset_as_one(tmp_path, rendezvous):
     one, two = tmp_path / "one", tmp_path / "two"
-    p = _worker(one, "det")
-    assert p.wait(timeout=300) == 0, p.communicate()[1]
-    port = str(free_port())
-    procs = [_worker(two, "det", "--ddp", str(r), "2", port) for r in range(2)]
+    code, _, err = _finish(_worker(one, "det"))
+    assert code == 0, err
+    procs = [_worker(two, "det", "--ddp", str(r), "2", str(rendezvous)) for r in range(2)]
     for q in procs:
-        assert q.wait(timeout=300) == 0, q.communicate()[1]
+        code, _, err = _finish(q)
+        assert code == 0, err
     _same(af.ConstructedDataset.load(one), af.ConstructedDataset.load(two))
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -31,11 +32,12 @@ def test_code_block_runs(code, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("script", sorted((ROOT / "examples").glob("*.py")), ids=lambda p: p.name)
 def test_example_runs(script):
-    out = subprocess.run([sys.executable, str(script), "--small"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, str(script), "--small"], capture_output=True, text=True,
+                         timeout=HANG_GUARD_S)
     assert out.returncode == 0, out.stderr[-3000:]
 
 
 def test_api_reference_is_in_step_with_the_docstrings():
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "api_docs.py"), "--check"], capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=HANG_GUARD_S)
     assert out.returncode == 0, out.stderr
