@@ -5,9 +5,10 @@ Ilyas et al., "Adversarial Examples Are Not Bugs, They Are Features" (NeurIPS 20
 model and data loader. See README.md and docs/.
 """
 
-from . import allocator, data, engine, models, train
+from . import allocator, data, engine, models, steps, train
 from ._lock import InUseError
 from .attacks import (
+    APGD,
     FGSM,
     L2PGD,
     PGD,
@@ -18,6 +19,8 @@ from .attacks import (
     WorstOf,
     cross_entropy,
     cw_margin,
+    dlr,
+    dlr_targeted,
     frozen_model,
 )
 from .construct import nonrobustify, robustify
@@ -31,11 +34,11 @@ from .transfer import transfer_rates
 __version__ = "0.1.0"
 
 __all__ = [
-    "Attack", "PGD", "L2PGD", "LinfPGD", "FGSM", "Restarts", "WorstOf", "Outcome",
-    "cross_entropy", "cw_margin", "frozen_model",
+    "Attack", "PGD", "L2PGD", "LinfPGD", "FGSM", "APGD", "Restarts", "WorstOf", "Outcome",
+    "cross_entropy", "cw_margin", "dlr", "dlr_targeted", "frozen_model",
     "ThreatModel", "L2Ball", "LinfBall", "Box",
     "evaluate", "EvalResult", "Normalize", "AdversarialTrainer", "adversarial_train",
     "robustify", "nonrobustify", "ConstructedDataset", "transfer_rates", "InUseError",
-    "allocator", "data", "engine", "models", "train",
+    "allocator", "data", "engine", "models", "steps", "train",
     "__version__",
 ]

@@ -42,11 +42,12 @@ from typing_extensions import final
 from ._checks import check_batch, check_logits, check_positive_float, check_positive_int
 from ._config import Config
 from .engine import optimize
-from .threat import ThreatModel, ball
+from .steps import APGDStep, Constant, StepRule
+from .threat import ThreatModel, _column, ball
 
 __all__ = [
-    "Attack", "PGD", "L2PGD", "LinfPGD", "FGSM", "Restarts", "WorstOf", "Outcome",
-    "cross_entropy", "cw_margin", "frozen_model", "LossFn",
+    "Attack", "PGD", "L2PGD", "LinfPGD", "FGSM", "APGD", "Restarts", "WorstOf", "Outcome",
+    "cross_entropy", "cw_margin", "dlr", "dlr_targeted", "frozen_model", "LossFn",
 ]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -67,6 +68,37 @@ def cw_margin(logits: Tensor, y: Tensor) -> Tensor:
     zy = z.gather(1, y[:, None]).squeeze(1)
     others = z.scatter(1, y[:, None], float("-inf")).amax(1)
     return others - zy
+
+
+def dlr(logits: Tensor, y: Tensor) -> Tensor:
+    """The difference-of-logits-ratio loss of Croce & Hein (2020), per sample:
+    ``-(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3)``, with ``z_pi1 >= z_pi2 >= ...`` the sorted logits.
+
+    Unlike cross-entropy it does not change when the logits are shifted or scaled, so a model cannot hide
+    behind large or saturated logits. Positive once the label is lost. Needs at least 3 classes.
+
+    >>> import torch
+    >>> dlr(torch.tensor([[4.0, 2.0, 0.0]]), torch.tensor([0]))
+    tensor([-0.5000])
+    """
+    z = logits.float()
+    if z.shape[1] < 3:
+        raise ValueError(f"the DLR loss needs at least 3 classes, got logits of shape {tuple(z.shape)}")
+    top = z.topk(3, dim=1).values
+    zy = z.gather(1, y[:, None]).squeeze(1)
+    others = z.scatter(1, y[:, None], float("-inf")).amax(1)
+    return (others - zy) / (top[:, 0] - top[:, 2] + 1e-12)
+
+
+def dlr_targeted(logits: Tensor, y: Tensor, target: Tensor) -> Tensor:
+    """The targeted DLR loss of APGD-T: ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)`` per sample; the
+    attack raises it to push the target ``t`` above the true label ``y``. Needs at least 4 classes."""
+    z = logits.float()
+    if z.shape[1] < 4:
+        raise ValueError(f"the targeted DLR loss needs at least 4 classes, got logits of shape {tuple(z.shape)}")
+    top = z.topk(4, dim=1).values
+    zy, zt = z.gather(1, y[:, None]).squeeze(1), z.gather(1, target[:, None]).squeeze(1)
+    return (zt - zy) / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
 
 
 @contextmanager
@@ -221,9 +253,12 @@ class _EnginePGD(Attack):
     early_stop: bool = False
     eval_mode: bool = True
     seed: int | None = None
+    rule: StepRule = field(default_factory=Constant)
 
     def __post_init__(self) -> None:
         check_positive_int("steps", self.steps)
+        if not isinstance(self.rule, StepRule):
+            raise TypeError(f"rule must be an advfeat StepRule (see advfeat.steps), got {self.rule!r}")
         if self.step_size is not None and self.rel_step_size is not None:
             raise ValueError("give step_size (absolute) or rel_step_size (a multiple of eps), not both")
         if self.step_size is not None:
@@ -260,7 +295,7 @@ class _EnginePGD(Attack):
         return optimize(
             objective, x, threat, steps=self.steps, step_size=self.step_length(threat),
             maximize=not self.targeted, random_start=self.random_start, keep_best=self.keep_best,
-            early_stop=self.early_stop, generator=generator,
+            early_stop=self.early_stop, generator=generator, rule=self.rule,
         ).x
 
     def for_evaluation(self, early_stop: bool) -> Attack:
@@ -275,7 +310,8 @@ class _EnginePGD(Attack):
         fields = sorted(dataclasses.fields(self), key=lambda f: bool(f.kw_only))  # positional first
         for f in fields:
             value = getattr(self, f.name)
-            if f.default is not dataclasses.MISSING and _same(value, f.default):
+            default = _default(f)
+            if default is not dataclasses.MISSING and _same(value, default):
                 continue
             shown.append(f"{f.name}={_short(value)}")
         return f"{type(self).__name__}({', '.join(shown)})"
@@ -283,6 +319,14 @@ class _EnginePGD(Attack):
 
 def _same(a: Any, b: Any) -> bool:
     return not isinstance(a, Tensor) and not isinstance(b, Tensor) and type(a) is type(b) and a == b
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
 
 
 def _short(value: Any) -> str:
@@ -361,6 +405,96 @@ class FGSM(_BallPGD):
 
     def _norm(self) -> str:
         return self.norm
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class APGD(_BallPGD):
+    """APGD (Croce & Hein, ICML 2020): PGD with the adaptive step rule :class:`advfeat.steps.APGDStep`
+    (momentum, the step halved where the objective stalls, restarts from the best point), from a random start
+    with a step of 2 eps, returning each sample's best iterate. The attacks of AutoAttack:
+
+    * ``APGD(eps)``: APGD-CE (untargeted, cross-entropy); ``APGD(eps, loss=af.dlr)``: APGD-DLR;
+    * ``APGD(eps, loss=af.dlr, n_target_classes=9)``: APGD-T, untargeted robustness measured by targeted
+      runs, one per class among the ``n_target_classes`` most likely wrong ones (by the clean logits), each
+      raising the targeted DLR loss (:func:`dlr_targeted`; with another loss ``L``, ``-L(logits, t)``); a
+      sample broken by one target is not attacked with the next;
+    * ``APGD(eps, targeted=True)``: towards given targets ``y`` (cross-entropy or any loss of the targets).
+
+    ``norm="linf"`` (default) or ``"l2"``. Composes with :class:`Restarts` and :class:`WorstOf`;
+    :func:`advfeat.evaluate` runs it with early stopping like any PGD.
+
+    >>> APGD(0.5, norm="l2", loss=dlr, n_target_classes=9)
+    APGD(eps=0.5, loss=dlr, norm='l2', n_target_classes=9)
+    """
+
+    norm: str = field(default="linf", kw_only=True)
+    steps: int = field(default=100, kw_only=True)
+    rel_step_size: float | None = field(default=2.0, kw_only=True)
+    random_start: bool = field(default=True, kw_only=True)
+    keep_best: bool = field(default=True, kw_only=True)
+    rule: StepRule = field(default_factory=APGDStep, kw_only=True)
+    n_target_classes: int = field(default=0, kw_only=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int("n_target_classes", self.n_target_classes, minimum=0)
+        if self.targeted and self.n_target_classes:
+            raise ValueError("n_target_classes (APGD-T) picks its own targets and measures untargeted robustness; "
+                             "it cannot be combined with targeted=True (given targets)")
+        if self.targeted and self.loss is dlr:
+            raise ValueError("loss=dlr with targeted=True: the targeted DLR needs the true label; use "
+                             "n_target_classes for AutoAttack's APGD-T, or a loss of the targets (the default "
+                             "cross-entropy)")
+
+    def _norm(self) -> str:
+        return self.norm
+
+    def run(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None) -> Tensor:
+        if not self.n_target_classes:
+            return super().run(model, x, y, generator)
+        with torch.no_grad():
+            logits = model(x)
+        check_logits(logits, y)
+        c = logits.shape[1]
+        if self.n_target_classes > c - 1:
+            raise ValueError(f"n_target_classes must be at most C - 1 = {c - 1} for this model, got "
+                             f"{self.n_target_classes}")
+        ranked = logits.float().scatter(1, y[:, None], float("-inf")).argsort(1, descending=True)
+        threat = self.threat_model()
+        loss = self.loss or cross_entropy
+        out, alive = x.clone(), torch.arange(x.shape[0], device=x.device)
+        best: Outcome | None = None
+        for j in range(self.n_target_classes):
+            objective = _TowardsTarget(model, y[alive], ranked[alive, j], loss)
+            cand = optimize(
+                objective, x[alive], threat, steps=self.steps, step_size=self.step_length(threat),
+                random_start=self.random_start, keep_best=True, early_stop=self.early_stop, generator=generator,
+                rule=self.rule,
+            ).x.to(x.dtype)
+            o = self.outcome(model, cand, y[alive])
+            take = torch.ones_like(o.success) if best is None else o.better_than(best)
+            out[alive] = torch.where(_column(take, x.ndim), cand, out[alive])
+            best = o if best is None else Outcome(torch.where(take, o.success, best.success),
+                                                    torch.where(take, o.score, best.score))
+            keep = (~best.success).nonzero().squeeze(1)  # one host sync per target class, outside the steps
+            alive, best = alive[keep], Outcome(best.success[keep], best.score[keep])
+            if alive.numel() == 0:
+                break
+        return out
+
+
+class _TowardsTarget:
+    """APGD-T's objective: raise the targeted DLR (or ``-loss(logits, t)``); success: the true label is lost."""
+
+    def __init__(self, model: nn.Module, y: Tensor, target: Tensor, loss: LossFn) -> None:
+        self.model, self.y, self.target, self.loss = model, y, target, loss
+
+    def __call__(self, x: Tensor, index: Tensor | None) -> tuple[Tensor, Tensor]:
+        logits = self.model(x)
+        y = self.y if index is None else self.y.index_select(0, index)
+        t = self.target if index is None else self.target.index_select(0, index)
+        value = dlr_targeted(logits, y, t) if self.loss is dlr else -self.loss(logits, t)
+        return value, logits.argmax(1) != y
 
 
 @dataclass(frozen=True, eq=False)

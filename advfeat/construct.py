@@ -54,6 +54,7 @@ from .attacks import L2PGD, frozen_model
 from .engine import optimize
 from .models import last_linear
 from .progress import progress_bar
+from .steps import Constant, StepRule
 from .store import (
     FORMAT,
     ConstructedDataset,
@@ -254,10 +255,12 @@ def _run_shards(
             finish(s, {k: np.concatenate(v) for k, v in arrays.items()})
 
 
-def _common(model: nn.Module, steps: int, step_size: float, shard_size: int, storage: str,
+def _common(model: nn.Module, steps: int, step_size: float, rule: StepRule | None, shard_size: int, storage: str,
             device: str | torch.device | None) -> torch.device:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if rule is not None and not isinstance(rule, StepRule):
+        raise TypeError(f"rule must be an advfeat StepRule (see advfeat.steps) or None, got {rule!r}")
     check_positive_int("steps", steps)
     check_positive_float("step_size", step_size)
     check_positive_int("shard_size", shard_size)
@@ -289,6 +292,7 @@ def robustify(
     init: str = "other",
     steps: int = 1000,
     step_size: float = 0.1,
+    rule: StepRule | None = None,
     seed: int = 0,
     lower: float = 0.0,
     upper: float = 1.0,
@@ -309,14 +313,16 @@ def robustify(
             ``nn.Linear`` (a forward hook).
         init: ``"other"``: start from another image of the source, uniform at random (the paper);
             ``"noise"``: from uniform noise in the box.
-        steps, step_size: normalised-gradient L2 steps (defaults 1000 x 0.1, as in the authors'
-            re-implementation; the optimisation is over the box only).
+        steps, step_size, rule: the optimisation over the box: ``steps`` gradient steps, each proposed by the step
+            rule (:mod:`advfeat.steps`; default :class:`advfeat.steps.Constant`: normalised-gradient L2 steps of
+            ``step_size``, 1000 x 0.1 as in the authors' re-implementation).
         seed: the randomness of sample ``i`` depends only on ``(seed, i)``.
         out: a directory to stream shards to (resumable, see the module docs); else built in memory.
         shard_size: samples per shard; batch_size: samples per step (default: the loader's).
         storage: ``"float32"`` (exact) or ``"uint8"`` (quantised: can erase non-robust features).
     """
-    dev = _common(model, steps, step_size, shard_size, storage, device)
+    rule = Constant() if rule is None else rule
+    dev = _common(model, steps, step_size, rule, shard_size, storage, device)
     if init not in ("other", "noise"):
         raise ValueError(f"init must be 'other' (another image, the paper) or 'noise'; got {init!r}")
     if representation is None:
@@ -332,7 +338,8 @@ def robustify(
     other += (other >= torch.arange(source.n)).long()  # uniform over the other images
     rep_name = "last nn.Linear input" if representation is None else getattr(
         representation, "__qualname__", type(representation).__name__)
-    config = {"kind": "robustify", "init": init, "steps": steps, "step_size": step_size, "seed": seed,
+    config = {"kind": "robustify", "init": init, "steps": steps, "step_size": step_size, "rule": repr(rule),
+              "seed": seed,
               "lower": lower, "upper": upper, "representation": rep_name, "n": source.n, "classes": c,
               "shard_size": shard_size, "batch_size": source.batch_size, "storage": storage,
               "model": _model_fingerprint(model), "data": source.fingerprint()}
@@ -358,7 +365,8 @@ def robustify(
                 s = scale if index is None else scale.index_select(0, index)
                 return (rep(z).flatten(1).float() - t).norm(dim=1) / s, None
 
-            z = optimize(distance, x, box, steps=steps, step_size=step_size, maximize=False, start=start).x
+            z = optimize(distance, x, box, steps=steps, step_size=step_size, maximize=False, start=start,
+                         rule=rule).x
             z = z.to(x.dtype)
             with torch.no_grad():
                 final = distance(z, None)[0]
@@ -378,6 +386,7 @@ def nonrobustify(
     eps: float = 0.5,
     step_size: float = 0.1,
     steps: int = 100,
+    rule: StepRule | None = None,
     seed: int = 0,
     lower: float = 0.0,
     upper: float = 1.0,
@@ -392,10 +401,12 @@ def nonrobustify(
 
     Args:
         mode: ``"det"``: target ``(y + 1) mod C``; ``"rand"``: a target uniform over the other classes.
-        eps, step_size, steps: the targeted L2 PGD (paper at CIFAR scale: 0.5, 0.1, 100).
+        eps, step_size, steps, rule: the targeted L2 PGD (paper at CIFAR scale: 0.5, 0.1, 100, a constant step);
+            ``rule`` is any :mod:`advfeat.steps` rule.
         Others: as :func:`robustify`.
     """
-    dev = _common(model, steps, step_size, shard_size, storage, device)
+    rule = Constant() if rule is None else rule
+    dev = _common(model, steps, step_size, rule, shard_size, storage, device)
     if mode not in ("det", "rand"):
         raise ValueError(f"mode must be 'det' (t = y + 1 mod C) or 'rand' (t uniform over the other classes); "
                          f"got {mode!r}")
@@ -406,10 +417,11 @@ def nonrobustify(
         raise ValueError(f"mode={mode!r} needs a model with at least 2 classes, got {c}")
     offsets = torch.randint(1, c, (source.n,), generator=torch.Generator().manual_seed(seed))
     config = {"kind": "nonrobustify", "mode": mode, "eps": eps, "step_size": step_size, "steps": steps,
+              "rule": repr(rule),
               "seed": seed, "lower": lower, "upper": upper, "n": source.n, "classes": c,
               "shard_size": shard_size, "batch_size": source.batch_size, "storage": storage,
               "model": _model_fingerprint(model), "data": source.fingerprint()}
-    attack = L2PGD(eps, steps=steps, step_size=step_size, targeted=True, lower=lower, upper=upper)
+    attack = L2PGD(eps, steps=steps, step_size=step_size, targeted=True, lower=lower, upper=upper, rule=rule)
 
     def work(idx: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         check_labels(y, c, "loader's labels")

@@ -1,8 +1,9 @@
 """The one projected-gradient loop.
 
 Every attack and every dataset constructor in advfeat runs :func:`optimize`: a per-sample objective is
-maximised (attacks) or minimised (targeted attacks, representation inversion) by steps along the threat
-model's direction, each followed by the threat model's projection.
+maximised (attacks) or minimised (targeted attacks, representation inversion) by steps that a step rule
+(:mod:`advfeat.steps`; default: a constant step along the threat model's direction) proposes, each
+followed by the threat model's projection.
 
 The objective is any callable ``objective(x, index) -> (loss, success)``:
 
@@ -15,7 +16,8 @@ The objective is any callable ``objective(x, index) -> (loss, success)``:
 
 Work inside the loop is whole-batch tensor ops; there is no host synchronisation in a step, except, with
 ``early_stop``, at the steps where finished samples are dropped from the batch: every step on CPU (where
-a host sync costs nothing), steps 1, 2, 4, 8, ... on accelerators.
+a host sync costs nothing), steps 1, 2, 4, 8, ... on accelerators. The step rule's per-sample state is
+dropped with its samples.
 
 Example -- push a point of a linear score as high as the L2 ball allows:
 
@@ -36,6 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .steps import Constant, StepContext, StepRule
 from .threat import Bounds, ThreatModel, _column
 
 __all__ = ["optimize", "OptimizeResult", "Objective", "working_dtype"]
@@ -80,6 +83,7 @@ def optimize(
     keep_best: bool = False,
     early_stop: bool = False,
     generator: torch.Generator | None = None,
+    rule: StepRule | None = None,
 ) -> OptimizeResult:
     """Run projected gradient ascent (``maximize=True``) or descent on ``objective`` around ``x``.
 
@@ -88,7 +92,7 @@ def optimize(
         x: the centre of the threat model's set, a floating batch (N, ...). Not modified.
         threat: supplies the random start, the step direction and the projection.
         steps: number of gradient steps (>= 1). Each costs one forward and one backward to the input.
-        step_size: absolute step length, a float or a per-sample tensor of shape (N,).
+        step_size: the base step length (a float or a per-sample tensor of shape (N,)), which the rule uses.
         maximize: ascend (True) or descend (False) the objective.
         start: a starting point (projected first); else ``x`` itself or, with ``random_start``, the
             threat model's random init.
@@ -98,7 +102,11 @@ def optimize(
             the batch (after every step on CPU; at steps 1, 2, 4, 8, ... on accelerators). A finished
             sample keeps its first successful iterate.
         generator: the random source of ``random_start``.
+        rule: the step rule (:mod:`advfeat.steps`); default :class:`advfeat.steps.Constant`.
     """
+    rule = Constant() if rule is None else rule
+    if not isinstance(rule, StepRule):
+        raise TypeError(f"rule must be an advfeat StepRule (see advfeat.steps), got {rule!r}")
     n = x.shape[0]
     wdt = working_dtype(x.dtype)
     in_dtype = x.dtype
@@ -106,9 +114,10 @@ def optimize(
     bounds: Bounds = threat.bounds(xc)
     sign = 1.0 if maximize else -1.0
     step: float | Tensor = (
-        _column(step_size.to(device=xc.device, dtype=wdt), xc.ndim) * sign
-        if isinstance(step_size, Tensor) else float(step_size) * sign
+        _column(step_size.to(device=xc.device, dtype=wdt), xc.ndim)
+        if isinstance(step_size, Tensor) else float(step_size)
     )
+    state: dict[str, Tensor] = {}  # the rule's per-sample memory
 
     if start is not None:
         z = start.detach().to(device=xc.device, dtype=wdt).clone()
@@ -152,12 +161,18 @@ def optimize(
             grad = grad.to(wdt)
             if not (grad.is_contiguous() or grad.is_contiguous(memory_format=torch.channels_last)):
                 grad = grad.contiguous()  # e.g. an expanded gradient: the direction is computed in place
-            d = threat.direction(grad)
+            score = loss.detach().to(wdt)
+            if not maximize:  # the rule always ascends: negating is exact, so results equal a descent
+                grad, score = grad.neg_(), score.neg()
+            before: Tensor | None = None
             if early_stop and success is not None:
                 assert done is not None
                 done = done | success
-                d.mul_(_column((~done).to(wdt), d.ndim))
-            z.add_(d.mul_(step))
+                before = z.clone()
+            z = rule.step(z, grad, score, state, StepContext(t, steps, step, xc, threat, bounds))
+            if before is not None:  # finished samples keep their first successful iterate
+                assert done is not None
+                z = torch.where(_column(done, z.ndim), before, z)
             threat.project_(z, xc, bounds)
 
             if early_stop and _is_check_step(t + 1, xc.device) and t + 1 < steps:
@@ -176,6 +191,7 @@ def optimize(
                 bounds = bounds.take(keep)
                 if isinstance(step, Tensor):
                     step = step.index_select(0, keep)
+                state = _take(state, keep, rule)
                 if keep_best:
                     assert best_z is not None and best_score is not None
                     assert best_loss is not None and best_ok is not None
@@ -195,3 +211,14 @@ def optimize(
     if index.shape[0] > 0:
         out.index_copy_(0, index, result)
     return OptimizeResult(out)
+
+
+def _take(state: dict[str, Tensor], keep: Tensor, rule: StepRule) -> dict[str, Tensor]:
+    """The rule's state of the samples ``keep``: every value is per sample (its first dimension the batch)."""
+    out = {}
+    for k, v in state.items():
+        if not isinstance(v, Tensor) or v.ndim == 0:
+            raise TypeError(f"{type(rule).__name__} keeps state[{k!r}] = {type(v).__name__}; a step rule's state "
+                            "must hold per-sample tensors (first dimension = the batch)")
+        out[k] = v.index_select(0, keep)
+    return out

@@ -434,7 +434,7 @@ class AdversarialTrainer:
         start = x + 0.001 * torch.randn_like(x)
         with frozen_model(inner, eval_mode=self.attack_eval_mode):
             x_adv = optimize(kl, x, threat, steps=self.attack.steps, step_size=self.attack.step_length(threat),
-                             start=start).x.to(x.dtype)
+                             start=start, rule=self.attack.rule).x.to(x.dtype)
         self.model.train()
         logp_adv = F.log_softmax(self.model(x_adv).float(), dim=1)
         return F.kl_div(logp_adv, F.softmax(logits_clean.float(), dim=1), reduction="batchmean")

@@ -25,11 +25,15 @@ seeds = st.integers(0, 2**31 - 1)
 def attacks(draw):
     norm = draw(st.sampled_from(["l2", "linf"]))
     eps = draw(st.floats(0.01, 2.0)) if norm == "l2" else draw(st.floats(0.01, 0.3))
-    kind = draw(st.sampled_from(["pgd", "fgsm", "general"]))
+    kind = draw(st.sampled_from(["pgd", "fgsm", "general", "apgd"]))
     targeted = draw(st.booleans())
     random_start = draw(st.booleans())
     if kind == "fgsm":
         return af.FGSM(eps, norm=norm, targeted=targeted, random_start=random_start)
+    if kind == "apgd":
+        loss = None if targeted else draw(st.sampled_from([None, af.dlr]))
+        return af.APGD(eps, norm=norm, steps=draw(st.integers(1, 6)), targeted=targeted, loss=loss,
+                       random_start=random_start, n_target_classes=0 if targeted else draw(st.integers(0, 3)))
     common = dict(steps=draw(st.integers(1, 6)), targeted=targeted, random_start=random_start,
                   keep_best=draw(st.booleans()), loss=draw(st.sampled_from([None, af.cw_margin])))
     if kind == "general":
@@ -311,6 +315,74 @@ def test_bad_inputs_name_the_argument():
         attack(lambda z: z, x, y)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="loss must return one value per sample"):
         af.L2PGD(0.5, loss=lambda logits, y: logits.sum())(model, x, y)
+
+
+@given(logits=st.lists(st.floats(-20, 20), min_size=12, max_size=12), scale=st.floats(0.1, 10),
+       shift=st.floats(-50, 50), label=st.integers(0, 5))
+def test_dlr_ignores_the_logits_scale_and_shift(logits, scale, shift, label):
+    z = torch.tensor(logits, dtype=torch.float64).reshape(2, 6)
+    if z.topk(4, dim=1).values.diff(dim=1).abs().min() < 1e-3:
+        return  # ties among the top logits: the ratio, and which class is "the" prediction, are undefined
+    y = torch.tensor([label, (label + 1) % 6])
+    t = (y + 2) % 6
+    assert torch.allclose(af.dlr(z * scale + shift, y), af.dlr(z, y), atol=1e-4)
+    assert torch.allclose(af.dlr_targeted(z * scale + shift, y, t), af.dlr_targeted(z, y, t), atol=1e-4)
+    assert ((af.dlr(z, y) > 0) == (z.argmax(1) != y)).all()  # positive exactly when the label is lost
+
+
+def test_apgd_t_breaks_a_linear_model_where_the_exact_answer_says_it_can():
+    """For a linear model the smallest L2 move from class y to j is margin_j / ||w_y - w_j|| (the box can only
+    make it larger): APGD-T breaks nothing beyond that, and nearly everything within it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(20, 6)).double()
+    x = torch.rand(40, 20, dtype=torch.float64)
+    with torch.no_grad():
+        logits = model(x)
+    y = logits.argmax(1)  # every sample correct
+    w = model[1].weight.detach()
+    gap = (logits.gather(1, y[:, None]) - logits) / (w[y][:, None, :] - w[None]).norm(dim=2)
+    breakable = gap.scatter(1, y[:, None], float("inf")).amin(1) <= 0.6
+    broken = {}
+    for k in (1, 5):
+        x_adv = af.APGD(0.6, norm="l2", steps=20, loss=af.dlr, n_target_classes=k, seed=0)(model, x, y)
+        assert ((x_adv - x).norm(dim=1) <= 0.6 + 1e-6).all() and x_adv.min() >= 0 and x_adv.max() <= 1
+        with torch.no_grad():
+            broken[k] = model(x_adv).argmax(1) != y
+    assert not (broken[5] & ~breakable).any()
+    assert broken[5].sum() >= 0.9 * breakable.sum() > 10  # measured: 20 of 21
+    assert (broken[5] | ~broken[1]).all()  # more target classes never lose a sample
+
+
+def test_apgd_is_usable_by_evaluate_and_worst_of():
+    model = make_model((3, 4, 4)).eval()
+    x, y = batch((3, 4, 4), 32, torch.float32, 8)
+    ce = af.APGD(0.5, norm="l2", steps=10)
+    t = af.APGD(0.5, norm="l2", steps=10, loss=af.dlr, n_target_classes=3)
+    res = af.evaluate(model, [(x, y)], {"ce": ce, "t": t, "both": af.WorstOf(ce, t)}, progress=False)
+    assert res.worst_accuracy <= min(res.robust_accuracy("ce"), res.robust_accuracy("t"))
+    assert res.robust_accuracy("both") <= res.clean_accuracy
+
+
+@pytest.mark.parametrize(("make", "match"), [
+    (lambda: af.APGD(0.1, targeted=True, n_target_classes=3), "cannot be combined with targeted"),
+    (lambda: af.APGD(0.1, targeted=True, loss=af.dlr), "targeted DLR needs the true label"),
+    (lambda: af.APGD(0.1, n_target_classes=-1), "n_target_classes must be >= 0"),
+    (lambda: af.APGD(0.1, norm="l1"), "norm must be one of"),
+])
+def test_bad_apgd_configuration(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_apgd_refuses_more_targets_than_classes_and_dlr_without_enough_classes():
+    model = make_model((6,), classes=3).eval()
+    x, y = batch((6,), 4, torch.float32, 9, classes=3)
+    with pytest.raises(ValueError, match=r"n_target_classes must be at most C - 1 = 2"):
+        af.APGD(0.5, norm="l2", n_target_classes=3)(model, x, y)
+    with pytest.raises(ValueError, match="targeted DLR loss needs at least 4 classes"):
+        af.APGD(0.5, norm="l2", loss=af.dlr, n_target_classes=2)(model, x, y)
+    with pytest.raises(ValueError, match="DLR loss needs at least 3 classes"):
+        af.dlr(torch.rand(2, 2), torch.tensor([0, 1]))
 
 
 @pytest.mark.cuda

@@ -1,0 +1,392 @@
+"""Quality per forward+backward pass of every step rule, in one run: robustify, nonrobustify and evaluation.
+
+Run:  python benchmarks/quality_per_pass.py [--datasets planted,fashion-mnist] [--parts robustify,nonrobustify,evaluate]
+                                            [--budgets 10,25,50,100,200,1000] [--rules NAME,...] [--cache DIR]
+                                            [--out DIR] [--threads T] [--device cpu|cuda]
+
+Models: the standard and the robust model of ``advfeat replicate``'s quick scale (planted: PlantedNet; Fashion-MNIST,
+when installed: SmallCNN, PGD-AT at L2 eps 1.0), trained by this script with the same settings and cached in
+``--cache``. Every number comes from this run, on the same images:
+
+* robustify (through the robust and the standard model; start = another image, box only): median and 90th
+  percentile of the final relative representation distance ||g(z) - g(x)|| / ||g(x)||, for each rule and budget
+  (a budget is the number of steps, one forward and one backward each);
+* nonrobustify (det, the quick scale's eps, through the standard model): the share of targets reached and the
+  median target margin z_t - max_{j != t} z_j;
+* evaluation (the robust model): accuracy under PGD (1 and 5 restarts) and APGD (CE, DLR, targeted over the 9
+  other classes) in L2 and Linf, per budget of steps; the passes each attack actually spent per image are
+  counted (early stopping and APGD-T's targets included). When ``torchattacks`` is importable, its APGD and
+  APGDT on the same model and images too, with time per pass against ours.
+
+Writes ``results.json``, ``tables.md`` and ``quality_per_pass.png`` (when matplotlib is installed) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+
+import advfeat as af
+from advfeat.replicate import settings_for
+from advfeat.steps import Adam, APGDStep, Constant, Cosine, Momentum, StepRule
+
+BUDGETS = (10, 25, 50, 100, 200, 1000)
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    rule: StepRule
+    step: Callable[[float], float]  # the step size, given the problem's scale (1 for robustify, eps otherwise)
+
+
+ROBUSTIFY_RULES = [
+    Rule("fixed 0.1 (the paper)", Constant(), lambda s: 0.1),
+    Rule("cosine from 0.5", Cosine(), lambda s: 0.5),
+    Rule("cosine from 1.0", Cosine(), lambda s: 1.0),
+    Rule("cosine from 2.0", Cosine(), lambda s: 2.0),
+    Rule("momentum 0.9, cosine from 1.0", Cosine(Momentum(0.9)), lambda s: 1.0),
+    Rule("adam 0.1, cosine", Cosine(Adam()), lambda s: 0.1),
+    Rule("adam 0.05, cosine", Cosine(Adam()), lambda s: 0.05),
+    Rule("apgd from 1.0", APGDStep(), lambda s: 1.0),
+    Rule("apgd from 2.0", APGDStep(), lambda s: 2.0),
+]
+NONROBUST_RULES = [
+    Rule("fixed 0.1 (the paper)", Constant(), lambda eps: 0.1),
+    Rule("fixed eps/4", Constant(), lambda eps: eps / 4),
+    Rule("cosine from eps/2", Cosine(), lambda eps: eps / 2),
+    Rule("cosine from eps", Cosine(), lambda eps: eps),
+    Rule("momentum 0.75, cosine from eps/2", Cosine(Momentum(0.75)), lambda eps: eps / 2),
+    Rule("apgd from 2 eps", APGDStep(), lambda eps: 2 * eps),
+    Rule("apgd from eps/2", APGDStep(), lambda eps: eps / 2),
+]
+
+
+class PassCounter:
+    """Counts image-passes with a gradient (a forward whose input requires grad: one forward + backward)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.count = 0
+        self.handle = model.register_forward_pre_hook(self.hook)
+
+    def hook(self, _m: nn.Module, args: tuple[Tensor, ...]) -> None:
+        if torch.is_grad_enabled() and args[0].requires_grad:
+            self.count += args[0].shape[0]
+
+
+# -- models -------------------------------------------------------------------------------------------------
+
+def load_data(dataset: str) -> tuple[Any, Any]:
+    s = settings_for(dataset, "quick")
+    if dataset == "planted":
+        p = af.data.planted(s.n_train or 10000, s.n_test or 2000, seed=0)
+        return p.train, p.test
+    train, test = af.data.fashion_mnist(train=True), af.data.fashion_mnist(train=False)
+    return train, Subset(test, range(s.n_test or len(test)))
+
+
+def make_model(dataset: str) -> nn.Module:
+    return af.models.PlantedNet() if dataset == "planted" else af.models.SmallCNN()
+
+
+def trained(dataset: str, kind: str, train: Any, cache: Path, device: torch.device) -> nn.Module:
+    """The standard or robust model of replicate's quick scale, trained once and cached."""
+    s = settings_for(dataset, "quick")
+    path = cache / f"{dataset}-{kind}.pt"
+    torch.manual_seed(0)
+    model = make_model(dataset).to(device)
+    if not path.exists():
+        t0 = time.perf_counter()
+        loader = DataLoader(train, batch_size=s.batch_size, shuffle=True)
+        af.adversarial_train(model, loader, method="standard" if kind == "standard" else "pgd",
+                             attack=af.L2PGD(s.eps, steps=s.train_steps), lr=s.lr, device=device,
+                             epochs=s.std_epochs if kind == "standard" else s.robust_epochs,
+                             checkpoint=cache / f"{dataset}-{kind}.ckpt", resume=True)
+        cache.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), path)
+        print(f"trained {dataset} {kind} in {time.perf_counter() - t0:.0f} s", flush=True)
+    model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+    return model.eval()
+
+
+# -- the three parts ----------------------------------------------------------------------------------------
+
+def part_robustify(models: dict[str, nn.Module], train: Any, n: int, budgets: list[int], rules: list[Rule],
+                   device: torch.device) -> list[dict[str, Any]]:
+    src = Subset(train, range(n))
+    rows = []
+    for kind, model in models.items():
+        for r in rules:
+            for b in budgets:
+                t0 = time.perf_counter()
+                d = af.robustify(model, src, steps=b, step_size=r.step(1.0), rule=r.rule, device=device,
+                                 progress=False).meta["rel_distance"]
+                rows.append({"model": kind, "rule": r.name, "passes": b, "median": float(d.median()),
+                             "p90": float(d.quantile(0.9)), "seconds": time.perf_counter() - t0})
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def part_nonrobustify(model: nn.Module, train: Any, n: int, eps: float, budgets: list[int], rules: list[Rule],
+                      device: torch.device) -> list[dict[str, Any]]:
+    src = Subset(train, range(n))
+    rows = []
+    for r in rules:
+        for b in budgets:
+            t0 = time.perf_counter()
+            ds = af.nonrobustify(model, src, mode="det", eps=eps, steps=b, step_size=r.step(eps), rule=r.rule,
+                                 device=device, progress=False)
+            x, t = ds.tensors()
+            with torch.no_grad():
+                logits = model(x.to(device)).float().cpu()
+            margin = logits.gather(1, t[:, None]).squeeze(1) - logits.scatter(1, t[:, None], -torch.inf).amax(1)
+            rows.append({"rule": r.name, "passes": b, "reached": float(ds.meta["target_reached"].double().mean()),
+                         "median_margin": float(margin.median()), "seconds": time.perf_counter() - t0})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _attacks(norm: str, eps: float, b: int) -> dict[str, af.Attack]:
+    pgd = (af.L2PGD if norm == "l2" else af.LinfPGD)(eps, steps=b, rel_step_size=2.5 / b, random_start=True)
+    return {
+        "PGD": pgd,
+        "PGD, 5 restarts": af.Restarts(pgd, 5),
+        "APGD-CE": af.APGD(eps, norm=norm, steps=b),
+        "APGD-DLR": af.APGD(eps, norm=norm, steps=b, loss=af.dlr),
+        "APGD-T (9 targets)": af.APGD(eps, norm=norm, steps=b, loss=af.dlr, n_target_classes=9),
+    }
+
+
+def part_evaluate(model: nn.Module, test: Any, n: int, threats: list[tuple[str, float]], budgets: list[int],
+                  device: torch.device) -> list[dict[str, Any]]:
+    loader = DataLoader(Subset(test, range(min(n, len(test)))), batch_size=500)
+    rows = []
+    counter = PassCounter(model)
+    try:
+        for norm, eps in threats:
+            for b in budgets:
+                broken: Tensor | None = None
+                for name, attack in _attacks(norm, eps, b).items():
+                    torch.manual_seed(0)
+                    counter.count = 0
+                    t0 = time.perf_counter()
+                    r, ok = _robust(model, loader, attack, device)
+                    broken = ~ok if broken is None else broken | ~ok
+                    rows.append({"norm": norm, "eps": eps, "steps": b, "attack": name, "robust": r,
+                                 "passes_per_image": counter.count / r["total"], "seconds": time.perf_counter() - t0})
+                    rows[-1]["robust"] = r["accuracy"]
+                    if name == "APGD-T (9 targets)":
+                        worst = 1 - float(broken.double().mean())  # the worst case of every attack measured
+                        rows.append({"norm": norm, "eps": eps, "steps": b, "attack": "worst of all above",
+                                     "robust": worst, "passes_per_image": None, "seconds": None})
+                    print(json.dumps(rows[-1]), flush=True)
+                rows += _torchattacks(model, loader, norm, eps, b, device, counter)
+    finally:
+        counter.handle.remove()
+    return rows
+
+
+def _robust(model: nn.Module, loader: DataLoader[Any], attack: af.Attack, device: torch.device
+            ) -> tuple[dict[str, Any], Tensor]:
+    """Robust accuracy as :func:`advfeat.evaluate` measures it (correctly classified samples only, early
+    stopping), and per sample whether it held."""
+    run = attack.for_evaluation(True)
+    held = []
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        with torch.no_grad():
+            ok = model(x).argmax(1) == y
+        keep = ok.nonzero().squeeze(1)
+        x_adv = run(model, x[keep], y[keep])
+        with torch.no_grad():
+            ok[keep] = model(x_adv).argmax(1) == y[keep]
+        held.append(ok.cpu())
+    ok = torch.cat(held)
+    return {"accuracy": float(ok.double().mean()), "total": len(ok)}, ok
+
+
+def _torchattacks(model: nn.Module, loader: DataLoader[Any], norm: str, eps: float, b: int, device: torch.device,
+                  counter: PassCounter) -> list[dict[str, Any]]:
+    try:
+        import torchattacks  # type: ignore[import-not-found]
+    except Exception:  # noqa: BLE001 - not installed, or fails to import beside this torch
+        return []
+    rows = []
+    n = "Linf" if norm == "linf" else "L2"
+    for name, make in (("torchattacks APGD-CE", lambda: torchattacks.APGD(model, norm=n, eps=eps, steps=b,
+                                                                          loss="ce", seed=0)),
+                       ("torchattacks APGD-DLR", lambda: torchattacks.APGD(model, norm=n, eps=eps, steps=b,
+                                                                           loss="dlr", seed=0)),
+                       ("torchattacks APGD-T (9 targets)", lambda: torchattacks.APGDT(model, norm=n, eps=eps, steps=b,
+                                                                                      n_classes=10, seed=0))):
+        atk = make()
+        counter.count = 0
+        t0 = time.perf_counter()
+        held = []
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            x_adv = atk(x, y)
+            with torch.no_grad():
+                held.append((model(x).argmax(1) == y) & (model(x_adv).argmax(1) == y))
+        ok = torch.cat(held)
+        rows.append({"norm": norm, "eps": eps, "steps": b, "attack": name, "robust": float(ok.double().mean()),
+                     "passes_per_image": counter.count / len(ok), "seconds": time.perf_counter() - t0})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+# -- report -------------------------------------------------------------------------------------------------
+
+def tables(results: dict[str, Any]) -> str:
+    out: list[str] = []
+    for ds, parts in results["datasets"].items():
+        if "robustify" in parts:
+            budgets = sorted({r["passes"] for r in parts["robustify"]})
+            for kind in ("robust", "standard"):
+                rows = [r for r in parts["robustify"] if r["model"] == kind]
+                if not rows:
+                    continue
+                out += [f"### robustify, {ds}, {kind} model: median (p90) relative distance", "",
+                        "| rule | " + " | ".join(f"{b} passes" for b in budgets) + " |",
+                        "|---|" + "---|" * len(budgets)]
+                for name in dict.fromkeys(r["rule"] for r in rows):
+                    cells = {r["passes"]: f"{r['median']:.4f} ({r['p90']:.4f})" for r in rows if r["rule"] == name}
+                    out.append(f"| {name} | " + " | ".join(cells.get(b, "") for b in budgets) + " |")
+                out.append("")
+        if "nonrobustify" in parts:
+            rows = parts["nonrobustify"]
+            budgets = sorted({r["passes"] for r in rows})
+            out += [f"### nonrobustify (det, eps {parts['eps']:g}), {ds}: targets reached % (median margin)", "",
+                    "| rule | " + " | ".join(f"{b} passes" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+            for name in dict.fromkeys(r["rule"] for r in rows):
+                cells = {r["passes"]: f"{100 * r['reached']:.1f} ({r['median_margin']:.2f})" for r in rows
+                         if r["rule"] == name}
+                out.append(f"| {name} | " + " | ".join(cells.get(b, "") for b in budgets) + " |")
+            out.append("")
+        if "evaluate" in parts:
+            rows = parts["evaluate"]
+            for norm, eps in dict.fromkeys((r["norm"], r["eps"]) for r in rows):
+                sub = [r for r in rows if (r["norm"], r["eps"]) == (norm, eps)]
+                budgets = sorted({r["steps"] for r in sub})
+                out += [f"### evaluation, {ds}, robust model, {norm} eps {eps:g}: robust accuracy % "
+                        "(passes per image)", "",
+                        "| attack | " + " | ".join(f"{b} steps" for b in budgets) + " |",
+                        "|---|" + "---|" * len(budgets)]
+                for name in dict.fromkeys(r["attack"] for r in sub):
+                    cells = {}
+                    for r in sub:
+                        if r["attack"] == name:
+                            p = "" if r["passes_per_image"] is None else f" ({r['passes_per_image']:.0f})"
+                            cells[r["steps"]] = f"{100 * r['robust']:.1f}{p}"
+                    out.append(f"| {name} | " + " | ".join(cells.get(b, "") for b in budgets) + " |")
+                out.append("")
+    return "\n".join(out)
+
+
+def plot(results: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    panels = [(ds, kind) for ds, parts in results["datasets"].items() for kind in ("robust", "standard")
+              if any(r["model"] == kind for r in parts.get("robustify", []))]
+    panels += [(ds, "nonrobustify") for ds, parts in results["datasets"].items() if "nonrobustify" in parts]
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (ds, what) in zip(axes[0], panels, strict=True):
+        parts = results["datasets"][ds]
+        if what == "nonrobustify":
+            rows, key, ylabel = parts["nonrobustify"], "reached", "targets reached"
+            title = f"nonrobustify det, {ds}"
+        else:
+            rows = [r for r in parts["robustify"] if r["model"] == what]
+            key, ylabel, title = "median", "median relative distance", f"robustify, {ds}, {what}"
+            ax.set_yscale("log")
+        for name in dict.fromkeys(r["rule"] for r in rows):
+            pts = sorted((r["passes"], r[key]) for r in rows if r["rule"] == name)
+            ax.plot([p for p, _ in pts], [v for _, v in pts], marker="o", ms=3, label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel("forward + backward passes")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return True
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", default=None, help="planted,fashion-mnist (default: both, FMNIST if installed)")
+    ap.add_argument("--parts", default="robustify,nonrobustify,evaluate")
+    ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
+    ap.add_argument("--eval-budgets", default="10,25,50,100")
+    ap.add_argument("--rules", default=None, help="only the rules whose names contain one of these (comma-separated)")
+    ap.add_argument("--n-robustify", default="planted=256,fashion-mnist=128")
+    ap.add_argument("--n-nonrobustify", type=int, default=512)
+    ap.add_argument("--n-eval", type=int, default=1000)
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "advfeat" / "quality_per_pass")
+    ap.add_argument("--out", type=Path, default=Path("bench_out") / "quality_per_pass")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned")
+    args = ap.parse_args()
+    if args.malloc == "tuned":
+        af.allocator.tune()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    datasets = args.datasets.split(",") if args.datasets else ["planted"] + (
+        ["fashion-mnist"] if (af.data.FASHION_MNIST_ROOT / "train-images-idx3-ubyte.gz").exists() else [])
+    parts = args.parts.split(",")
+    budgets = [int(b) for b in args.budgets.split(",")]
+    keep = args.rules.split(",") if args.rules else None
+
+    def chosen(rules: list[Rule]) -> list[Rule]:
+        return [r for r in rules if keep is None or any(k in r.name for k in keep)]
+
+    n_rob = dict(kv.split("=") for kv in args.n_robustify.split(","))
+    results: dict[str, Any] = {"threads": torch.get_num_threads(), "device": str(device), "datasets": {}}
+    t_start = time.perf_counter()
+    for ds in datasets:
+        s = settings_for(ds, "quick")
+        train, test = load_data(ds)
+        models = {kind: trained(ds, kind, train, args.cache, device) for kind in ("robust", "standard")}
+        res: dict[str, Any] = {"eps": s.nonrobust_eps}
+        if "robustify" in parts:
+            res["robustify"] = part_robustify(models, train, int(n_rob[ds]), budgets, chosen(ROBUSTIFY_RULES), device)
+        if "nonrobustify" in parts:
+            res["nonrobustify"] = part_nonrobustify(models["standard"], train, args.n_nonrobustify, s.nonrobust_eps,
+                                                    budgets, chosen(NONROBUST_RULES), device)
+        if "evaluate" in parts:
+            threats = [("l2", s.eps), ("linf", 0.1 if ds == "fashion-mnist" else 0.03)]
+            res["evaluate"] = part_evaluate(models["robust"], test, args.n_eval, threats,
+                                            [int(b) for b in args.eval_budgets.split(",")], device)
+        results["datasets"][ds] = res
+    results["seconds"] = time.perf_counter() - t_start
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    text = tables(results)
+    (args.out / "tables.md").write_text(text)
+    print(text)
+    if plot(results, args.out / "quality_per_pass.png"):
+        print(f"plot: {args.out / 'quality_per_pass.png'}")
+
+
+if __name__ == "__main__":
+    main()
