@@ -20,7 +20,8 @@ Built in:
   problems such as representation matching.
 * :class:`APGDStep` -- the adaptive rule of APGD (Croce & Hein, ICML 2020): momentum 0.75, the step halved at
   checkpoints where the objective stalled, and a restart from the best point.
-* :class:`Cosine`, :class:`Linear` -- step-size schedules around any rule: ``Cosine(Adam())``.
+* :class:`Cosine`, :class:`Linear` -- step-size schedules around any rule: ``Cosine(Adam())`` (a schedule
+  of your own: subclass :class:`Schedule` and write ``factor(t, steps)``).
 
 A rule of your own (here, Nesterov-style momentum)::
 
@@ -54,8 +55,8 @@ from ._checks import check_positive_float
 from ._config import Config
 from .threat import Bounds, ThreatModel, _column
 
-__all__ = ["StepRule", "StepContext", "State", "Constant", "Momentum", "Adam", "APGDStep", "Cosine", "Linear",
-           "apgd_checkpoints"]
+__all__ = ["StepRule", "StepContext", "State", "Constant", "Momentum", "Adam", "APGDStep", "Schedule", "Cosine",
+           "Linear", "apgd_checkpoints"]
 
 State = dict[str, Tensor]
 """A rule's memory between steps: per-sample tensors, first dimension = the (current) batch size."""
@@ -234,7 +235,27 @@ class APGDStep(StepRule):
 
 
 @dataclass(frozen=True, eq=False)
-class Cosine(StepRule):
+class Schedule(StepRule):
+    """Base class of step-size schedules: ``rule`` with its step size multiplied by :meth:`factor` at each step.
+    A schedule of your own is a subclass with that one method."""
+
+    rule: StepRule = field(default_factory=Constant)
+    final: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_rule(self.rule)
+        _check_fraction("final", self.final, closed=True)
+
+    @abstractmethod
+    def factor(self, t: int, steps: int) -> float:
+        """The multiple of the step size at step ``t`` of ``steps`` (1 at the first step, ``final`` at the end)."""
+
+    def step(self, z: Tensor, grad: Tensor, score: Tensor, state: State, ctx: StepContext) -> Tensor:
+        return self.rule.step(z, grad, score, state, ctx.scaled(self.factor(ctx.t, ctx.steps)))
+
+
+@dataclass(frozen=True, eq=False)
+class Cosine(Schedule):
     """``rule`` with its step size decayed along half a cosine, from 1x at the first step to ``final``x at
     the end: ``final + (1 - final) (1 + cos(pi t / steps)) / 2``.
 
@@ -242,31 +263,16 @@ class Cosine(StepRule):
     Cosine(rule=Adam(beta1=0.9, beta2=0.999, eps=1e-08), final=0.1)
     """
 
-    rule: StepRule = field(default_factory=Constant)
-    final: float = 0.0
-
-    def __post_init__(self) -> None:
-        _check_rule(self.rule)
-        _check_fraction("final", self.final, closed=True)
-
-    def step(self, z: Tensor, grad: Tensor, score: Tensor, state: State, ctx: StepContext) -> Tensor:
-        f = self.final + (1 - self.final) * 0.5 * (1 + math.cos(math.pi * ctx.t / ctx.steps))
-        return self.rule.step(z, grad, score, state, ctx.scaled(f))
+    def factor(self, t: int, steps: int) -> float:
+        return self.final + (1 - self.final) * 0.5 * (1 + math.cos(math.pi * t / steps))
 
 
 @dataclass(frozen=True, eq=False)
-class Linear(StepRule):
+class Linear(Schedule):
     """``rule`` with its step size decayed linearly from 1x at the first step to ``final``x at the end."""
 
-    rule: StepRule = field(default_factory=Constant)
-    final: float = 0.0
-
-    def __post_init__(self) -> None:
-        _check_rule(self.rule)
-        _check_fraction("final", self.final, closed=True)
-
-    def step(self, z: Tensor, grad: Tensor, score: Tensor, state: State, ctx: StepContext) -> Tensor:
-        return self.rule.step(z, grad, score, state, ctx.scaled(1 - (1 - self.final) * ctx.t / ctx.steps))
+    def factor(self, t: int, steps: int) -> float:
+        return 1 - (1 - self.final) * t / steps
 
 
 def _check_fraction(name: str, value: object, closed: bool = False) -> None:
