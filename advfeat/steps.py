@@ -10,7 +10,9 @@ A rule is a small immutable configuration (a frozen dataclass) with one method t
 score is always better (the engine negates both for a minimisation). Whatever a rule must remember between
 steps lives in ``state``: a dict of **per-sample tensors** (first dimension = the batch), which the engine
 compacts together with the batch when early stopping drops finished samples, so a rule never needs to know
-about early stopping. A step should be a few whole-batch tensor ops with no host synchronisation.
+about early stopping. A rule that wraps another shares its state dict: use keys of your own, and detect the first
+step by the absence of your own key, not by an empty dict. A step should be a few whole-batch tensor ops with no
+host synchronisation.
 
 Built in:
 
@@ -22,6 +24,8 @@ Built in:
   checkpoints where the objective stalled, and a restart from the best point.
 * :class:`Cosine`, :class:`Linear` -- step-size schedules around any rule: ``Cosine(Adam())`` (a schedule
   of your own: subclass :class:`Schedule` and write ``factor(t, steps)``).
+* :class:`RelativeToStart` -- step sizes as fractions of each sample's distance from its start to ``x``
+  (robustify's default: ``RelativeToStart(Cosine())``).
 
 A rule of your own (here, Nesterov-style momentum)::
 
@@ -55,8 +59,8 @@ from ._checks import check_positive_float
 from ._config import Config
 from .threat import Bounds, ThreatModel, _column
 
-__all__ = ["StepRule", "StepContext", "State", "Constant", "Momentum", "Adam", "APGDStep", "Schedule", "Cosine",
-           "Linear", "apgd_checkpoints"]
+__all__ = ["StepRule", "StepContext", "State", "Constant", "Momentum", "Adam", "APGDStep", "RelativeToStart",
+           "Schedule", "Cosine", "Linear", "apgd_checkpoints"]
 
 State = dict[str, Tensor]
 """A rule's memory between steps: per-sample tensors, first dimension = the (current) batch size."""
@@ -87,8 +91,9 @@ class StepContext:
         """Move ``z`` into the threat model's set and the box, in place."""
         return self.threat.project_(z, self.x, self.bounds)
 
-    def scaled(self, factor: float) -> StepContext:
-        """This context with the step size multiplied by ``factor`` (how schedules act)."""
+    def scaled(self, factor: float | Tensor) -> StepContext:
+        """This context with the step size multiplied by ``factor`` (a float, or a per-sample column): how
+        schedules and :class:`RelativeToStart` act."""
         return dataclasses.replace(self, step_size=self.step_size * factor)
 
 
@@ -203,7 +208,7 @@ class APGDStep(StepRule):
 
     def step(self, z: Tensor, grad: Tensor, score: Tensor, state: State, ctx: StepContext) -> Tensor:
         col = functools.partial(_column, ndim=z.ndim)
-        if not state:
+        if "eta" not in state:  # the first step (a wrapper may share the state dict: test for our own key)
             eta = torch.ones((z.shape[0],), device=z.device, dtype=z.dtype)
             state.update(eta=col(eta).mul(ctx.step_size).reshape(-1), best_z=z.clone(), best_grad=grad.clone(),
                          best=score.clone(), last=score.clone(), rises=torch.zeros_like(score),
@@ -232,6 +237,30 @@ class APGDStep(StepRule):
             z1 = ctx.project_(z1.sub_(z).mul_(a).add_(z - state["prev"], alpha=1 - a).add_(z))
         state["prev"] = z
         return z1
+
+
+@dataclass(frozen=True, eq=False)
+class RelativeToStart(StepRule):
+    """``rule`` with step sizes that are fractions of each sample's distance from its start to ``x``: the step
+    size ``a`` becomes ``a * ||x - z_0||_2`` per sample (``z_0`` the first iterate).
+
+    For problems that start far from ``x`` and must travel, like representation inversion from another image
+    (robustify): the same fraction then suits data whose images lie 5 or 12 pixel-space units apart. A sample
+    that starts at ``x`` takes no step at all.
+
+    >>> RelativeToStart(Cosine())
+    RelativeToStart(rule=Cosine(rule=Constant(), final=0.0))
+    """
+
+    rule: StepRule = field(default_factory=lambda: Cosine())
+
+    def __post_init__(self) -> None:
+        _check_rule(self.rule)
+
+    def step(self, z: Tensor, grad: Tensor, score: Tensor, state: State, ctx: StepContext) -> Tensor:
+        if "start_distance" not in state:
+            state["start_distance"] = torch.linalg.vector_norm((ctx.x - z).flatten(1), dim=1)
+        return self.rule.step(z, grad, score, state, ctx.scaled(_column(state["start_distance"], z.ndim)))
 
 
 @dataclass(frozen=True, eq=False)

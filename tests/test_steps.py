@@ -18,7 +18,7 @@ from advfeat.engine import optimize
 from advfeat.steps import APGDStep, Constant, Cosine, Linear, Momentum, StepContext
 
 RULES = [Constant(), Momentum(0.9), af.steps.Adam(), APGDStep(), Cosine(), Linear(Momentum(0.5), final=0.1),
-         Cosine(af.steps.Adam(), final=0.05)]
+         Cosine(af.steps.Adam(), final=0.05), af.steps.RelativeToStart(Cosine())]
 THREATS = [af.L2Ball(0.5), af.LinfBall(0.05), af.Box()]
 rules = st.sampled_from(RULES)
 threats = st.sampled_from(THREATS)
@@ -92,10 +92,11 @@ def test_the_constant_rule_with_early_stopping_is_the_old_engine_bit_for_bit():
         assert torch.equal(new, oracle(objective, x, threat, 12, 0.04, early_stop=True))
 
 
-def test_the_constant_rule_is_the_default_of_attacks_and_constructors():
+def test_the_defaults_of_attacks_and_constructors():
     assert af.L2PGD(0.5).rule == Constant() and repr(af.L2PGD(0.5)) == "L2PGD(eps=0.5)"
     assert repr(af.L2PGD(0.5, rule=Momentum())) == "L2PGD(eps=0.5, rule=Momentum(momentum=0.9))"
-    assert af.robustify.__kwdefaults__["rule"] is None and af.nonrobustify.__kwdefaults__["rule"] is None
+    assert af.robustify.__kwdefaults__["rule"] == af.steps.RelativeToStart(Cosine())  # chosen by measurement
+    assert af.nonrobustify.__kwdefaults__["rule"] == Cosine()
 
 
 @given(rule=rules, threat=threats, shape=st.sampled_from([(6,), (1, 5, 5), (3, 4, 4)]), targeted=st.booleans(),
@@ -119,7 +120,7 @@ def test_every_rule_stays_in_the_set_keeps_the_model_and_is_deterministic(rule, 
     assert torch.equal(out, attack(model, x, y))  # the same seed, the same result
 
 
-def _first_success(objective, x, threat, rule, steps, step_size):
+def _first_success(objective, x, threat, rule, steps, step_size, start):
     """Run every step on the whole batch and record each sample's first successful iterate."""
     first = x.clone()
     found = torch.zeros(x.shape[0], dtype=torch.bool)
@@ -131,7 +132,7 @@ def _first_success(objective, x, threat, rule, steps, step_size):
         found[new] = True
         return loss, success
 
-    optimize(spy, x, threat, steps=steps, step_size=step_size, rule=rule)
+    optimize(spy, x, threat, steps=steps, step_size=step_size, rule=rule, start=start)
     return first, found
 
 
@@ -155,8 +156,10 @@ def test_early_stopping_compacts_the_rules_state(rule, schedule, monkeypatch):
         return gain, gain > ti
 
     threat, steps = af.L2Ball(0.5), 24
-    first, found = _first_success(objective, x, threat, rule, steps, 0.05)
-    early = optimize(objective, x, threat, steps=steps, step_size=0.05, rule=rule, early_stop=True).x
+    start = x + 0.05 * torch.randn(x.shape, dtype=x.dtype)  # away from x, so RelativeToStart moves too
+    step = 1.0 if isinstance(rule, af.steps.RelativeToStart) else 0.05  # a fraction of the ~0.16 to travel
+    first, found = _first_success(objective, x, threat, rule, steps, step, start)
+    early = optimize(objective, x, threat, steps=steps, step_size=step, rule=rule, early_stop=True, start=start).x
     assert 0.2 < found.double().mean() < 1.0  # some finish, at different steps; some never do
     assert torch.allclose(early[found], first[found], atol=1e-12, rtol=0)
 
@@ -178,7 +181,8 @@ def test_known_answer_a_linear_score_in_a_ball(rule, norm):
 
 @pytest.mark.parametrize(("rule", "step"), [(Constant(), 0.01), (Momentum(0.5), 0.01), (Cosine(), 0.1),
                                             (af.steps.Adam(), 0.003), (Cosine(af.steps.Adam()), 0.05),
-                                            (APGDStep(), 0.1)], ids=repr)
+                                            (APGDStep(), 0.1), (af.steps.RelativeToStart(Cosine()), 0.1)],
+                         ids=repr)
 def test_known_answer_quadratic_representation_matching(rule, step):
     """min ||A z - A x|| / ||A x|| over the box, from another point: the optimum is z = x (distance 0), the
     problem robustify solves through a linear representation. Fixed steps settle within about their own
@@ -196,6 +200,22 @@ def test_known_answer_quadratic_representation_matching(rule, step):
     res = optimize(distance, x, af.Box(), steps=300, step_size=step, maximize=False, start=start, rule=rule)
     before, after = distance(start, None)[0], distance(res.x, None)[0]
     assert (after < 0.02).all() and (after < before / 20).all(), after
+
+
+def test_relative_to_start_scales_each_samples_step_by_its_distance_to_travel():
+    x = torch.zeros(3, 4)
+    start = torch.tensor([[1.0, 0, 0, 0], [0, 0, 3.0, 0], [0, 0, 0, 0]])
+    seen = []
+
+    @dataclasses.dataclass(frozen=True, eq=False)
+    class Spy(af.steps.StepRule):
+        def step(self, z, grad, score, state, ctx):
+            seen.append(ctx.step_size.flatten().tolist())
+            return z
+
+    optimize(lambda z, i: (-(z * z).sum(1), None), x, af.Box(lower=-5.0, upper=5.0), steps=2, step_size=0.5,
+             start=start, rule=af.steps.RelativeToStart(Spy()))
+    assert seen == [[0.5, 1.5, 0.0]] * 2  # fixed at the first step's distance; a sample starting at x stays
 
 
 def test_apgd_halves_the_step_and_restarts_from_the_best_point_where_the_score_stalls():
@@ -221,6 +241,25 @@ def test_apgd_halves_the_step_and_restarts_from_the_best_point_where_the_score_s
     # sample 0 restarted from its best point (the start) and took a half step from there
     assert best_z is not None and torch.allclose(z[0], best_z[0] + 0.5 * grad[0] / math.sqrt(3) * 0.75
                                                  + 0.25 * (best_z[0] - prev[0]))
+
+
+def test_a_wrapper_may_share_the_state_dict_with_the_rule_it_wraps():
+    """A wrapper that keeps state of its own must not make the wrapped rule think its first step is past."""
+    @dataclasses.dataclass(frozen=True, eq=False)
+    class Counted(af.steps.StepRule):
+        rule: af.steps.StepRule
+
+        def step(self, z, grad, score, state, ctx):
+            state["calls"] = state["calls"] + 1 if "calls" in state else torch.ones_like(score)
+            return self.rule.step(z, grad, score, state, ctx)
+
+    torch.manual_seed(0)
+    w, x = torch.randn(5, 8), torch.full((5, 8), 0.5)
+    for rule in (APGDStep(), Momentum(), af.steps.Adam(), Cosine(APGDStep())):
+        bare = optimize(lambda z, i: ((z * w).sum(1), None), x, af.L2Ball(0.3), steps=12, step_size=0.1, rule=rule)
+        wrapped = optimize(lambda z, i: ((z * w).sum(1), None), x, af.L2Ball(0.3), steps=12, step_size=0.1,
+                           rule=Counted(rule))
+        assert torch.equal(bare.x, wrapped.x), rule
 
 
 def test_apgd_checkpoints_follow_the_reference_schedule():
