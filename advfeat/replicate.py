@@ -20,7 +20,7 @@ import dataclasses
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +34,13 @@ from ._io import atomic_write
 from ._lock import exclusive, folder_lock
 from ._png import save_grid, save_scatter
 from .attacks import L2PGD
-from .construct import nonrobustify, robustify
+from .construct import NONROBUSTIFY_RULE, ROBUSTIFY_RULE, nonrobustify, robustify
 from .evaluate import evaluate
 from .store import ConstructedDataset
 from .train import adversarial_train
 from .transfer import transfer_rates
 
-__all__ = ["replicate", "Settings", "settings_for", "PAPER"]
+__all__ = ["replicate", "Settings", "SCALES", "settings_for", "PAPER"]
 
 PAPER = {  # CIFAR-10, ResNet-50: clean / under L2 eps 0.25 (PAPER.md)
     "standard": (95, 4), "robust": (91, 82), "d_r": (84, 48), "d_nr": (88, 0), "d_rand": (63, 0),
@@ -57,53 +57,66 @@ ROWS = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Settings:
-    """Everything a replication run depends on (stored in results.json and report.md)."""
+    """Everything a replication run depends on (stored in results.json and report.md). Built by keyword; the
+    documented scales are :data:`SCALES`."""
 
     dataset: str
     scale: str
+    model: str  # PlantedNet, SmallCNN or SmallResNet
     n_train: int | None  # None: the whole training set
-    n_test: int | None
-    n_construct: int
-    model: str
-    eps: float  # the attack for training, constructing D_rand / D_det and the headline evaluation
+    n_test: int | None  # None: the whole test set
+    n_construct: int  # the constructed sets are built from the first n_construct training images
+    eps: float  # L2: adversarial training and the headline evaluation
     eval_eps: tuple[float, ...]
-    train_steps: int
+    train_steps: int = 7  # PGD steps of adversarial training (step 2.5 eps / steps)
     std_epochs: int
     robust_epochs: int
     constructed_epochs: int
     lr: float
-    robustify_steps: int
-    robustify_step: float
+    lr_nr: float = 0.02  # training on D_NR and D_rand (the authors: 0.01 there, 0.1 on D_R and D_det)
+    robustify_steps: int = 100  # af.robustify's default rule (Adam, cosine); the paper: 1000 fixed steps of 0.1
+    robustify_step: float = 0.1
     nonrobust_eps: float
-    nonrobust_steps: int
-    nonrobust_step: float
+    nonrobust_steps: int = 25  # af.nonrobustify's default rule (cosine from eps); the paper: 100 fixed steps of 0.1
     eval_steps: int = 20
     batch_size: int = 128
-    lr_nr: float = 0.02  # training on D_NR and D_rand (the authors: 0.01 there, 0.1 on D_R and D_det)
+
+
+_PLANTED = Settings(  # the non-robust feature has norm 0.3 (a swap needs 0.42 < eps 0.5); the robust one 2.5
+    dataset="planted", scale="quick", model="PlantedNet", n_train=10000, n_test=2000, n_construct=5000, eps=0.5,
+    eval_eps=(0.25, 0.5), std_epochs=30, robust_epochs=10, constructed_epochs=30, lr=0.1, nonrobust_eps=0.5)
+_FMNIST = Settings(  # 28x28: a standard SmallCNN keeps ~15% at L2 eps 1.0; PGD-AT at eps 1.0 keeps ~70%
+    dataset="fashion-mnist", scale="quick", model="SmallCNN", n_train=None, n_test=2000, n_construct=5000, eps=1.0,
+    eval_eps=(0.5, 1.0, 1.5), std_epochs=5, robust_epochs=4, constructed_epochs=10, lr=0.05, nonrobust_eps=2.0)
+_CIFAR = Settings(
+    dataset="cifar10", scale="quick", model="SmallResNet", n_train=None, n_test=2000, n_construct=5000, eps=0.5,
+    eval_eps=(0.25, 0.5), std_epochs=10, robust_epochs=10, constructed_epochs=10, lr=0.1, nonrobust_eps=0.5)
+_FMNIST_FULL = replace(_FMNIST, scale="full", n_test=None, n_construct=60000, std_epochs=20, robust_epochs=20,
+                       constructed_epochs=30)
+
+SCALES: dict[tuple[str, str], Settings] = {
+    ("planted", "quick"): _PLANTED,
+    ("planted", "full"): replace(_PLANTED, scale="full", n_train=50000, n_construct=50000),
+    ("fashion-mnist", "quick"): _FMNIST,
+    ("fashion-mnist", "full"): _FMNIST_FULL,
+    ("mnist", "quick"): replace(_FMNIST, dataset="mnist"),
+    ("mnist", "full"): replace(_FMNIST_FULL, dataset="mnist"),
+    ("cifar10", "quick"): _CIFAR,
+    ("cifar10", "full"): replace(_CIFAR, scale="full", n_test=None, n_construct=50000, std_epochs=100,
+                                 robust_epochs=100, constructed_epochs=100),
+}
+"""The documented settings of each ``--dataset`` and ``--scale``; compare with PAPER.md."""
 
 
 def settings_for(dataset: str, scale: str) -> Settings:
-    """The documented settings of each ``--dataset`` and ``--scale``."""
+    """The documented settings of each ``--dataset`` and ``--scale`` (:data:`SCALES`)."""
     if scale not in ("quick", "full"):
         raise ValueError(f"scale must be 'quick' or 'full', got {scale!r}")
-    quick = scale == "quick"
-    if dataset == "planted":
-        # non-robust feature: norm 0.3 (a swap needs 0.42); robust feature: 2.5 under noise 1.0
-        return Settings("planted", scale, 10000 if quick else 50000, 2000, 5000 if quick else 20000, "PlantedNet",
-                        0.5, (0.25, 0.5), 7, 30, 10, 30, 0.1, 200 if quick else 1000, 0.1, 0.5, 50 if quick else 100,
-                        0.1)
-    if dataset in ("fashion-mnist", "mnist"):
-        # 28x28: a standard SmallCNN keeps ~15% at L2 eps 1.0 and ~52% at 0.5; PGD-AT at eps 1.0 keeps ~70%
-        return Settings(dataset, scale, None, 2000 if quick else None, 5000 if quick else 60000, "SmallCNN",
-                        1.0, (0.5, 1.0, 1.5), 7, 5 if quick else 20, 4 if quick else 20, 10 if quick else 30, 0.05,
-                        300 if quick else 1000, 0.1, 2.0, 100, 0.1)
-    if dataset == "cifar10":
-        return Settings("cifar10", scale, None, 2000 if quick else None, 5000 if quick else 50000, "SmallResNet",
-                        0.5, (0.25, 0.5), 7, 10 if quick else 100, 10 if quick else 100, 10 if quick else 100, 0.1,
-                        300 if quick else 1000, 0.1, 0.5, 100, 0.1)
-    raise ValueError(f"dataset must be 'planted', 'fashion-mnist', 'mnist' or 'cifar10'; got {dataset!r}")
+    if (dataset, scale) not in SCALES:
+        raise ValueError(f"dataset must be 'planted', 'fashion-mnist', 'mnist' or 'cifar10'; got {dataset!r}")
+    return SCALES[dataset, scale]
 
 
 def _load(s: Settings, root: str | None, seed: int) -> tuple[Dataset[Any], Dataset[Any], Any]:
@@ -231,7 +244,7 @@ def _replicate(s: Settings, root: str | None, outdir: Path, dev: torch.device, s
             info = {"rel_distance_median": float(d.median()), "rel_distance_p90": float(d.quantile(0.9))}
         else:
             ds = nonrobustify(run.load_model("standard"), source, mode=name[2:], eps=s.nonrobust_eps,
-                              steps=s.nonrobust_steps, step_size=s.nonrobust_step, **common)
+                              steps=s.nonrobust_steps, **common)
             info = {"targets_reached": float(ds.meta["target_reached"].double().mean())}
         if planted is not None:
             x, _ = ds.tensors()
@@ -254,7 +267,8 @@ def _replicate(s: Settings, root: str | None, outdir: Path, dev: torch.device, s
     results["control"] = run.stage("control", lambda: run.train("control", source, test, "standard",
                                                                  s.constructed_epochs))
     _grids(outdir, train, built)
-    summary: dict[str, Any] = {"settings": dataclasses.asdict(s), "seed": seed, "device": str(dev),
+    rules = {"robustify_rule": repr(ROBUSTIFY_RULE), "nonrobustify_rule": repr(NONROBUSTIFY_RULE)}
+    summary: dict[str, Any] = {"settings": {**dataclasses.asdict(s), **rules}, "seed": seed, "device": str(dev),
                                "rows": results}
     if transfer:
         summary["transfer"] = [run.stage(f"transfer_{arch}", lambda arch=arch, make=make: _transfer(  # type: ignore[misc]

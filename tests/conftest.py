@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -108,6 +111,19 @@ def cuda() -> torch.device:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device; none is available here")
     return torch.device("cuda")
+
+
+@contextmanager
+def reaped(*procs: subprocess.Popen[str]) -> Iterator[None]:
+    """Kill whichever of ``procs`` still runs when the block ends: a failed assertion in a multi-process test
+    must not leave a rank waiting for its peers forever."""
+    try:
+        yield
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import HANG_GUARD_S
+from conftest import HANG_GUARD_S, reaped
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
@@ -163,13 +163,13 @@ def test_resume_after_sigkills_at_chosen_moments_is_bitwise_identical(tmp_path, 
 def test_one_writer_per_folder_and_a_killed_writer_blocks_nothing(tmp_path):
     out = tmp_path / "d"
     holder = _worker(out, "det", "--pause-after-batches", "1", stdin=subprocess.PIPE)
-    assert holder.stdout is not None and holder.stdin is not None
-    assert holder.stdout.readline().strip() == "paused"  # it holds the folder now
-    code, _, err = _finish(_worker(out, "det"))
-    assert code == 1
-    assert "InUseError" in err and f"out={str(out)!r} is in use by another process (pid {holder.pid} " in err
-    holder.kill()  # SIGKILL while holding the lock
-    holder.wait()
+    with reaped(holder):
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline().strip() == "paused"  # it holds the folder now
+        code, _, err = _finish(_worker(out, "det"))
+        assert code == 1
+        assert "InUseError" in err and f"out={str(out)!r} is in use by another process (pid {holder.pid} " in err
+    # reaped: SIGKILLed while holding the lock
     code, _, err = _finish(_worker(out, "det"))  # nothing stale blocks the next writer; it resumes
     assert code == 0, err
     assert len(af.ConstructedDataset.load(out)) == 160
@@ -191,9 +191,10 @@ def test_two_ranks_build_the_same_dataset_as_one(tmp_path, rendezvous):
     code, _, err = _finish(_worker(one, "det"))
     assert code == 0, err
     procs = [_worker(two, "det", "--ddp", str(r), "2", str(rendezvous)) for r in range(2)]
-    for q in procs:
-        code, _, err = _finish(q)
-        assert code == 0, err
+    with reaped(*procs):
+        for q in procs:
+            code, _, err = _finish(q)
+            assert code == 0, err
     _same(af.ConstructedDataset.load(one), af.ConstructedDataset.load(two))
 
 

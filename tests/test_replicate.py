@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import HANG_GUARD_S
+from conftest import HANG_GUARD_S, reaped
 
 from advfeat.cli import main
 from advfeat.replicate import ROWS
@@ -98,16 +98,16 @@ def _paused_replication(out: Path) -> subprocess.Popen[str]:
 def test_one_replication_per_folder_and_a_killed_one_blocks_nothing(tmp_path):
     out = tmp_path / "rep"
     first = _paused_replication(out)
-    second = subprocess.run([sys.executable, "-m", "advfeat", "replicate", "--out", str(out), "--no-progress"],
-                            capture_output=True, text=True, timeout=HANG_GUARD_S)
-    assert second.returncode == 2, second.stderr
-    assert f"--out {str(out)!r} is in use by another process (pid {first.pid} " in second.stderr
-    assert "[standard]" not in second.stdout  # it stopped before any work
-    first.kill()  # SIGKILL while holding the folder
-    first.wait()
+    with reaped(first):
+        second = subprocess.run([sys.executable, "-m", "advfeat", "replicate", "--out", str(out), "--no-progress"],
+                                capture_output=True, text=True, timeout=HANG_GUARD_S)
+        assert second.returncode == 2, second.stderr
+        assert f"--out {str(out)!r} is in use by another process (pid {first.pid} " in second.stderr
+        assert "[standard]" not in second.stdout  # it stopped before any work
+    # reaped: SIGKILLed while holding the folder
     again = _paused_replication(out)  # the next run gets the folder
-    again.kill()
-    again.wait()
+    with reaped(again):
+        pass
 
 
 def test_bad_arguments_exit_with_a_message(tmp_path, capsys):
