@@ -5,7 +5,7 @@ Ilyas et al., "Adversarial Examples Are Not Bugs, They Are Features" (NeurIPS 20
 model and data loader. See README.md and docs/.
 """
 
-from . import allocator, data, engine, models, steps, train
+from . import allocator, data, engine, methods, models, steps, train
 from ._lock import InUseError
 from .attacks import (
     APGD,
@@ -25,6 +25,7 @@ from .attacks import (
 )
 from .construct import nonrobustify, robustify
 from .evaluate import EvalResult, evaluate
+from .methods import FGSMRS, MART, TRADES, FreeTraining, PGDTraining, StandardTraining, TrainingMethod
 from .models import Normalize
 from .store import ConstructedDataset
 from .threat import Box, L2Ball, LinfBall, ThreatModel
@@ -38,7 +39,8 @@ __all__ = [
     "cross_entropy", "cw_margin", "dlr", "dlr_targeted", "frozen_model",
     "ThreatModel", "L2Ball", "LinfBall", "Box",
     "evaluate", "EvalResult", "Normalize", "AdversarialTrainer", "adversarial_train",
+    "TrainingMethod", "StandardTraining", "PGDTraining", "FGSMRS", "FreeTraining", "TRADES", "MART",
     "robustify", "nonrobustify", "ConstructedDataset", "transfer_rates", "InUseError",
-    "allocator", "data", "engine", "models", "steps", "train",
+    "allocator", "data", "engine", "methods", "models", "steps", "train",
     "__version__",
 ]

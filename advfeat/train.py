@@ -1,7 +1,10 @@
-"""Robust training: standard, PGD (Madry et al.), FGSM-RS (Wong et al.), free (Shafahi et al.), TRADES.
+"""Robust training: the trainer. How a batch becomes a loss is a method object (:mod:`advfeat.methods`).
 
-Every adversarial example comes from the one engine (:func:`advfeat.engine.optimize`), through an attack
-or a threat model's step and projection: there is no second PGD loop here.
+``af.adversarial_train(model, loader, method=af.TRADES(af.L2PGD(0.5, steps=7), beta=6))``. The trainer owns the
+loop, devices, mixed precision, DDP, the optimiser and its schedule, checkpoints and resume, evaluation, history,
+progress and bad-input checks; it names no method. The strings ``"standard"``, ``"pgd"``, ``"fgsm-rs"``,
+``"free"``, ``"trades"`` and ``"mart"`` are shorthands for each method's defaults (:func:`advfeat.methods.from_name`,
+with ``attack=``, and ``beta``, ``replays``, ``guard`` where they apply).
 
 Example (seconds on a CPU):
     >>> import torch, advfeat as af
@@ -9,9 +12,8 @@ Example (seconds on a CPU):
     >>> data = af.data.planted(512, 256, seed=0)
     >>> model = af.models.PlantedNet()
     >>> history = af.adversarial_train(
-    ...     model, DataLoader(data.train, batch_size=128, shuffle=True), method="pgd",
-    ...     attack=af.L2PGD(0.5, steps=3), epochs=2, lr=0.05, progress=False,
-    ...     eval_loader=DataLoader(data.test, batch_size=256))
+    ...     model, DataLoader(data.train, batch_size=128, shuffle=True), method=af.PGDTraining(af.L2PGD(0.5, steps=3)),
+    ...     epochs=2, lr=0.05, progress=False, eval_loader=DataLoader(data.test, batch_size=256))
     >>> [sorted(h) for h in history][0]  # doctest: +NORMALIZE_WHITESPACE
     ['clean_accuracy', 'epoch', 'lr', 'robust_accuracy', 'seconds', 'train_accuracy', 'train_loss']
 
@@ -24,14 +26,16 @@ Choices (documented, switchable):
   (``schedule="onecycle"``), or ``"piecewise"`` (x0.1 at 50% and 75% of training) or ``"constant"``;
   or pass your own ``optimizer`` and ``scheduler`` (stepped once per optimiser step).
 * Checkpoints (``checkpoint=path``) are written atomically at the end of every epoch and hold the model,
-  optimiser, scheduler, grad scaler, epoch, RNG states and history. ``resume=True`` continues from it; a
-  crash costs at most the epoch in progress, and the resumed run ends with the same weights as an
-  uninterrupted one under deterministic settings.
+  optimiser, scheduler, grad scaler, epoch, RNG states and history; their fingerprint holds the method's repr.
+  ``resume=True`` continues from it; a crash costs at most the epoch in progress, and the resumed run ends with
+  the same weights as an uninterrupted one under deterministic settings.
+* A method's guard (:meth:`advfeat.TrainingMethod.guard_attack`, on for FGSM-RS): after every epoch the guard
+  attack's accuracy on a held batch (the first of ``eval_loader``, else of ``loader``); training ends with the
+  weights of the best epoch (among the epochs this process runs).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random
@@ -43,22 +47,21 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_batch, check_logits, check_positive_float, check_positive_int
 from ._dist import barrier, rank_world
 from ._io import atomic_write
 from ._lock import exclusive_for_job, file_lock
-from .attacks import PGD, Attack, _EnginePGD, frozen_model
-from .engine import optimize
+from .attacks import Attack, frozen_model
 from .evaluate import evaluate
+from .methods import DEFAULT_METHOD, NAMES, TrainContext, TrainingMethod, from_name
 from .progress import progress_bar
-from .threat import ThreatModel, _column
 
 __all__ = ["AdversarialTrainer", "adversarial_train", "METHODS"]
 
-METHODS = ("standard", "pgd", "fgsm-rs", "free", "trades")
+METHODS = NAMES
+"""The method names the trainer takes as shorthands for each method's defaults."""
 
 Batches = Iterable[Any]
 
@@ -74,29 +77,25 @@ def _rank() -> int:
 
 
 class AdversarialTrainer:
-    """Train ``model`` on ``loader`` with one of :data:`METHODS`; :meth:`fit` runs the epochs.
+    """Train ``model`` on ``loader`` with a training method; :meth:`fit` runs the epochs.
 
     Args:
         model: any classifier ``nn.Module`` (or one wrapped in ``DistributedDataParallel``).
-        loader: an iterable of ``(x, y)`` batches, pixels in the attack's box; with a ``DistributedSampler``
+        loader: an iterable of ``(x, y)`` batches, pixels in the method's attack's box; with a ``DistributedSampler``
             its ``set_epoch`` is called every epoch.
-        method: ``"standard"``, ``"pgd"`` (train on ``attack``'s examples), ``"fgsm-rs"`` (one step of
-            1.25 eps from a random start in ``attack``'s ball), ``"free"`` (``replays`` passes over each batch,
-            one backward gives both gradients; the perturbation carries over between batches; each epoch
-            costs ``replays`` standard epochs), ``"trades"`` (clean loss + ``beta`` x KL(adv || clean), the
-            KL maximised with ``attack``'s ball, steps and step size from a start 0.001-Gaussian off x).
-        attack: the attack (``"pgd"``; any :class:`advfeat.Attack`) or the PGD configuration whose ball,
-            steps and step size the other methods use (an ``L2PGD``, ``LinfPGD`` or ``PGD``).
+        method: a :class:`advfeat.TrainingMethod` (``af.PGDTraining(attack)``, ``af.TRADES(attack, beta=6)``, yours),
+            or a name for a method's defaults: ``"standard"``, ``"pgd"``, ``"fgsm-rs"``, ``"free"``, ``"trades"``,
+            ``"mart"`` (see :mod:`advfeat.methods`).
+        attack, options: with a method *name* only: its attack (any :class:`advfeat.Attack` for "pgd" and
+            "mart"; a PGD configuration, whose ball, steps and step size the others use) and its options by
+            keyword (``beta=`` for TRADES and MART, ``replays=`` for free training, ``guard=`` for FGSM-RS; defaults:
+            the method's). A method object carries its own.
         epochs: number of epochs.
         lr, momentum, weight_decay, schedule: the default optimiser and schedule (see the module docs).
-        optimizer, scheduler: your own, instead (an optimiser over ``model``'s parameters; a scheduler
-            stepped once per optimiser step).
+        optimizer, scheduler: your own, instead (an optimiser over ``model``'s parameters; a scheduler stepped
+            once per optimiser step).
         eval_loader, eval_attack: after every epoch, clean and robust accuracy on ``eval_loader`` under
-            ``eval_attack`` (default: ``attack``).
-        guard: for ``"fgsm-rs"``, guard against catastrophic overfitting: after every epoch, measure
-            ``attack``'s accuracy on one held batch (the first of ``eval_loader``, else of ``loader``) and
-            end training with the weights of the best epoch (among the epochs run by this process: a
-            resumed run compares the epochs it runs itself).
+            ``eval_attack`` (default: the method's ``attack``).
         checkpoint, resume: see the module docs. A checkpoint of another model or configuration is refused.
         history_file: a JSONL file that gets one line per epoch.
         amp: None, ``"bf16"`` or ``"fp16"``: ``torch.autocast`` for the training forward passes (and the
@@ -111,7 +110,7 @@ class AdversarialTrainer:
         model: nn.Module,
         loader: Batches,
         *,
-        method: str = "pgd",
+        method: str | TrainingMethod = DEFAULT_METHOD,
         attack: Attack | None = None,
         epochs: int = 10,
         lr: float = 0.1,
@@ -122,9 +121,6 @@ class AdversarialTrainer:
         scheduler: Any = None,
         eval_loader: Batches | None = None,
         eval_attack: Attack | None = None,
-        guard: bool = True,
-        beta: float = 6.0,
-        replays: int = 4,
         checkpoint: str | Path | None = None,
         resume: bool = False,
         history_file: str | Path | None = None,
@@ -132,29 +128,19 @@ class AdversarialTrainer:
         attack_eval_mode: bool = True,
         device: str | torch.device | None = None,
         progress: bool = True,
+        **options: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
+        self.method = _method(method, attack, options)
         self.epochs = check_positive_int("epochs", epochs)
-        self.method = method
         self.model = model
         self.loader = loader
-        if method != "standard":
-            if not isinstance(attack, Attack):
-                raise TypeError(f"attack must be an advfeat Attack for method={method!r}, got {attack!r}")
-            if method != "pgd" and not isinstance(attack, _EnginePGD):
-                raise TypeError(f"method={method!r} takes its ball, steps and step size from a PGD configuration "
-                                f"(L2PGD, LinfPGD or PGD); got {type(attack).__name__}")
         if eval_attack is not None and not isinstance(eval_attack, Attack):
             raise TypeError(f"eval_attack must be an advfeat Attack or None, got {eval_attack!r}")
-        self.attack = attack
-        self.eval_attack = eval_attack if eval_attack is not None else attack
+        default_eval = attack if attack is not None else getattr(self.method, "attack", None)  # "standard" too
+        self.eval_attack: Attack | None = eval_attack if eval_attack is not None else default_eval
         self.eval_loader = eval_loader
-        self.guard = bool(guard) and method == "fgsm-rs"
-        self.beta = check_positive_float("beta", beta)
-        self.replays = check_positive_int("replays", replays)
         if amp not in (None, "bf16", "fp16"):
             raise ValueError(f"amp must be None, 'bf16' or 'fp16'; got {amp!r}")
         self.amp = amp
@@ -182,7 +168,6 @@ class AdversarialTrainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16" and self.device.type == "cuda")
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
-        self._train_attack = self._make_train_attack()
         self._held: tuple[Tensor, Tensor] | None = None
 
     # -- configuration ------------------------------------------------------------------------------------
@@ -192,7 +177,7 @@ class AdversarialTrainer:
             n = len(self.loader)  # type: ignore[arg-type]
         except TypeError:
             return None
-        return n * (self.replays if self.method == "free" else 1)
+        return n * self.method.steps_per_batch
 
     def _default_schedule(self, schedule: str, per_epoch: int | None) -> Any:
         opt = self.optimizer
@@ -208,39 +193,16 @@ class AdversarialTrainer:
             return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peak, total_steps=total)
         return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[total // 2, (3 * total) // 4], gamma=0.1)
 
-    def _make_train_attack(self) -> Attack | None:
-        a = self.attack
-        if a is None or self.method == "standard":
-            return None
-        if self.method == "pgd":
-            if dataclasses.is_dataclass(a) and any(f.name == "eval_mode" for f in dataclasses.fields(a)):
-                return dataclasses.replace(a, eval_mode=self.attack_eval_mode)
-            if not self.attack_eval_mode:
-                raise ValueError(f"attack_eval_mode=False needs an attack with an eval_mode field; {a!r} has none")
-            return a
-        assert isinstance(a, _EnginePGD)
-        if self.method == "fgsm-rs":
-            threat = a.threat_model()
-            eps = getattr(threat, "eps", None)
-            if eps is None:
-                raise ValueError(f"method='fgsm-rs' needs a ball with an eps; {threat!r} has none")
-            return PGD(threat, steps=1, rel_step_size=1.25, random_start=True, loss=a.loss,
-                       eval_mode=self.attack_eval_mode)
-        return a  # free and trades read the threat model, steps and step size from it
-
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint must match to be resumed: the model's architecture and the training config."""
         inner = _unwrap(self.model)
         return {
             "model": type(inner).__name__,
             "parameters": [[k, list(v.shape)] for k, v in inner.state_dict().items()],
-            "method": self.method,
-            "attack": repr(self.attack),
+            "method": repr(self.method),
             "epochs": self.epochs,
             "optimizer": type(self.optimizer).__name__,
             "scheduler": type(self.scheduler).__name__,
-            "beta": self.beta if self.method == "trades" else None,
-            "replays": self.replays if self.method == "free" else None,
             "amp": self.amp,
         }
 
@@ -305,11 +267,12 @@ class AdversarialTrainer:
             if self.history_file is not None and _rank() == 0:
                 lines = "".join(json.dumps(h) + "\n" for h in self.history)
                 atomic_write(self.history_file, lambda f: f.write(lines.encode()))
+        guard = self.method.guard_attack()
         best: tuple[float, dict[str, Tensor]] | None = None
         while self.epoch < self.epochs:
-            record = self._train_epoch()
-            if self.guard:
-                acc = self._guard_accuracy()
+            record = self._train_epoch(guard is not None)
+            if guard is not None:
+                acc = self._guard_accuracy(guard)
                 record["guard_accuracy"] = acc
                 if best is None or acc >= best[0]:
                     best = (acc, {k: v.detach().clone() for k, v in _unwrap(self.model).state_dict().items()})
@@ -347,46 +310,31 @@ class AdversarialTrainer:
             raise TypeError(f"loader must yield (x, y) pairs; {where} it yielded {type(batch).__name__}"
                             + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
         x, y = batch
-        lower, upper = self.attack.box if self.attack is not None else (-math.inf, math.inf)
+        lower, upper = self.method.box
         try:
             x, y = check_batch(x, y, lower, upper)
         except (TypeError, ValueError) as e:
             raise type(e)(f"loader, {where}: {e}") from None
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
-    def _train_epoch(self) -> dict[str, Any]:
+    def _train_epoch(self, hold: bool) -> dict[str, Any]:
         sampler = getattr(self.loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.epoch)  # type: ignore[union-attr]
-        model, inner = self.model, _unwrap(self.model)
+        model = self.model
+        ctx = TrainContext(model, _unwrap(model), self.attack_eval_mode, {}, self.epoch)
         start = time.perf_counter()
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         seen = 0
-        delta: Tensor | None = None
-        desc = f"{self.method} epoch {self.epoch + 1}/{self.epochs}"
+        desc = f"{type(self.method).__name__} epoch {self.epoch + 1}/{self.epochs}"
         with progress_bar(self.loader, desc=desc, enabled=self.progress and _rank() == 0, unit="batch") as bar:
             for b, batch in enumerate(bar):
                 where = f"epoch {self.epoch + 1}, batch {b + 1}"
                 x, y = self._batch(batch, where)
-                if self.guard and self._held is None:
+                if hold and self._held is None:
                     self._held = (x[:256].clone(), y[:256].clone())
-                if self.method == "free":
-                    loss, logits, delta = self._free_step(x, y, delta, where)
-                else:
-                    xt = x
-                    if self._train_attack is not None and self.method != "trades":
-                        with self._autocast():
-                            xt = self._train_attack(inner, x, y)
-                    model.train()
-                    with self._autocast():
-                        logits = model(xt)
-                        if b == 0:
-                            check_logits(logits, y)
-                        loss = F.cross_entropy(logits.float(), y)
-                        if self.method == "trades":
-                            loss = loss + self.beta * self._trades_term(x, logits)
-                    self._step(loss, where)
+                loss, logits = self._optimise(x, y, ctx, where)
                 n = y.shape[0]
                 seen += n
                 loss_sum += loss.detach().double() * n
@@ -400,6 +348,34 @@ class AdversarialTrainer:
             "lr": float(self.optimizer.param_groups[0]["lr"]),
             "seconds": time.perf_counter() - start,
         }
+
+    def _optimise(self, x: Tensor, y: Tensor, ctx: TrainContext, where: str) -> tuple[Tensor, Tensor]:
+        """Every optimiser step the method asks for on this batch; returns the last step's loss and logits."""
+        steps = self.method.batch(self.model, x, y, ctx)
+        last: tuple[Tensor, Tensor] | None = None
+        while True:
+            self.model.train()
+            try:
+                with self._autocast():
+                    loss, logits = next(steps)
+            except StopIteration:
+                break
+            except (RuntimeError, ValueError, IndexError):
+                if self.epoch == 0 and self.optimizer.state == {}:
+                    self._explain(x, y)  # a clear message when the model's output is what went wrong
+                raise
+            if last is None and self.epoch == 0:
+                check_logits(logits, y)
+            self._step(loss, where)
+            last = (loss, logits)
+        if last is None:
+            raise RuntimeError(f"{type(self.method).__name__}.batch yielded no loss at {where}")
+        return last
+
+    def _explain(self, x: Tensor, y: Tensor) -> None:
+        inner = _unwrap(self.model)
+        with torch.no_grad(), frozen_model(inner):
+            check_logits(inner(x), y)
 
     def _check_finite(self, loss: Tensor, where: str) -> None:
         """One host sync per optimiser step: stop at the first non-finite loss, naming epoch and batch."""
@@ -415,77 +391,31 @@ class AdversarialTrainer:
         self.scaler.update()
         self.scheduler.step()
 
-    def _threat(self) -> ThreatModel:
-        assert isinstance(self.attack, _EnginePGD)
-        return self.attack.threat_model()
-
-    def _trades_term(self, x: Tensor, logits_clean: Tensor) -> Tensor:
-        """KL(f(x_adv) || f(x)), x_adv maximising it in the attack's ball (TRADES, Zhang et al. 2019)."""
-        assert isinstance(self.attack, _EnginePGD)
-        threat = self._threat()
-        inner = _unwrap(self.model)
-        target = F.softmax(logits_clean.detach().float(), dim=1)
-
-        def kl(z: Tensor, index: Tensor | None) -> tuple[Tensor, None]:
-            p = target if index is None else target.index_select(0, index)
-            logp = F.log_softmax(inner(z).float(), dim=1)
-            return F.kl_div(logp, p, reduction="none").sum(1), None
-
-        start = x + 0.001 * torch.randn_like(x)
-        with frozen_model(inner, eval_mode=self.attack_eval_mode):
-            x_adv = optimize(kl, x, threat, steps=self.attack.steps, step_size=self.attack.step_length(threat),
-                             start=start, rule=self.attack.rule).x.to(x.dtype)
-        self.model.train()
-        logp_adv = F.log_softmax(self.model(x_adv).float(), dim=1)
-        return F.kl_div(logp_adv, F.softmax(logits_clean.float(), dim=1), reduction="batchmean")
-
-    def _free_step(self, x: Tensor, y: Tensor, delta: Tensor | None, where: str) -> tuple[Tensor, Tensor, Tensor]:
-        """``replays`` minibatch replays; each backward yields the weight and the input gradient."""
-        threat = self._threat()
-        bounds = threat.bounds(x)
-        step = getattr(threat, "eps", None)
-        if step is None:
-            raise ValueError(f"method='free' needs a ball with an eps; {threat!r} has none")
-        if delta is None or delta.shape[1:] != x.shape[1:]:
-            delta = torch.zeros_like(x)
-        if delta.shape[0] < x.shape[0]:
-            delta = torch.cat([delta, torch.zeros_like(x[delta.shape[0]:])])
-        d = delta[: x.shape[0]]
-        self.model.train()
-        for _ in range(self.replays):
-            z = x + d
-            threat.project_(z, x, bounds)
-            z.requires_grad_(True)
-            with self._autocast():
-                logits = self.model(z)
-                loss = F.cross_entropy(logits.float(), y)
-            self._check_finite(loss, where)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
-            assert z.grad is not None
-            with torch.no_grad():
-                moved = z.detach() + threat.direction(z.grad.float()).mul_(
-                    _column(step, x.ndim) if isinstance(step, Tensor) else step)
-                threat.project_(moved, x, bounds)
-                d = moved - x
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-        delta[: x.shape[0]] = d
-        return loss, logits, delta
-
-    def _guard_accuracy(self) -> float:
+    def _guard_accuracy(self, attack: Attack) -> float:
         if self.eval_loader is not None:
             first = next(iter(self.eval_loader))
             x, y = self._batch(first, "eval_loader, first batch")
         else:
             assert self._held is not None
             x, y = self._held
-        assert self.attack is not None
         inner = _unwrap(self.model)
-        x_adv = self.attack(inner, x, y)
+        x_adv = attack(inner, x, y)
         with torch.no_grad(), frozen_model(inner):
             return float((inner(x_adv).argmax(1) == y).double().mean())
+
+
+def _method(method: str | TrainingMethod, attack: Attack | None, options: dict[str, Any]) -> TrainingMethod:
+    """The trainer's ``method``: a TrainingMethod as it is, or a name with its options (only for names)."""
+    if isinstance(method, TrainingMethod):
+        given = sorted(options) + (["attack"] if attack is not None else [])
+        if given:
+            raise ValueError(f"{', '.join(sorted(given))}: set {'these' if len(given) > 1 else 'it'} on the method "
+                             f"object ({method!r}), not on the trainer")
+        return method
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a TrainingMethod or one of {', '.join(map(repr, METHODS))}; got "
+                        f"{type(method).__name__}")
+    return from_name(method, attack, **options)
 
 
 def adversarial_train(model: nn.Module, loader: Batches, **kwargs: Any) -> list[dict[str, Any]]:

@@ -12,12 +12,26 @@ import argparse
 import os
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import advfeat as af
+
+
+@dataclass(frozen=True, eq=False)
+class Smoothed(af.TrainingMethod):
+    """A user's method, as docs/training.md writes one: cross-entropy on the batch and on a noised copy."""
+
+    sigma: float = 0.1
+
+    def loss(self, model, x, y, ctx):
+        noisy = (x + self.sigma * torch.randn_like(x)).clamp(0, 1)
+        logits = model(torch.cat([x, noisy]))
+        return F.cross_entropy(logits.float(), torch.cat([y, y])), logits[: len(y)]
 
 
 class KillingLoader:
@@ -74,8 +88,10 @@ def main() -> None:
         return
     torch.manual_seed(1)
     loader = KillingLoader(DataLoader(data, batch_size=args.batch, shuffle=True), args.kill_after, args.pause_after)
-    af.adversarial_train(net, loader, method=args.method, attack=af.L2PGD(0.5, steps=2, random_start=True),
-                         epochs=3, lr=0.05, checkpoint=args.out / "ckpt.pt", resume=True,
+    attack = af.L2PGD(0.5, steps=2, random_start=True)
+    method = {"custom": lambda: Smoothed(), "free": lambda: af.FreeTraining(attack, replays=2)}.get(
+        args.method, lambda: af.methods.from_name(args.method, attack))()
+    af.adversarial_train(net, loader, method=method, epochs=3, lr=0.05, checkpoint=args.out / "ckpt.pt", resume=True,
                          history_file=args.out / "history.jsonl", progress=False)
     torch.save(net.state_dict(), args.out / "final.pt")
 
