@@ -24,6 +24,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--transfer", action="store_true", help="also the transfer experiment (Figure 3): several "
                    "architectures trained on D_det")
+    r.add_argument("--standard-model", default=None, metavar="FILE", help="cifar10: a robustness-library checkpoint "
+                   "(e.g. the paper's cifar_nat.pt) used instead of training the standard model")
+    r.add_argument("--robust-model", default=None, metavar="FILE", help="cifar10: a robustness-library checkpoint "
+                   "(e.g. the paper's cifar_l2_0_5.pt) used instead of training the robust model")
+    r.add_argument("--checkpoint-arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50", "resnet101",
+                   "resnet152"], help="the architecture of --standard-model / --robust-model (default resnet50)")
+    r.add_argument("--checkpoint-width", type=int, default=64, help="their stem width (default 64, the library's)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--keep-malloc", action="store_true", help="leave glibc's malloc settings alone (by default "
                    "the process keeps freed memory for reuse, which is faster on CPU: see advfeat.allocator)")
@@ -37,7 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         replicate(args.dataset, root=args.root, out=args.out, scale=args.scale, device=args.device, seed=args.seed,
-                  progress=not args.no_progress, transfer=args.transfer)
+                  progress=not args.no_progress, transfer=args.transfer, standard_model=args.standard_model,
+                  robust_model=args.robust_model, checkpoint_arch=args.checkpoint_arch,
+                  checkpoint_width=args.checkpoint_width)
     except (FileNotFoundError, ValueError, InUseError) as e:
         print(f"advfeat replicate: error: {e}", file=sys.stderr)
         return 2

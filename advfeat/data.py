@@ -30,12 +30,21 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 __all__ = [
-    "ImageDataset", "read_idx", "mnist", "fashion_mnist", "cifar10", "Planted", "planted",
-    "FASHION_MNIST_ROOT",
+    "ImageDataset", "read_idx", "mnist", "fashion_mnist", "cifar10", "from_release", "Planted", "planted",
+    "FASHION_MNIST_ROOT", "RELEASE_FOLDERS", "CLASS_NAMES",
 ]
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 """Where Debian's ``dataset-fashion-mnist`` package puts the IDX files."""
+
+CLASS_NAMES: dict[str, tuple[str, ...]] = {
+    "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"),
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+    "mnist": tuple(str(i) for i in range(10)),
+    "planted": tuple(f"class {i}" for i in range(10)),
+}
+"""The class names of each dataset, in label order (for figures and reports)."""
 
 
 class ImageDataset(Dataset[tuple[Tensor, Tensor]]):
@@ -184,6 +193,49 @@ def cifar10(root: str | Path, train: bool = True) -> ImageDataset:
     if y.size and (y.min() < 0 or y.max() > 9):
         raise ValueError(f"CIFAR-10 labels must be in [0, 10), found [{y.min()}, {y.max()}]")
     return ImageDataset(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y))
+
+
+# -- the authors' released constructed datasets ---------------------------------------------------------------
+
+RELEASE_FOLDERS = ("d_robust_CIFAR", "d_non_robust_CIFAR", "drand_CIFAR", "ddet_CIFAR")
+"""The folders of MadryLab/constructed-datasets: D_R, D_NR, D_rand and D_det of the paper, built on CIFAR-10."""
+
+
+def from_release(folder: str | Path) -> ImageDataset:
+    """A constructed dataset released with the paper (MadryLab/constructed-datasets: ``d_robust_CIFAR``,
+    ``d_non_robust_CIFAR``, ``drand_CIFAR``, ``ddet_CIFAR``) as a map-style dataset of (image in [0, 1], label).
+
+    ``folder`` holds ``CIFAR_ims`` and ``CIFAR_lab``, each a list of tensors written with ``torch.save``; the
+    parts are concatenated. Read with ``torch.load(..., weights_only=True)``: no code from the files runs.
+    """
+    import pickle
+
+    root = Path(folder)
+    parts: list[Tensor] = []
+    for name in ("CIFAR_ims", "CIFAR_lab"):
+        f = root / name
+        if not f.exists():
+            hint = f" (the release's folders: {', '.join(RELEASE_FOLDERS)})" if root.name not in RELEASE_FOLDERS else ""
+            raise FileNotFoundError(f"folder: {f} not found; a released dataset holds CIFAR_ims and CIFAR_lab{hint}")
+        try:
+            loaded = torch.load(f, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+            raise ValueError(f"{f} is not a list of tensors advfeat can read safely (torch.load with "
+                             f"weights_only=True): {str(e).splitlines()[0]}") from None
+        chunks = loaded if isinstance(loaded, (list, tuple)) else [loaded]
+        if not chunks or not all(isinstance(c, Tensor) for c in chunks):
+            raise ValueError(f"{f}: expected a list of tensors, got {type(loaded).__name__}")
+        parts.append(torch.cat(list(chunks)))
+    images, labels = parts
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"{root / 'CIFAR_ims'}: expected images (N, 3, H, W), got {tuple(images.shape)}")
+    if labels.shape != (images.shape[0],) or labels.is_floating_point():
+        raise ValueError(f"{root / 'CIFAR_lab'}: expected {images.shape[0]} integer labels, got {labels.dtype} "
+                         f"{tuple(labels.shape)}")
+    if images.is_floating_point() and images.numel() and (images.min() < 0 or images.max() > 1):
+        raise ValueError(f"{root / 'CIFAR_ims'}: pixel values must lie in [0, 1], found "
+                         f"[{float(images.min()):g}, {float(images.max()):g}]")
+    return ImageDataset(images if images.dtype == torch.uint8 else images.float(), labels.long())
 
 
 # -- planted features --------------------------------------------------------------------------------------

@@ -16,11 +16,17 @@ Each reference network ends in an ``nn.Linear``; its input is the network's penu
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Normalize", "PlantedNet", "SmallCNN", "SmallResNet", "last_linear"]
+__all__ = ["Normalize", "PlantedNet", "SmallCNN", "SmallResNet", "CifarResNet", "last_linear", "from_robustness",
+           "ROBUSTNESS_ARCHS", "CIFAR_MEAN", "CIFAR_STD"]
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+"""CIFAR-10's normalisation in the robustness library (used when a checkpoint does not hold its own)."""
 
 
 class Normalize(nn.Module):
@@ -154,3 +160,163 @@ class SmallResNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out: Tensor = self.fc(self.pool(self.layers(self.stem(x))))
         return out
+
+
+class _Bottleneck(nn.Module):
+    """1x1 - 3x3 (stride) - 1x1 (4x channels) with a projection shortcut where the shape changes."""
+
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int) -> None:
+        super().__init__()
+        cout = planes * self.expansion
+        self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        return torch.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """The CIFAR ResNet of the robustness library (MadryLab), with its parameter names: a 3x3 stem, four stages
+    of ``blocks`` blocks (``width``, 2x, 4x, 8x channels; bottlenecks expand 4x), 4x4 average pooling of the
+    32x32 input's 4x4 map, and ``linear``. ResNet-50: ``CifarResNet()``; ResNet-18: ``CifarResNet((2, 2, 2, 2),
+    bottleneck=False)``. Penultimate representation: the pooled features, the input of ``linear`` (the paper's
+    ``g``). No normalisation inside: :func:`from_robustness` puts the checkpoint's first.
+
+        >>> CifarResNet((1, 1, 1, 1), width=8)(torch.rand(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, blocks: Sequence[int] = (3, 4, 6, 3), *, bottleneck: bool = True, width: int = 64,
+                 num_classes: int = 10) -> None:
+        super().__init__()
+        if len(blocks) != 4 or any(int(b) < 1 for b in blocks):
+            raise ValueError(f"blocks must be four counts >= 1 (one per stage), got {tuple(blocks)}")
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        cin = width
+        stages = []
+        for i, n in enumerate(blocks):
+            planes, stride = width * 2**i, 1 if i == 0 else 2
+            layer: list[nn.Module] = []
+            for j in range(int(n)):
+                block = _Bottleneck(cin, planes, stride if j == 0 else 1) if bottleneck else \
+                    _Block(cin, planes, stride if j == 0 else 1)
+                layer.append(block)
+                cin = planes * (4 if bottleneck else 1)
+            stages.append(nn.Sequential(*layer))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.linear = nn.Linear(cin, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = nn.functional.avg_pool2d(out, 4).flatten(1)
+        result: Tensor = self.linear(out)
+        return result
+
+
+ROBUSTNESS_ARCHS: dict[str, tuple[tuple[int, int, int, int], bool]] = {
+    "resnet18": ((2, 2, 2, 2), False), "resnet34": ((3, 4, 6, 3), False), "resnet50": ((3, 4, 6, 3), True),
+    "resnet101": ((3, 4, 23, 3), True), "resnet152": ((3, 8, 36, 3), True),
+}
+"""The robustness library's CIFAR ResNets: block counts per stage, and whether the blocks are bottlenecks."""
+
+
+def from_robustness(
+    path: str | Path,
+    *,
+    arch: str = "resnet50",
+    width: int = 64,
+    num_classes: int = 10,
+    map_location: str | torch.device = "cpu",
+) -> nn.Module:
+    """A CIFAR-10 checkpoint of the robustness library (``cifar_nat.pt``, ``cifar_l2_0_5.pt``, ...) as
+    ``nn.Sequential(Normalize(mean, std), CifarResNet(...))``, in eval mode, ready for advfeat's attacks (pixels in
+    [0, 1]) and for :func:`advfeat.robustify` (the representation is the input of ``linear``).
+
+    Read with ``torch.load(..., weights_only=True)``: tensors only, no code from the file ever runs. The weights
+    come from the checkpoint's ``"model"`` (or ``"state_dict"``) entry, whatever its ``module.`` (DataParallel) and
+    ``model.`` / ``attacker.model.`` (the library's AttackerModel) prefixes; the normaliser from its
+    ``normalizer.new_mean`` / ``new_std`` buffers (CIFAR's, :data:`CIFAR_MEAN` / :data:`CIFAR_STD`, when absent).
+    The architecture is the one ``arch`` (one of :data:`ROBUSTNESS_ARCHS`, default the paper's ResNet-50) and
+    ``width`` (the stem's channels, 64 in the library) name; a checkpoint of another is refused with a message
+    naming what differs and what the checkpoint seems to hold.
+    """
+    import pickle
+
+    if arch not in ROBUSTNESS_ARCHS:
+        raise ValueError(f"arch must be one of {', '.join(ROBUSTNESS_ARCHS)}, got {arch!r}")
+    blocks, bottleneck = ROBUSTNESS_ARCHS[arch]
+
+    p = Path(path)
+    try:
+        checkpoint = torch.load(p, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"path: no checkpoint at {p}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise ValueError(f"{p} is not a checkpoint advfeat can read safely (torch.load with weights_only=True: tensors "
+                         f"and plain containers only): {str(e).splitlines()[0]}") from None
+    state = checkpoint.get("model", checkpoint.get("state_dict")) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not state:
+        keys = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"{p}: expected a robustness-library checkpoint with a 'model' (or 'state_dict') state "
+                         f"dict, found {keys}")
+    weights: dict[str, Tensor] = {}
+    norm: dict[str, Tensor] = {}
+    for key, value in state.items():
+        k = key[len("module."):] if key.startswith("module.") else key
+        if k.startswith("attacker."):
+            continue  # the attacker holds a second reference to the same model and normaliser
+        if k.startswith("normalizer."):
+            norm[k[len("normalizer."):]] = value
+        else:
+            weights[k[len("model."):] if k.startswith("model.") else k] = value
+    net = CifarResNet(blocks, bottleneck=bottleneck, width=width, num_classes=num_classes)
+    _check_state(net, weights, p)
+    net.load_state_dict(weights)
+    mean = norm.get("new_mean", torch.tensor(CIFAR_MEAN)).flatten().tolist()
+    std = norm.get("new_std", torch.tensor(CIFAR_STD)).flatten().tolist()
+    return nn.Sequential(Normalize(mean, std), net).to(map_location).eval()
+
+
+def _check_state(net: nn.Module, weights: dict[str, Tensor], path: Path) -> None:
+    """Refuse ``weights`` that do not fit ``net`` exactly, naming the differences and the checkpoint's shape."""
+    mine = net.state_dict()
+    missing = [k for k in mine if k not in weights]
+    extra = [k for k in weights if k not in mine]
+    shapes = [f"{k} {tuple(weights[k].shape)} (expected {tuple(mine[k].shape)})" for k in mine
+              if k in weights and weights[k].shape != mine[k].shape]
+    if not (missing or extra or shapes):
+        return
+    parts = []
+    for what, items in (("missing", missing), ("unexpected", extra), ("of another shape", shapes)):
+        if items:
+            parts.append(f"{len(items)} {what}: {', '.join(items[:4])}{', ...' if len(items) > 4 else ''}")
+    raise ValueError(f"{path} holds another architecture than CifarResNet{_describe_state(mine)}: "
+                     f"{'; '.join(parts)}. The checkpoint looks like{_describe_state(weights)}")
+
+
+def _describe_state(state: dict[str, Tensor]) -> str:
+    """The block counts, block type and width a state dict of robustness-library names implies."""
+    counts = []
+    for i in range(1, 5):
+        idx = {int(k.split(".")[1]) for k in state if k.startswith(f"layer{i}.") and k.split(".")[1].isdigit()}
+        counts.append(max(idx) + 1 if idx else 0)
+    if not any(counts):
+        heads = sorted({k.split(".")[0] for k in state})[:6]
+        return f" no CIFAR ResNet (top-level names: {', '.join(heads)})"
+    kind = "bottleneck" if any(".conv3." in k for k in state) else "basic"
+    stem = state.get("conv1.weight")
+    width = int(stem.shape[0]) if isinstance(stem, Tensor) and stem.ndim == 4 else "?"
+    return f"(blocks={tuple(counts)}, {kind} blocks, width={width})"

@@ -152,6 +152,7 @@ class _Run:
     def __init__(self, s: Settings, out: Path, device: torch.device, seed: int, progress: bool,
                  log: Callable[[str], None]) -> None:
         self.s, self.out, self.device, self.seed, self.progress, self.log = s, out, device, seed, progress, log
+        self.given: dict[str, nn.Module] = {}  # models read from the authors' checkpoints instead of trained
         for sub in ("models", "datasets", "stages", "checkpoints", "grids"):
             (out / sub).mkdir(parents=True, exist_ok=True)
 
@@ -190,6 +191,8 @@ class _Run:
         return {"clean": r.clean_accuracy, "robust": {k: r.robust_accuracy(k) for k in attacks}, "n_test": r.total}
 
     def load_model(self, name: str, make: Callable[[], nn.Module] | None = None) -> nn.Module:
+        if name in self.given:
+            return self.given[name]
         m = (make or (lambda: _model(self.s)))()
         m.load_state_dict(torch.load(self.out / "models" / f"{name}.pt", map_location="cpu", weights_only=True))
         return m.to(self.device).eval()
@@ -206,32 +209,53 @@ def replicate(
     progress: bool = True,
     transfer: bool = False,
     log: Callable[[str], None] = print,
+    standard_model: str | Path | None = None,
+    robust_model: str | Path | None = None,
+    checkpoint_arch: str = "resnet50",
+    checkpoint_width: int = 64,
 ) -> dict[str, Any]:
     """Run the replication; returns what ``results.json`` holds. See the module docs.
 
     ``transfer=True`` adds the paper's Figure 3: several architectures trained on D_det, each one's test
     accuracy beside the rate at which the standard model's adversarial examples transfer to it.
 
+    ``standard_model`` / ``robust_model`` (CIFAR-10 only): robustness-library checkpoints (the paper's own
+    ``cifar_nat.pt``, ``cifar_l2_0_5.pt``, of architecture ``checkpoint_arch`` and ``checkpoint_width``; read by
+    :func:`advfeat.models.from_robustness`) used instead of training rows 1 and 2; the constructions run through
+    them. A cached stage is not redone: use a fresh ``out`` for other checkpoints.
+
     One run at a time per ``out``: a second one stops at once with :class:`advfeat.InUseError` naming the
     process that holds the folder (the lock dies with that process, so a killed run blocks nothing).
     """
     s = settings_for(dataset, scale)
     outdir = Path(out)
+    paths = {k: Path(v) for k, v in (("standard", standard_model), ("robust", robust_model)) if v is not None}
+    if paths and s.dataset != "cifar10":
+        raise ValueError("--standard-model / --robust-model take the robustness library's CIFAR-10 checkpoints: "
+                         f"use them with --dataset cifar10, not {s.dataset!r}")
+    dev = torch.device(device)
+    given = {k: models.from_robustness(v, arch=checkpoint_arch, width=checkpoint_width, map_location=dev)
+             for k, v in paths.items()}  # read (and checked) before anything is written
     with exclusive(folder_lock(outdir), f"--out {str(outdir)!r}"):
-        return _replicate(s, root, outdir, torch.device(device), seed, progress, transfer, log)
+        run = _Run(s, outdir, dev, seed, progress, log)
+        run.given = given
+        return _replicate(run, root, transfer, {k: str(v) for k, v in paths.items()})
 
 
-def _replicate(s: Settings, root: str | None, outdir: Path, dev: torch.device, seed: int, progress: bool,
-               transfer: bool, log: Callable[[str], None]) -> dict[str, Any]:
-    run = _Run(s, outdir, dev, seed, progress, log)
+def _replicate(run: _Run, root: str | None, transfer: bool, sources: dict[str, str]) -> dict[str, Any]:
+    s, outdir, dev, seed, progress, log = run.s, run.out, run.device, run.seed, run.progress, run.log
     t_start = time.perf_counter()
     train, test, planted = _load(s, root, seed)
     n = min(s.n_construct, len(train))  # type: ignore[arg-type]
     source: Dataset[Any] = Subset(train, range(n))
     results: dict[str, dict[str, Any]] = {}
-    results["standard"] = run.stage("standard", lambda: run.train("standard", train, test, "standard",
-                                                                   s.std_epochs))
-    results["robust"] = run.stage("robust", lambda: run.train("robust", train, test, "pgd", s.robust_epochs))
+    for name, method, epochs in (("standard", "standard", s.std_epochs), ("robust", "pgd", s.robust_epochs)):
+        if name in run.given:  # the authors' checkpoint: evaluated, not trained
+            results[name] = run.stage(name, lambda name=name: {  # type: ignore[misc]
+                **run.evaluate(run.given[name], test), "source": sources[name]})
+        else:
+            results[name] = run.stage(name, lambda name=name, method=method, epochs=epochs: run.train(  # type: ignore[misc]
+                name, train, test, method, epochs))
     built: dict[str, ConstructedDataset] = {}
 
     def construct(name: str) -> dict[str, Any]:
