@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   progress=not args.no_progress, transfer=args.transfer, standard_model=args.standard_model,
                   robust_model=args.robust_model, checkpoint_arch=args.checkpoint_arch,
                   checkpoint_width=args.checkpoint_width)
-    except (FileNotFoundError, ValueError, InUseError) as e:
+    except (FileNotFoundError, ValueError, InUseError, ImportError) as e:
         print(f"advfeat replicate: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

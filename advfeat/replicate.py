@@ -1,6 +1,6 @@
 """The paper's six experiments end to end, with a same-size control, cached stage by stage.
 
-``advfeat replicate`` (or ``python -m advfeat replicate``) runs :func:`replicate`:
+``advfeat replicate`` (or ``python -m advfeat replicate``) runs ``replicate``:
 
 1. train a standard model and an adversarially trained (L2 PGD) model on D;
 2. build D_R = robustify(robust), D_NR = robustify(standard), D_rand and D_det = nonrobustify(standard)
@@ -29,10 +29,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import data as afdata
-from . import models
+from . import figures, models
 from ._io import atomic_write
 from ._lock import exclusive, folder_lock
-from ._png import save_grid, save_scatter
 from .attacks import L2PGD
 from .construct import NONROBUSTIFY_RULE, ROBUSTIFY_RULE, nonrobustify, robustify
 from .evaluate import evaluate
@@ -55,12 +54,15 @@ ROWS = [
     ("d_det", "6. standard training on D_det", "nonrobustify(standard, det)"),
     ("control", "control: standard training on real images", "first n_construct images of D"),
 ]
+SHORT = {"standard": "D (standard)", "robust": "D (adversarial)", "d_r": "D_R", "d_nr": "D_NR", "d_rand": "D_rand",
+         "d_det": "D_det", "control": "real control"}
+"""Short row names for figures."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     """Everything a replication run depends on (stored in results.json and report.md). Built by keyword; the
-    documented scales are :data:`SCALES`."""
+    documented scales are ``SCALES``."""
 
     dataset: str
     scale: str
@@ -111,7 +113,7 @@ SCALES: dict[tuple[str, str], Settings] = {
 
 
 def settings_for(dataset: str, scale: str) -> Settings:
-    """The documented settings of each ``--dataset`` and ``--scale`` (:data:`SCALES`)."""
+    """The documented settings of each ``--dataset`` and ``--scale`` (``SCALES``)."""
     if scale not in ("quick", "full"):
         raise ValueError(f"scale must be 'quick' or 'full', got {scale!r}")
     if (dataset, scale) not in SCALES:
@@ -221,13 +223,14 @@ def replicate(
 
     ``standard_model`` / ``robust_model`` (CIFAR-10 only): robustness-library checkpoints (the paper's own
     ``cifar_nat.pt``, ``cifar_l2_0_5.pt``, of architecture ``checkpoint_arch`` and ``checkpoint_width``; read by
-    :func:`advfeat.models.from_robustness`) used instead of training rows 1 and 2; the constructions run through
+    ``advfeat.models.from_robustness``) used instead of training rows 1 and 2; the constructions run through
     them. A cached stage is not redone: use a fresh ``out`` for other checkpoints.
 
-    One run at a time per ``out``: a second one stops at once with :class:`advfeat.InUseError` naming the
+    One run at a time per ``out``: a second one stops at once with ``advfeat.InUseError`` naming the
     process that holds the folder (the lock dies with that process, so a killed run blocks nothing).
     """
     s = settings_for(dataset, scale)
+    figures.require()  # the report's figures: fail before hours of work, naming the extra
     outdir = Path(out)
     paths = {k: Path(v) for k, v in (("standard", standard_model), ("robust", robust_model)) if v is not None}
     if paths and s.dataset != "cifar10":
@@ -290,15 +293,16 @@ def _replicate(run: _Run, root: str | None, transfer: bool, sources: dict[str, s
             results[name]["predicts_y_plus_1"] = run.stage("d_det_shift", lambda: _shift(run, test))["value"]
     results["control"] = run.stage("control", lambda: run.train("control", source, test, "standard",
                                                                  s.constructed_epochs))
-    _grids(outdir, train, built)
     rules = {"robustify_rule": repr(ROBUSTIFY_RULE), "nonrobustify_rule": repr(NONROBUSTIFY_RULE)}
     summary: dict[str, Any] = {"settings": {**dataclasses.asdict(s), **rules}, "seed": seed, "device": str(dev),
-                               "rows": results}
+                               "rows": results, "labels": {k: SHORT[k] for k in results}, "paper": PAPER}
     if transfer:
         summary["transfer"] = [run.stage(f"transfer_{arch}", lambda arch=arch, make=make: _transfer(  # type: ignore[misc]
             run, arch, make, built["d_det"], test)) for arch, make in _architectures(s).items()]
-        save_scatter(outdir / "grids" / "transfer.png", [t["transfer_rate"] for t in summary["transfer"]],
-                     [t["test_accuracy"] for t in summary["transfer"]])
+        t = summary["transfer"]
+        figures.save(figures.transfer_scatter([r["transfer_rate"] for r in t], [r["test_accuracy"] for r in t],
+                                              [r["architecture"] for r in t]), outdir / "grids" / "transfer.png")
+    _figures(outdir, summary, train, built)
     summary["total_seconds"] = round(time.perf_counter() - t_start, 2)
     text = json.dumps(summary, indent=1)
     atomic_write(outdir / "results.json", lambda f: f.write(text.encode()))
@@ -352,15 +356,29 @@ def _shift(run: _Run, test: Dataset[Any]) -> dict[str, Any]:
     return {"value": hits / max(1, total)}
 
 
-def _grids(out: Path, train: Dataset[Any], built: dict[str, ConstructedDataset]) -> None:
+def _figures(out: Path, summary: dict[str, Any], train: Dataset[Any], built: dict[str, ConstructedDataset]) -> None:
+    """report figures: the results as bars, and 20 images of D and of each constructed set with class names."""
+    s = summary["settings"]
+    names = afdata.CLASS_NAMES.get(s["dataset"])
+    figures.save(figures.results_bars(summary), out / "results.png")
     idx = list(range(20))
     xs, ys = zip(*[train[i] for i in idx], strict=True)
-    save_grid(out / "grids" / "D.png", torch.stack(xs), torch.stack([torch.as_tensor(y) for y in ys]))
-    for name in ("d_r", "d_nr", "d_det"):
+    figures.save(figures.image_grid(torch.stack(xs), torch.stack([torch.as_tensor(y) for y in ys]), names,
+                                    title=f"D: {s['dataset']} training images"), out / "grids" / "D.png")
+    titles = {"d_r": "D_R = robustify(robust model)", "d_nr": "D_NR = robustify(standard model)",
+              "d_rand": "D_rand = nonrobustify(standard, rand): true -> new label",
+              "d_det": "D_det = nonrobustify(standard, det): true -> new label"}
+    for name, title in titles.items():
         if name in built:
             ds = built[name]
-            xs, ys = zip(*[ds[i] for i in idx[: len(ds)]], strict=True)
-            save_grid(out / "grids" / f"{name.upper()}.png", torch.stack(xs), torch.stack(ys))
+            k = idx[: len(ds)]
+            xs, ys = zip(*[ds[i] for i in k], strict=True)
+            x, y = torch.stack(xs), torch.stack(ys)
+            if "original_label" in ds.meta:  # relabelled: show the class the image came from and the new one
+                fig = figures.image_grid(x, ds.meta["original_label"][k], names, new_labels=y, title=title)
+            else:
+                fig = figures.image_grid(x, y, names, title=title)
+            figures.save(fig, out / "grids" / f"{name.upper()}.png")
 
 
 def _pct(v: float | None) -> str:
@@ -396,8 +414,8 @@ def render_report(summary: dict[str, Any]) -> str:
         lines += ["", "## Transfer (the paper's Figure 3)", "",
                   "Architectures trained on D_det: accuracy on the real test set, and the rate at which L2 PGD "
                   f"examples (eps {s['eps']:g}) of the standard model on D transfer to each (among test samples "
-                  "the target gets right and the source is fooled by). Scatter plot: grids/transfer.png "
-                  "(x: transfer rate, y: test accuracy; point k is row k).", "",
+                  "the target gets right and the source is fooled by). Figure: grids/transfer.png (each point named by "
+                  "its architecture, with a least-squares line).", "",
                   "| # | architecture | test accuracy | transfer rate |", "|---|---|---|---|"]
         for k, t in enumerate(summary["transfer"], 1):
             lines.append(f"| {k} | {t['architecture']} | {_pct(t['test_accuracy'])} | {_pct(t['transfer_rate'])} |")
@@ -408,6 +426,8 @@ def render_report(summary: dict[str, Any]) -> str:
               "```", json.dumps(s, indent=1), "```", "",
               f"seed {summary['seed']}, device {summary['device']}; this invocation took "
               f"{summary['total_seconds']:.1f} s (a stage's time is that of the run that did it).", "",
-              "Image grids (label under each image): grids/D.png, grids/D_R.png, grids/D_NR.png, grids/D_DET.png.",
+              "Figures: results.png (the table as bars, beside the paper's numbers); grids/D.png, grids/D_R.png, "
+              "grids/D_NR.png, grids/D_RAND.png, grids/D_DET.png (20 images each, class names under each; "
+              "'true -> new' for the relabelled sets).",
               ""]
     return "\n".join(lines)

@@ -50,8 +50,8 @@ def test_the_table_shows_the_papers_pattern(run):
 
 def test_outputs_exist_and_the_report_agrees_with_the_json(run):
     out, res = run
-    for name in ("D", "D_R", "D_NR", "D_DET"):
-        assert (out / "grids" / f"{name}.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    for png in ["results.png"] + [f"grids/{name}.png" for name in ("D", "D_R", "D_NR", "D_RAND", "D_DET")]:
+        assert (out / png).read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), png
     report = (out / "report.md").read_text()
     eps = [f"{e:g}" for e in res["settings"]["eval_eps"]]
     for key, label, _ in ROWS:
@@ -108,6 +108,28 @@ def test_one_replication_per_folder_and_a_killed_one_blocks_nothing(tmp_path):
     again = _paused_replication(out)  # the next run gets the folder
     with reaped(again):
         pass
+
+
+def test_results_json_carries_what_its_figures_need(run):
+    _, res = run
+    assert res["labels"]["d_det"] == "D_det" and res["paper"]["d_r"] == [84, 48]
+    fig = __import__("advfeat").figures.results_bars(res)  # a notebook can redraw the report's figure
+    assert fig.axes[0].get_title() == "advfeat replicate: planted (quick)"
+
+
+def test_replicate_names_the_extra_when_matplotlib_is_missing(tmp_path, capsys, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.split(".")[0] == "matplotlib":
+            raise ImportError("No module named 'matplotlib'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    assert main(["replicate", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert 'pip install "advfeat[report]"' in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 def test_bad_arguments_exit_with_a_message(tmp_path, capsys):

@@ -1,0 +1,194 @@
+"""Figures for reports, papers and notebooks, drawn with matplotlib (``pip install "advfeat[report]"``).
+
+Every function returns a ``matplotlib.figure.Figure`` built with matplotlib's object-oriented API (no pyplot
+state, no display needed): in a notebook a returned figure is shown inline; ``save`` writes it as a PNG
+atomically, with the permissions ``open(path, "w")`` would give. ``advfeat replicate`` draws its report with them.
+
+* ``results_bars`` -- the replication's table as grouped bars (clean and robust accuracy per experiment),
+  beside the paper's numbers;
+* ``image_grid`` -- sample images with class names (``true -> new`` for relabelled sets such as D_det);
+* ``transfer_scatter`` -- the paper's Figure 3: test accuracy against transfer rate, with a fitted line;
+* ``quality_per_pass`` -- a quality measure against forward+backward passes, one curve per step rule.
+
+Examples:
+    >>> import torch, advfeat as af
+    >>> fig = af.figures.image_grid(torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]), ["a", "b", "c", "d"])
+    >>> len(fig.axes)
+    4
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ._io import atomic_write
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["results_bars", "image_grid", "transfer_scatter", "quality_per_pass", "save", "require"]
+
+_EXTRA = 'advfeat\'s figures need matplotlib: pip install "advfeat[report]"'
+
+
+def require() -> None:
+    """Raise ImportError naming the ``report`` extra when matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ImportError(_EXTRA) from None
+
+
+_inline_done = False
+
+
+def _show_inline_in_jupyter() -> None:
+    """In a Jupyter kernel, have IPython draw a returned Figure as a PNG (what pyplot's inline backend would set up;
+    our figures never touch pyplot's global state). Elsewhere: nothing."""
+    global _inline_done
+    if _inline_done:
+        return
+    _inline_done = True
+    try:
+        from IPython import get_ipython
+        from IPython.core.pylabtools import select_figure_formats
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is not None and getattr(shell, "kernel", None) is not None:
+        select_figure_formats(shell, {"png"})  # type: ignore[no-untyped-call]
+
+
+def _figure(width: float, height: float) -> Figure:
+    require()
+    from matplotlib.figure import Figure
+
+    _show_inline_in_jupyter()
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def save(fig: Figure, path: str | Path, *, dpi: int = 130) -> Path:
+    """Write ``fig`` to ``path`` as a PNG, atomically; returns the path."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
+    return Path(path)
+
+
+def results_bars(summary: Mapping[str, Any], *, eps: str | None = None) -> Figure:
+    """The replication's results (``results.json``'s content) as grouped bars: clean and robust accuracy (at
+    ``eps``, default the training eps) per experiment, and the paper's numbers (CIFAR-10, from the summary's
+    ``paper`` entry) as outlined bars. Row names come from the summary's ``labels``."""
+    rows: Mapping[str, Any] = summary["rows"]
+    settings = summary["settings"]
+    key = eps if eps is not None else f"{settings['eps']:g}"
+    paper: Mapping[str, Sequence[Any]] = summary.get("paper", {})
+    labels: Mapping[str, str] = summary.get("labels", {})
+    names = [(k, labels.get(k, k)) for k in rows]
+    fig = _figure(max(7.0, 1.15 * len(names) + 2), 4.6)
+    ax = fig.add_subplot()
+    w = 0.2
+    for i, (k, _) in enumerate(names):
+        r = rows[k]
+        ax.bar(i - 1.5 * w, 100 * r["clean"], w, color="#4477aa", label="clean" if i == 0 else None)
+        robust = r.get("robust", {}).get(key)
+        if robust is not None:
+            ax.bar(i - 0.5 * w, 100 * robust, w, color="#ee6677", label=f"L2 eps {key}" if i == 0 else None)
+        p = paper.get(k, (None, None))
+        if p[0] is not None:
+            ax.bar(i + 0.5 * w, p[0], w, fill=False, edgecolor="#4477aa", hatch="//",
+                   label="paper clean (CIFAR-10)" if i == 0 else None)
+        if p[1] is not None:
+            ax.bar(i + 1.5 * w, p[1], w, fill=False, edgecolor="#ee6677", hatch="//",
+                   label="paper robust (eps 0.25)" if i == 0 else None)
+    ax.set_xticks(range(len(names)), [n for _, n in names], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("accuracy on the real test set (%)")
+    ax.set_ylim(0, 105)
+    ax.axhline(100 / 10, color="grey", lw=0.8, ls=":", label="chance (10 classes)")
+    ax.set_title(f"advfeat replicate: {settings['dataset']} ({settings['scale']})", fontsize=10)
+    fig.legend(fontsize=7, ncols=6, loc="outside lower center")  # outside the axes: it hides no bar
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def image_grid(images: Tensor, labels: Tensor, class_names: Sequence[str] | None = None, *,
+               new_labels: Tensor | None = None, columns: int = 10, title: str | None = None) -> Figure:
+    """Images (N, C, H, W) in [0, 1] with their class names under each; with ``new_labels``, ``true -> new``
+    (a relabelled set: ``labels`` the original classes, ``new_labels`` the classes the set gives)."""
+    x = images.detach().float().cpu().clamp(0, 1)
+    n = x.shape[0]
+    cols = min(columns, n)
+    rows = math.ceil(n / cols)
+    fig = _figure(1.25 * cols, 1.45 * rows + (0.3 if title else 0))
+    axes = fig.subplots(rows, cols, squeeze=False)
+
+    def name(c: int) -> str:
+        return class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(c)
+
+    for i, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        if i >= n:
+            continue
+        img = x[i].permute(1, 2, 0).numpy()
+        ax.imshow(img[..., 0] if img.shape[2] == 1 else img, cmap="gray" if img.shape[2] == 1 else None, vmin=0,
+                  vmax=1, interpolation="nearest")
+        text = name(int(labels[i]))
+        if new_labels is not None:
+            text = f"{text}\n-> {name(int(new_labels[i]))}"
+        ax.set_title(text, fontsize=6.5, pad=2)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def transfer_scatter(rates: Sequence[float], accuracies: Sequence[float], names: Sequence[str] | None = None, *,
+                     title: str = "Transfer and learning from D_det (the paper's Figure 3)") -> Figure:
+    """Test accuracy of models trained on D_det against the rate at which the source model's adversarial
+    examples transfer to them (fractions in [0, 1]), each point named, with a least-squares line."""
+    fig = _figure(5.2, 4.0)
+    ax = fig.add_subplot()
+    xs = [100 * r for r in rates]
+    ys = [100 * a for a in accuracies]
+    ax.scatter(xs, ys, color="#4477aa", zorder=3)
+    for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        ax.annotate(names[i] if names is not None else str(i + 1), (x, y), textcoords="offset points",
+                    xytext=(4, 4), fontsize=7)
+    if len(xs) >= 2 and max(xs) > min(xs):
+        t = torch.tensor(xs, dtype=torch.float64)
+        slope, intercept = torch.linalg.lstsq(torch.stack([t, torch.ones_like(t)], 1),
+                                              torch.tensor(ys, dtype=torch.float64)[:, None]).solution.flatten()
+        grid = torch.linspace(min(xs), max(xs), 50, dtype=torch.float64)
+        ax.plot(grid.numpy(), (slope * grid + intercept).numpy(), color="#ee6677", lw=1,
+                label=f"fit: {float(slope):.2f} x + {float(intercept):.1f}")
+        ax.legend(fontsize=7)
+    ax.set_xlabel("transfer rate of the source model's adversarial examples (%)")
+    ax.set_ylabel("test accuracy after training on D_det (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def quality_per_pass(rows: Sequence[Mapping[str, Any]], *, value: str, label: str, title: str = "",
+                     series: str = "rule", passes: str = "passes", log_y: bool = False) -> Figure:
+    """One curve per ``series`` (e.g. step rule): ``value`` against ``passes`` (log scale) from benchmark rows."""
+    fig = _figure(5.6, 4.0)
+    ax = fig.add_subplot()
+    for s in dict.fromkeys(r[series] for r in rows):
+        pts = sorted((r[passes], r[value]) for r in rows if r[series] == s)
+        ax.plot([p for p, _ in pts], [v for _, v in pts], marker="o", ms=3, label=s)
+    ax.set_xscale("log")
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel("forward + backward passes")
+    ax.set_ylabel(label)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    return fig
