@@ -2,7 +2,7 @@
 
 A frozen dataclass compares its fields as a tuple, which fails for a tensor of more than one element
 ("Boolean value of Tensor ... is ambiguous"). Threat models and attacks may carry per-sample tensors
-(``eps`` of shape (N,), a box per channel), so they compare and hash through :class:`Config` instead,
+(``eps`` of shape (N,), a box per channel), so they compare and hash through ``Config`` instead,
 which treats a tensor as its dtype, shape and values.
 """
 

@@ -2,7 +2,7 @@
 
 A constructor's ``out`` folder, a trainer's ``checkpoint`` and a replication's ``--out`` folder are each
 written by one process at a time. A second writer (another terminal, a notebook cell run again) stops at once
-with :class:`InUseError`, naming the folder and the process that holds it, instead of duplicating the work and
+with ``InUseError``, naming the folder and the process that holds it, instead of duplicating the work and
 overwriting the first writer's files.
 
 The lock is a POSIX record lock (``fcntl.lockf``) on a small hidden file (``.advfeat.lock`` in a folder,
@@ -13,7 +13,7 @@ a second writer (record locks do not conflict within a process). The file holds 
 command line, for the error message only. Without ``fcntl`` (Windows) only the in-process check applies.
 
 Ranks of one ``torch.distributed`` job share an output by design: rank 0 takes the lock and tells the other
-ranks whether it got it (:func:`exclusive_for_job`), so every rank raises the same error or none does.
+ranks whether it got it (``exclusive_for_job``), so every rank raises the same error or none does.
 """
 
 from __future__ import annotations
@@ -71,10 +71,10 @@ def _holder(path: Path) -> str:
 
 @contextmanager
 def exclusive(lock: Path, what: str) -> Iterator[None]:
-    """Hold the lock file ``lock`` (see :func:`folder_lock`, :func:`file_lock`; its folder is created) for the
+    """Hold the lock file ``lock`` (see ``folder_lock``, ``file_lock``; its folder is created) for the
     block.
 
-    Raises :class:`InUseError`, naming ``what`` (e.g. ``"out='runs/d_r'"``) and the holder, when another
+    Raises ``InUseError``, naming ``what`` (e.g. ``"out='runs/d_r'"``) and the holder, when another
     process or another call in this process holds it.
     """
     lock.parent.mkdir(parents=True, exist_ok=True)
@@ -105,8 +105,8 @@ def exclusive(lock: Path, what: str) -> Iterator[None]:
 
 @contextmanager
 def exclusive_for_job(lock: Path, what: str) -> Iterator[None]:
-    """:func:`exclusive` for every rank of a ``torch.distributed`` job: rank 0 holds the lock, and every rank
-    raises the same :class:`InUseError` when rank 0 could not get it. In one process, plain :func:`exclusive`."""
+    """``exclusive`` for every rank of a ``torch.distributed`` job: rank 0 holds the lock, and every rank
+    raises the same ``InUseError`` when rank 0 could not get it. In one process, plain ``exclusive``."""
     rank, world = rank_world()
     if world == 1:
         with exclusive(lock, what):

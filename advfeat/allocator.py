@@ -5,21 +5,21 @@ large blocks with ``mmap`` (above a threshold it adapts, at most 32 MiB) and unm
 trims the top of its heap back to the system once more than a threshold lies free there; the next pass then
 page-faults the same memory in again and the kernel zeroes it. Measured on the 2-core CI machine
 (docs/benchmarks.md): 6,000-12,000 page faults per 3-step attack of a small CNN at batch 64, a quarter of
-the CPU time spent in the kernel; after :func:`tune` none are left, and the constructors on such a
+the CPU time spent in the kernel; after ``tune`` none are left, and the constructors on such a
 model ran 1.2-1.5x faster (attacks and training make the same passes). A model whose activations are
 small, like the planted MLP, gains little: the default ``advfeat replicate`` took 92 s instead of 95 s.
 
-:func:`tune` raises glibc's mmap and trim thresholds for the whole process (with ``mallopt``). The price: the
+``tune`` raises glibc's mmap and trim thresholds for the whole process (with ``mallopt``). The price: the
 process keeps its peak heap instead of returning it to the system. It changes no result (the arithmetic is the
 same, bit for bit). ``advfeat replicate``, the benchmarks and the test suite call it; a library import does
-not. The same settings from the shell, before Python starts::
+not. The same settings from the shell, before Python starts:
 
     MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647 MALLOC_TOP_PAD_=268435456 python ...
 
 (or preload tcmalloc / jemalloc, which behave like this by default). On other C libraries (macOS, Windows,
-musl) :func:`tune` does nothing and returns False.
+musl) ``tune`` does nothing and returns False.
 
-Example:
+Examples:
     >>> import advfeat as af
     >>> af.allocator.tune() in (True, False)
     True

@@ -3,17 +3,17 @@
 ``x_adv = attack(model, x, y)``. An attack is a frozen dataclass: printable, comparable, reusable across
 models and devices. ``y`` holds the true labels, or the targets when ``targeted=True``.
 
-Every attack call, built in or user-written, goes through :meth:`Attack.__call__`, which
+Every attack call, built in or user-written, goes through ``Attack.__call__``, which
 
 1. validates ``x`` (a finite floating tensor inside the attack's box) and ``y`` (integer labels, shape (N,)),
-2. guards the model (:func:`frozen_model`): runs it in eval mode and with ``requires_grad=False`` on every
+2. guards the model (``frozen_model``): runs it in eval mode and with ``requires_grad=False`` on every
    parameter, and afterwards restores every module's ``training`` flag, every parameter's
    ``requires_grad`` and every buffer exactly (``.grad`` is never touched: gradients are taken with
    respect to the input only),
-3. calls :meth:`Attack.run`, the one method a subclass writes, and returns a new tensor of ``x``'s
+3. calls ``Attack.run``, the one method a subclass writes, and returns a new tensor of ``x``'s
    dtype and device.
 
-Example:
+Examples:
     >>> import torch, advfeat as af
     >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
     >>> x, y = torch.rand(5, 3, 2, 2), torch.tensor([0, 1, 2, 0, 1])
@@ -77,9 +77,10 @@ def dlr(logits: Tensor, y: Tensor) -> Tensor:
     Unlike cross-entropy it does not change when the logits are shifted or scaled, so a model cannot hide
     behind large or saturated logits. Positive once the label is lost. Needs at least 3 classes.
 
-    >>> import torch
-    >>> dlr(torch.tensor([[4.0, 2.0, 0.0]]), torch.tensor([0]))
-    tensor([-0.5000])
+    Examples:
+        >>> import torch
+        >>> dlr(torch.tensor([[4.0, 2.0, 0.0]]), torch.tensor([0]))
+        tensor([-0.5000])
     """
     z = logits.float()
     if z.shape[1] < 3:
@@ -141,21 +142,22 @@ class Outcome(NamedTuple):
 
 
 class Attack(Config, ABC):
-    """Base class of all attacks. Subclass it as a frozen dataclass and implement :meth:`run`.
+    """Base class of all attacks. Subclass it as a frozen dataclass and implement ``run``.
 
     ``run(model, x, y, generator)`` receives a validated batch and a model already in eval mode with
     frozen parameters, and returns the perturbed batch. Use ``generator`` for any randomness.
 
-    >>> import torch, advfeat as af
-    >>> from dataclasses import dataclass
-    >>> @dataclass(frozen=True)
-    ... class Noise(af.Attack):
-    ...     sigma: float = 0.1
-    ...     def run(self, model, x, y, generator):
-    ...         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    ...         return (x + self.sigma * noise).clamp(0, 1)
-    >>> Noise(0.2)(torch.nn.Flatten(), torch.rand(2, 4), torch.tensor([0, 1]), generator=torch.Generator()).shape
-    torch.Size([2, 4])
+    Examples:
+        >>> import torch, advfeat as af
+        >>> from dataclasses import dataclass
+        >>> @dataclass(frozen=True)
+        ... class Noise(af.Attack):
+        ...     sigma: float = 0.1
+        ...     def run(self, model, x, y, generator):
+        ...         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        ...         return (x + self.sigma * noise).clamp(0, 1)
+        >>> Noise(0.2)(torch.nn.Flatten(), torch.rand(2, 4), torch.tensor([0, 1]), generator=torch.Generator()).shape
+        torch.Size([2, 4])
     """
 
     targeted: bool = False
@@ -212,7 +214,7 @@ class Attack(Config, ABC):
         return Outcome(pred != y, loss)
 
     def for_evaluation(self, early_stop: bool) -> Attack:
-        """This attack as :func:`advfeat.evaluate` runs it: a sample counts as broken when any iterate
+        """This attack as ``advfeat.evaluate`` runs it: a sample counts as broken when any iterate
         is misclassified (early stopping, or every step with ``keep_best``). Default: unchanged."""
         return self
 
@@ -409,22 +411,23 @@ class FGSM(_BallPGD):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class APGD(_BallPGD):
-    """APGD (Croce & Hein, ICML 2020): PGD with the adaptive step rule :class:`advfeat.steps.APGDStep`
+    """APGD (Croce & Hein, ICML 2020): PGD with the adaptive step rule ``advfeat.steps.APGDStep``
     (momentum, the step halved where the objective stalls, restarts from the best point), from a random start
     with a step of 2 eps, returning each sample's best iterate. The attacks of AutoAttack:
 
     * ``APGD(eps)``: APGD-CE (untargeted, cross-entropy); ``APGD(eps, loss=af.dlr)``: APGD-DLR;
     * ``APGD(eps, loss=af.dlr, n_target_classes=9)``: APGD-T, untargeted robustness measured by targeted
       runs, one per class among the ``n_target_classes`` most likely wrong ones (by the clean logits), each
-      raising the targeted DLR loss (:func:`dlr_targeted`; with another loss ``L``, ``-L(logits, t)``); a
+      raising the targeted DLR loss (``dlr_targeted``; with another loss ``L``, ``-L(logits, t)``); a
       sample broken by one target is not attacked with the next;
     * ``APGD(eps, targeted=True)``: towards given targets ``y`` (cross-entropy or any loss of the targets).
 
-    ``norm="linf"`` (default) or ``"l2"``. Composes with :class:`Restarts` and :class:`WorstOf`;
-    :func:`advfeat.evaluate` runs it with early stopping like any PGD.
+    ``norm="linf"`` (default) or ``"l2"``. Composes with ``Restarts`` and ``WorstOf``;
+    ``advfeat.evaluate`` runs it with early stopping like any PGD.
 
-    >>> APGD(0.5, norm="l2", loss=dlr, n_target_classes=9)
-    APGD(eps=0.5, loss=dlr, norm='l2', n_target_classes=9)
+    Examples:
+        >>> APGD(0.5, norm="l2", loss=dlr, n_target_classes=9)
+        APGD(eps=0.5, loss=dlr, norm='l2', n_target_classes=9)
     """
 
     norm: str = field(default="linf", kw_only=True)

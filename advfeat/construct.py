@@ -1,6 +1,6 @@
 """The paper's dataset constructions: ``robustify`` (D_R / D_NR) and ``nonrobustify`` (D_rand / D_det).
 
-Both run the one engine (:func:`advfeat.engine.optimize`) over the source data in order, shard by shard:
+Both run the one engine (``advfeat.engine.optimize``) over the source data in order, shard by shard:
 
 * ``robustify`` minimises ``||g(z) - g(x)||_2 / ||g(x)||_2`` over ``z`` in the box, from another training
   image (``init="other"``, the paper) or from uniform noise (``init="noise"``), by steps of a step rule
@@ -9,7 +9,7 @@ Both run the one engine (:func:`advfeat.engine.optimize`) over the source data i
   ``g`` is the model's penultimate representation. The label stays ``y``. Through a robust model this is
   D_R, through a standard one D_NR. Per sample it records ``rel_distance`` (the final relative distance) and
   ``start_index`` (the start image, -1 for noise).
-* ``nonrobustify`` runs targeted L2 PGD (:class:`advfeat.L2PGD`; default steps cosine-decayed from eps) towards
+* ``nonrobustify`` runs targeted L2 PGD (``advfeat.L2PGD``; default steps cosine-decayed from eps) towards
   ``t = (y + 1) mod C`` (``"det"``) or ``t`` uniform over the other classes (``"rand"``) and relabels the image
   ``t``. Per sample it records
   ``target_reached`` (the model now predicts ``t``), ``perturbation_norm`` and ``original_label``.
@@ -18,12 +18,12 @@ Randomness depends only on ``(seed, i)`` for sample ``i``: the start image and t
 the whole dataset at once from ``seed``, and noise starts from a per-sample generator; never on the batch or
 shard size or the number of processes.
 
-With ``out=path`` every finished shard is written atomically (see :mod:`advfeat.store`); calling again with the
+With ``out=path`` every finished shard is written atomically (see ``advfeat.store``); calling again with the
 same settings resumes from the first missing shard; under ``torch.distributed`` rank ``r`` builds shards
 ``r, r + W, r + 2W, ...`` of one directory. The result is bitwise identical to one uninterrupted process on CPU
 (same thread count).
 
-Example:
+Examples:
     >>> import torch, advfeat as af
     >>> data = af.data.planted(64, 16, seed=0)
     >>> model = af.models.PlantedNet()
@@ -201,7 +201,7 @@ def _build(
     """Run ``work(idx, x, y) -> (images, labels, meta)`` over the source, shard by shard.
 
     With ``out``, the folder is checked (nothing written) and then held by this job for the whole build
-    (:mod:`advfeat._lock`): a second writer stops at once with an error naming the holder.
+    (``advfeat._lock``): a second writer stops at once with an error naming the holder.
     """
     if out is None:
         parts: dict[int, dict[str, np.ndarray]] = {}
@@ -326,7 +326,7 @@ def robustify(
         init: ``"other"``: start from another image of the source, uniform at random (the paper);
             ``"noise"``: from uniform noise in the box.
         steps, step_size, rule: the optimisation over the box: ``steps`` gradient steps proposed by the step
-            rule (:mod:`advfeat.steps`). Default: 100 steps of :data:`ROBUSTIFY_RULE`, normalised-gradient steps
+            rule (``advfeat.steps``). Default: 100 steps of ``ROBUSTIFY_RULE``, normalised-gradient steps
             cosine-decayed from 0.15 of each sample's distance from its start, which match closer than the paper's
             recipe in a tenth of its passes. The paper's recipe: ``rule=af.steps.Constant(), step_size=0.1,
             steps=1000``. (Per-coordinate rules such as Adam match even closer but carry non-robust features
@@ -415,10 +415,10 @@ def nonrobustify(
 
     Args:
         mode: ``"det"``: target ``(y + 1) mod C``; ``"rand"``: a target uniform over the other classes.
-        eps, step_size, steps, rule: the targeted L2 PGD. Default: 25 steps of :data:`NONROBUSTIFY_RULE`
+        eps, step_size, steps, rule: the targeted L2 PGD. Default: 25 steps of ``NONROBUSTIFY_RULE``
             (normalised-gradient steps cosine-decayed from ``step_size``, default ``eps``), which reach as many
             targets as the paper's recipe: ``rule=af.steps.Constant(), step_size=0.1, steps=100`` (CIFAR: eps 0.5).
-        Others: as :func:`robustify`.
+        Others: as ``robustify``.
     """
     check_positive_float("eps", eps)
     step_size = eps if step_size is None else step_size

@@ -1,13 +1,14 @@
 """Datasets from local files (never a download) and the synthetic planted-features dataset.
 
-* :func:`mnist`, :func:`fashion_mnist`: IDX files, gzipped or not.
-* :func:`cifar10`: CIFAR-10's binary version (``data_batch_1.bin`` ...) or its Python version (the pickles
+* ``mnist``, ``fashion_mnist``: IDX files, gzipped or not.
+* ``cifar10``: CIFAR-10's binary version (``data_batch_1.bin`` ...) or its Python version (the pickles
   torchvision downloads), read with a restricted unpickler that admits only what those files hold.
-* :func:`planted`: synthetic images with a robust and a non-robust class feature of known size.
+* ``planted``: synthetic images with a robust and a non-robust class feature of known size.
 
 Images are returned as tensors in [0, 1] (float32), labels as int64. Real datasets are stored compactly as
 uint8 and converted per item.
 
+Examples:
     >>> import advfeat as af
     >>> p = af.data.planted(n_train=100, n_test=50)
     >>> x, y = p.train[0]
@@ -292,10 +293,10 @@ def planted(
       sqrt(2)`` (0.42 with the defaults, below eps 0.5) swaps it to another class.
     * Everything else: pixel noise of std ``pixel_noise`` orthogonal to both feature subspaces.
 
-    The directions are orthonormal (QR of random patterns), so :meth:`Planted.features` measures each feature
+    The directions are orthonormal (QR of random patterns), so ``Planted.features`` measures each feature
     exactly (up to clamping into [0, 1], which touches about 3% of the pixels). Seeded and deterministic.
 
-    With the defaults and :class:`advfeat.models.PlantedNet` (Adam, lr 3e-3 one-cycle, 60 epochs, batch 128)
+    With the defaults and ``advfeat.models.PlantedNet`` (Adam, lr 3e-3 one-cycle, 60 epochs, batch 128)
     a standard model reaches about 100% clean and 0% accuracy under L2 PGD at eps 0.5; adversarial training
     at eps 0.5 (7 steps) keeps about 83% clean and 62% robust. The model learns the small non-robust feature
     only after it has fitted the large robust one: train long enough (30+ epochs), or it stays robust.

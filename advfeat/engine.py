@@ -1,8 +1,8 @@
 """The one projected-gradient loop.
 
-Every attack and every dataset constructor in advfeat runs :func:`optimize`: a per-sample objective is
+Every attack and every dataset constructor in advfeat runs ``optimize``: a per-sample objective is
 maximised (attacks) or minimised (targeted attacks, representation inversion) by steps that a step rule
-(:mod:`advfeat.steps`; default: a constant step along the threat model's direction) proposes, each
+(``advfeat.steps``; default: a constant step along the threat model's direction) proposes, each
 followed by the threat model's projection.
 
 The objective is any callable ``objective(x, index) -> (loss, success)``:
@@ -19,7 +19,8 @@ Work inside the loop is whole-batch tensor ops; there is no host synchronisation
 a host sync costs nothing), steps 1, 2, 4, 8, ... on accelerators. The step rule's per-sample state is
 dropped with its samples.
 
-Example -- push a point of a linear score as high as the L2 ball allows:
+Examples:
+    Push a point of a linear score as high as the L2 ball allows:
 
     >>> import torch, advfeat as af
     >>> w = torch.tensor([[3.0, 4.0]])
@@ -48,9 +49,9 @@ Objective = Callable[[Tensor, "Tensor | None"], "tuple[Tensor, Tensor | None]"]
 
 @dataclass
 class OptimizeResult:
-    """What :func:`optimize` returns.
+    """What ``optimize`` returns.
 
-    ``x``: the perturbed batch in the working dtype (see :func:`working_dtype`). ``loss`` and ``success``:
+    ``x``: the perturbed batch in the working dtype (see ``working_dtype``). ``loss`` and ``success``:
     per sample at the returned iterate, when ``keep_best`` made them known (else None).
     """
 
@@ -102,7 +103,7 @@ def optimize(
             the batch (after every step on CPU; at steps 1, 2, 4, 8, ... on accelerators). A finished
             sample keeps its first successful iterate.
         generator: the random source of ``random_start``.
-        rule: the step rule (:mod:`advfeat.steps`); default :class:`advfeat.steps.Constant`.
+        rule: the step rule (``advfeat.steps``); default ``advfeat.steps.Constant``.
     """
     rule = Constant() if rule is None else rule
     if not isinstance(rule, StepRule):

@@ -8,7 +8,7 @@ every step on CPU; at steps 1, 2, 4, 8, ... on accelerators, one host sync each)
 trajectory of a sample until its first misclassification does not depend on the others (eval mode), so the
 accuracies agree.
 
-Example:
+Examples:
     >>> import torch, advfeat as af
     >>> from torch.utils.data import DataLoader, TensorDataset
     >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
@@ -37,7 +37,7 @@ __all__ = ["evaluate", "EvalResult"]
 
 @dataclass
 class EvalResult:
-    """Counts from :func:`evaluate`; accuracies are fractions in [0, 1]."""
+    """Counts from ``evaluate``; accuracies are fractions in [0, 1]."""
 
     total: int = 0
     clean_correct: int = 0

@@ -1,19 +1,20 @@
 """Training methods: how a batch becomes a training loss. Small immutable configurations, like attacks.
 
 ``af.adversarial_train(model, loader, method=af.TRADES(af.L2PGD(0.5, steps=7), beta=6))``. A method is a frozen
-dataclass with one method to write, :meth:`TrainingMethod.loss`: given the batch, return the loss to minimise
-and the logits the trainer reports accuracy on. The trainer (:mod:`advfeat.train`) owns everything else: the
+dataclass with one method to write, ``TrainingMethod.loss``: given the batch, return the loss to minimise
+and the logits the trainer reports accuracy on. The trainer (``advfeat.train``) owns everything else: the
 loop, devices, mixed precision, DDP, the optimiser and its schedule, checkpoints and resume (the method's repr
 is part of a checkpoint's fingerprint), evaluation and progress. A method that needs several optimiser steps
-per batch (free training's replays) overrides :meth:`TrainingMethod.batch`, a generator that yields one loss
+per batch (free training's replays) overrides ``TrainingMethod.batch``, a generator that yields one loss
 per optimiser step.
 
-Built in: :class:`StandardTraining`, :class:`PGDTraining` (Madry et al. 2018), :class:`FGSMRS` (Wong et al.
-2020, with a catastrophic-overfitting guard), :class:`FreeTraining` (Shafahi et al. 2019), :class:`TRADES`
-(Zhang et al. 2019) and :class:`MART` (Wang et al. 2020). Every adversarial example comes from the one engine.
+Built in: ``StandardTraining``, ``PGDTraining`` (Madry et al. 2018), ``FGSMRS`` (Wong et al.
+2020, with a catastrophic-overfitting guard), ``FreeTraining`` (Shafahi et al. 2019), ``TRADES``
+(Zhang et al. 2019) and ``MART`` (Wang et al. 2020). Every adversarial example comes from the one engine.
 
-A method of your own (here: train on Gaussian-noised inputs)::
+A method of your own (here: train on Gaussian-noised inputs):
 
+Examples:
     >>> import torch, torch.nn.functional as F, advfeat as af
     >>> from dataclasses import dataclass
     >>> @dataclass(frozen=True, eq=False)
@@ -81,7 +82,7 @@ class TrainContext:
 
 @dataclass(frozen=True, eq=False)
 class TrainingMethod(Config, ABC):
-    """Base class of training methods: a frozen dataclass; write :meth:`loss` (see the module docs)."""
+    """Base class of training methods: a frozen dataclass; write ``loss`` (see the module docs)."""
 
     @abstractmethod
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, ctx: TrainContext) -> tuple[Tensor, Tensor]:
@@ -93,12 +94,12 @@ class TrainingMethod(Config, ABC):
 
     def batch(self, model: nn.Module, x: Tensor, y: Tensor, ctx: TrainContext) -> Iterator[tuple[Tensor, Tensor]]:
         """The optimiser steps of one batch: yield ``(loss, logits)`` once per step; after each yield the trainer
-        has backpropagated that loss and stepped the optimiser. Default: one step with :meth:`loss`."""
+        has backpropagated that loss and stepped the optimiser. Default: one step with ``loss``."""
         yield self.loss(model, x, y, ctx)
 
     @property
     def steps_per_batch(self) -> int:
-        """How many times :meth:`batch` yields (the schedule counts optimiser steps)."""
+        """How many times ``batch`` yields (the schedule counts optimiser steps)."""
         return 1
 
     @property
@@ -287,7 +288,7 @@ class MART(TrainingMethod):
 _BY_NAME: dict[str, type[TrainingMethod]] = {"standard": StandardTraining, "pgd": PGDTraining, "fgsm-rs": FGSMRS,
                                                "free": FreeTraining, "trades": TRADES, "mart": MART}
 NAMES = tuple(_BY_NAME)
-"""The names of the built-in methods, shorthands for their defaults in :func:`advfeat.adversarial_train`."""
+"""The names of the built-in methods, shorthands for their defaults in ``advfeat.adversarial_train``."""
 DEFAULT_METHOD = "pgd"
 
 
@@ -297,9 +298,10 @@ def from_name(name: str, attack: Attack | None = None, **options: Any) -> Traini
     trainer evaluates with it); ``options`` are the method's fields (``beta`` for trades and mart, ``replays``
     for free, ``guard`` for fgsm-rs).
 
-    >>> import advfeat as af
-    >>> from_name("trades", af.L2PGD(0.5), beta=3.0)
-    TRADES(attack=L2PGD(eps=0.5), beta=3.0)
+    Examples:
+        >>> import advfeat as af
+        >>> from_name("trades", af.L2PGD(0.5), beta=3.0)
+        TRADES(attack=L2PGD(eps=0.5), beta=3.0)
     """
     if name not in _BY_NAME:
         raise ValueError(f"method must be one of {', '.join(map(repr, NAMES))} or a TrainingMethod; got {name!r}")

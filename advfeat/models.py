@@ -1,12 +1,13 @@
 """Reference networks and the input normalisation layer.
 
-Attacks work in pixel space ([0, 1]); normalisation belongs inside the model, as its first layer::
+Attacks work in pixel space ([0, 1]); normalisation belongs inside the model, as its first layer:
 
     model = nn.Sequential(af.Normalize(mean, std), net)
 
 Each reference network ends in an ``nn.Linear``; its input is the network's penultimate representation
 ``g(x)``, the one ``robustify`` matches by default.
 
+Examples:
     >>> import torch, advfeat as af
     >>> net = af.models.SmallCNN()
     >>> net(torch.rand(2, 1, 28, 28)).shape
@@ -32,9 +33,10 @@ CIFAR_STD = (0.2023, 0.1994, 0.2010)
 class Normalize(nn.Module):
     """``(x - mean) / std`` per channel, to put first in a model so that attacks see [0, 1] pixels.
 
-    >>> import torch
-    >>> Normalize([0.5], [0.25])(torch.ones(1, 1, 2, 2)).flatten().tolist()
-    [2.0, 2.0, 2.0, 2.0]
+    Examples:
+        >>> import torch
+        >>> Normalize([0.5], [0.25])(torch.ones(1, 1, 2, 2)).flatten().tolist()
+        [2.0, 2.0, 2.0, 2.0]
     """
 
     mean: Tensor
@@ -61,10 +63,11 @@ class Normalize(nn.Module):
 
 
 class PlantedNet(nn.Module):
-    """An MLP for :func:`advfeat.data.planted` images: flatten-fc(hidden)-ReLU-fc(hidden)-ReLU-fc(classes).
+    """An MLP for ``advfeat.data.planted`` images: flatten-fc(hidden)-ReLU-fc(hidden)-ReLU-fc(classes).
 
     Penultimate representation: the ``hidden``-dimensional input of ``fc3``.
 
+    Examples:
         >>> import torch
         >>> PlantedNet((1, 16, 16))(torch.rand(3, 1, 16, 16)).shape
         torch.Size([3, 10])
@@ -89,6 +92,7 @@ def last_linear(model: nn.Module) -> nn.Linear:
     """The last ``nn.Linear`` of ``model`` in registration order: its input is the default penultimate
     representation ``g(x)``. Raises ValueError, naming the model's class, when there is none.
 
+    Examples:
         >>> last_linear(PlantedNet()).out_features
         10
     """
@@ -191,8 +195,9 @@ class CifarResNet(nn.Module):
     of ``blocks`` blocks (``width``, 2x, 4x, 8x channels; bottlenecks expand 4x), 4x4 average pooling of the
     32x32 input's 4x4 map, and ``linear``. ResNet-50: ``CifarResNet()``; ResNet-18: ``CifarResNet((2, 2, 2, 2),
     bottleneck=False)``. Penultimate representation: the pooled features, the input of ``linear`` (the paper's
-    ``g``). No normalisation inside: :func:`from_robustness` puts the checkpoint's first.
+    ``g``). No normalisation inside: ``from_robustness`` puts the checkpoint's first.
 
+    Examples:
         >>> CifarResNet((1, 1, 1, 1), width=8)(torch.rand(2, 3, 32, 32)).shape
         torch.Size([2, 10])
     """
@@ -243,13 +248,13 @@ def from_robustness(
 ) -> nn.Module:
     """A CIFAR-10 checkpoint of the robustness library (``cifar_nat.pt``, ``cifar_l2_0_5.pt``, ...) as
     ``nn.Sequential(Normalize(mean, std), CifarResNet(...))``, in eval mode, ready for advfeat's attacks (pixels in
-    [0, 1]) and for :func:`advfeat.robustify` (the representation is the input of ``linear``).
+    [0, 1]) and for ``advfeat.robustify`` (the representation is the input of ``linear``).
 
     Read with ``torch.load(..., weights_only=True)``: tensors only, no code from the file ever runs. The weights
     come from the checkpoint's ``"model"`` (or ``"state_dict"``) entry, whatever its ``module.`` (DataParallel) and
     ``model.`` / ``attacker.model.`` (the library's AttackerModel) prefixes; the normaliser from its
-    ``normalizer.new_mean`` / ``new_std`` buffers (CIFAR's, :data:`CIFAR_MEAN` / :data:`CIFAR_STD`, when absent).
-    The architecture is the one ``arch`` (one of :data:`ROBUSTNESS_ARCHS`, default the paper's ResNet-50) and
+    ``normalizer.new_mean`` / ``new_std`` buffers (CIFAR's, ``CIFAR_MEAN`` / ``CIFAR_STD``, when absent).
+    The architecture is the one ``arch`` (one of ``ROBUSTNESS_ARCHS``, default the paper's ResNet-50) and
     ``width`` (the stem's channels, 64 in the library) name; a checkpoint of another is refused with a message
     naming what differs and what the checkpoint seems to hold.
     """

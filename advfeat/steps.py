@@ -1,12 +1,12 @@
 """Step rules: how the one engine turns a gradient into the next iterate.
 
-The engine (:func:`advfeat.engine.optimize`) computes, at every step ``t``, the objective and its gradient at
+The engine (``advfeat.engine.optimize``) computes, at every step ``t``, the objective and its gradient at
 the current iterate ``z``; a step rule proposes the next iterate; the engine projects it onto the threat
 model's set (and freezes samples that early stopping has finished). Threat models say *where* an iterate may
 go; step rules say *how far and in which direction* it goes (rai-toolbox keeps the same two apart).
 
 A rule is a small immutable configuration (a frozen dataclass) with one method to write,
-:meth:`StepRule.step`. It sees the problem as **ascent**: ``grad`` is the gradient of ``score``, and a higher
+``StepRule.step``. It sees the problem as **ascent**: ``grad`` is the gradient of ``score``, and a higher
 score is always better (the engine negates both for a minimisation). Whatever a rule must remember between
 steps lives in ``state``: a dict of **per-sample tensors** (first dimension = the batch), which the engine
 compacts together with the batch when early stopping drops finished samples, so a rule never needs to know
@@ -16,19 +16,20 @@ host synchronisation.
 
 Built in:
 
-* :class:`Constant` -- ``z + a * direction(grad)``: the 2017 recipe of the paper's code (default of attacks).
-* :class:`Momentum` -- a running sum of unit directions, stepped along with the constant's length.
-* :class:`Adam` -- per-coordinate Adam on the raw gradient, ``a`` its learning rate; meant for box-only
+* ``Constant`` -- ``z + a * direction(grad)``: the 2017 recipe of the paper's code (default of attacks).
+* ``Momentum`` -- a running sum of unit directions, stepped along with the constant's length.
+* ``Adam`` -- per-coordinate Adam on the raw gradient, ``a`` its learning rate; meant for box-only
   problems such as representation matching.
-* :class:`APGDStep` -- the adaptive rule of APGD (Croce & Hein, ICML 2020): momentum 0.75, the step halved at
+* ``APGDStep`` -- the adaptive rule of APGD (Croce & Hein, ICML 2020): momentum 0.75, the step halved at
   checkpoints where the objective stalled, and a restart from the best point.
-* :class:`Cosine`, :class:`Linear` -- step-size schedules around any rule: ``Cosine(Adam())`` (a schedule
-  of your own: subclass :class:`Schedule` and write ``factor(t, steps)``).
-* :class:`RelativeToStart` -- step sizes as fractions of each sample's distance from its start to ``x``
+* ``Cosine``, ``Linear`` -- step-size schedules around any rule: ``Cosine(Adam())`` (a schedule
+  of your own: subclass ``Schedule`` and write ``factor(t, steps)``).
+* ``RelativeToStart`` -- step sizes as fractions of each sample's distance from its start to ``x``
   (robustify's default: ``RelativeToStart(Cosine())``).
 
-A rule of your own (here, Nesterov-style momentum)::
+A rule of your own (here, Nesterov-style momentum):
 
+Examples:
     >>> import torch, advfeat as af
     >>> from dataclasses import dataclass
     >>> @dataclass(frozen=True, eq=False)
@@ -72,7 +73,7 @@ class StepContext:
 
     ``t``: the step index (0 to ``steps - 1``); ``step_size``: the positive base step length, a float or a
     per-sample column ``(n, 1, ..., 1)``; ``x``: the centres of the threat model's sets (the current batch);
-    :meth:`direction` and :meth:`project_` are the threat model's.
+    ``direction`` and ``project_`` are the threat model's.
     """
 
     t: int
@@ -93,13 +94,13 @@ class StepContext:
 
     def scaled(self, factor: float | Tensor) -> StepContext:
         """This context with the step size multiplied by ``factor`` (a float, or a per-sample column): how
-        schedules and :class:`RelativeToStart` act."""
+        schedules and ``RelativeToStart`` act."""
         return dataclasses.replace(self, step_size=self.step_size * factor)
 
 
 @dataclass(frozen=True, eq=False)
 class StepRule(Config, ABC):
-    """Base class of step rules: a frozen dataclass with one method, :meth:`step`. See the module docs."""
+    """Base class of step rules: a frozen dataclass with one method, ``step``. See the module docs."""
 
     @abstractmethod
     def step(self, z: Tensor, grad: Tensor, score: Tensor, state: State, ctx: StepContext) -> Tensor:
@@ -118,8 +119,9 @@ class StepRule(Config, ABC):
 class Constant(StepRule):
     """``z + step_size * direction(grad)``: a fixed step along the normalised gradient (L2) or its sign (Linf).
 
-    >>> Constant()
-    Constant()
+    Examples:
+        >>> Constant()
+        Constant()
     """
 
     def step(self, z: Tensor, grad: Tensor, score: Tensor, state: State, ctx: StepContext) -> Tensor:
@@ -175,8 +177,9 @@ def apgd_checkpoints(steps: int) -> tuple[int, ...]:
     """The steps after which APGD may halve its step: the first after 22% of the budget, then ever shorter
     intervals (3% less each time, at least 6%), as in the reference implementation.
 
-    >>> apgd_checkpoints(100)
-    (22, 41, 57, 70, 80, 87, 93, 99)
+    Examples:
+        >>> apgd_checkpoints(100)
+        (22, 41, 57, 70, 80, 87, 93, 99)
     """
     first, decrease, shortest = max(int(0.22 * steps), 1), max(int(0.03 * steps), 1), max(int(0.06 * steps), 1)
     out, t, gap = [], first, first
@@ -194,7 +197,7 @@ class APGDStep(StepRule):
 
     The step starts at ``step_size`` (APGD: 2 eps). Each step goes to ``z1 = P(z + eta * direction(grad))``
     and then to ``P(z + momentum * (z1 - z) + (1 - momentum) * (z - z_prev))`` (no momentum at the first step).
-    At each checkpoint (:func:`apgd_checkpoints`) a sample whose score rose in at most ``rho`` of the steps
+    At each checkpoint (``apgd_checkpoints``) a sample whose score rose in at most ``rho`` of the steps
     since the last checkpoint, or whose step was not halved last time and whose best score has not improved
     since, halves its step and restarts from its best point so far. Everything is per sample.
     """
@@ -248,8 +251,9 @@ class RelativeToStart(StepRule):
     (robustify): the same fraction then suits data whose images lie 5 or 12 pixel-space units apart. A sample
     that starts at ``x`` takes no step at all.
 
-    >>> RelativeToStart(Cosine())
-    RelativeToStart(rule=Cosine(rule=Constant(), final=0.0))
+    Examples:
+        >>> RelativeToStart(Cosine())
+        RelativeToStart(rule=Cosine(rule=Constant(), final=0.0))
     """
 
     rule: StepRule = field(default_factory=lambda: Cosine())
@@ -265,7 +269,7 @@ class RelativeToStart(StepRule):
 
 @dataclass(frozen=True, eq=False)
 class Schedule(StepRule):
-    """Base class of step-size schedules: ``rule`` with its step size multiplied by :meth:`factor` at each step.
+    """Base class of step-size schedules: ``rule`` with its step size multiplied by ``factor`` at each step.
     A schedule of your own is a subclass with that one method."""
 
     rule: StepRule = field(default_factory=Constant)
@@ -288,8 +292,9 @@ class Cosine(Schedule):
     """``rule`` with its step size decayed along half a cosine, from 1x at the first step to ``final``x at
     the end: ``final + (1 - final) (1 + cos(pi t / steps)) / 2``.
 
-    >>> Cosine(Adam(), final=0.1)
-    Cosine(rule=Adam(beta1=0.9, beta2=0.999, eps=1e-08), final=0.1)
+    Examples:
+        >>> Cosine(Adam(), final=0.1)
+        Cosine(rule=Adam(beta1=0.9, beta2=0.999, eps=1e-08), final=0.1)
     """
 
     def factor(self, t: int, steps: int) -> float:

@@ -1,6 +1,6 @@
 """ConstructedDataset: images, labels, per-sample metadata and the construction config; safe on disk.
 
-On disk a constructed dataset is a directory::
+On disk a constructed dataset is a directory:
 
     manifest.json                 config, library version, model and data fingerprints, shard count
     shard-00000.json              one per finished shard: its sample range and the sha256 of each file
@@ -10,7 +10,7 @@ On disk a constructed dataset is a directory::
 
 Only ``.npy`` files loaded with ``allow_pickle=False`` and JSON: loading never runs code from the files.
 A shard's ``.json`` is written last, atomically, after its arrays: a shard without one does not exist, so a
-crash at any moment leaves only finished shards. :meth:`ConstructedDataset.load` checks every checksum and
+crash at any moment leaves only finished shards. ``ConstructedDataset.load`` checks every checksum and
 refuses a partial or tampered directory; large image shards are memory-mapped.
 """
 
@@ -36,12 +36,13 @@ _MMAP_BYTES = 64 << 20
 
 
 class ConstructedDataset(Dataset[tuple[Tensor, Tensor]]):
-    """A dataset built by :func:`advfeat.robustify` or :func:`advfeat.nonrobustify`.
+    """A dataset built by ``advfeat.robustify`` or ``advfeat.nonrobustify``.
 
     ``ds[i]`` is ``(image, label)`` with the image as float32 in [0, 1] (also when stored as uint8).
     ``ds.meta`` maps each per-sample field name to a tensor of length ``len(ds)``; ``ds.config`` holds the
     construction settings. ``ConstructedDataset.load(path)`` reads a directory written by a constructor.
 
+    Examples:
         >>> import torch
         >>> ds = ConstructedDataset([torch.rand(4, 1, 2, 2)], [torch.tensor([0, 1, 0, 1])], config={"kind": "demo"})
         >>> len(ds), ds[1][1].item(), ds.config["kind"]
@@ -179,7 +180,7 @@ def finished_shards(root: Path, *, verify: bool = True) -> dict[int, dict[str, A
 
 def _own_file(name: object, i: int, key: object) -> bool:
     """A shard record may name only its own files, by plain name inside the dataset's folder: never a path
-    (``../x.npy``, ``/etc/x``, ``sub/x``), so that a hand-edited record cannot make :meth:`load` read elsewhere."""
+    (``../x.npy``, ``/etc/x``, ``sub/x``), so that a hand-edited record cannot make ``load`` read elsewhere."""
     return isinstance(name, str) and isinstance(key, str) and name == f"{shard_name(i)}.{key}.npy" \
         and Path(name).name == name
 

@@ -4,10 +4,10 @@ A threat model is a set around each input ``x`` (an L2 ball, an Linf ball, or no
 a box of valid pixel values (``[0, 1]`` by default). It supplies the three pieces the projected-gradient
 engine needs, kept apart as in rai-toolbox:
 
-* :meth:`ThreatModel.init` -- a random starting point,
-* :meth:`ThreatModel.direction` -- the steepest-ascent direction of unit size for the gradient
-  (L2: ``g / ||g||_2`` per sample; Linf: ``sign(g)``; :class:`Box`: ``g / ||g||_2``),
-* :meth:`ThreatModel.project_` -- projection, in place, onto the ball and then clamping into the box.
+* ``ThreatModel.init`` -- a random starting point,
+* ``ThreatModel.direction`` -- the steepest-ascent direction of unit size for the gradient
+  (L2: ``g / ||g||_2`` per sample; Linf: ``sign(g)``; ``Box``: ``g / ||g||_2``),
+* ``ThreatModel.project_`` -- projection, in place, onto the ball and then clamping into the box.
 
 Clamping into the box after the ball projection never leaves the ball: because ``x`` is inside the box,
 clamping ``x + delta`` only shrinks each ``|delta_i|``. (The result is a feasible point of ball ∩ box,
@@ -16,7 +16,7 @@ not the Euclidean projection onto the intersection; this is what the robustness 
 ``eps`` is a float or a per-sample tensor of shape ``(N,)``; the box bounds are floats or tensors that
 broadcast against the batch (for instance one value per channel, shape ``(C, 1, 1)``).
 
-Example:
+Examples:
     >>> import torch, advfeat as af
     >>> ball = af.L2Ball(0.5)
     >>> x = torch.rand(4, 3, 8, 8)
@@ -75,8 +75,8 @@ class Bounds:
 class ThreatModel(Config, ABC):
     """Base class for threat models: a set around ``x`` intersected with the box ``[lower, upper]``.
 
-    Subclass it for a custom threat model: implement :meth:`init` and :meth:`direction`, and override
-    :meth:`shrink_` to project a perturbation onto your set (the box clamp is done for you).
+    Subclass it for a custom threat model: implement ``init`` and ``direction``, and override
+    ``shrink_`` to project a perturbation onto your set (the box clamp is done for you).
     """
 
     lower: float | Tensor = field(default=0.0, kw_only=True)
@@ -252,8 +252,9 @@ def ball(norm: str, eps: float | Tensor, *, lower: float | Tensor = 0.0,
          upper: float | Tensor = 1.0) -> ThreatModel:
     """The ball of the named norm: ``"l2"`` or ``"linf"`` (also ``"2"``, ``"inf"``).
 
-    >>> ball("linf", 8 / 255)
-    LinfBall(0.0313725)
+    Examples:
+        >>> ball("linf", 8 / 255)
+        LinfBall(0.0313725)
     """
     key = str(norm).lower().replace("_", "")
     if key not in _NORMS:

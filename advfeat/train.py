@@ -1,12 +1,14 @@
-"""Robust training: the trainer. How a batch becomes a loss is a method object (:mod:`advfeat.methods`).
+"""Robust training: the trainer. How a batch becomes a loss is a method object (``advfeat.methods``).
 
 ``af.adversarial_train(model, loader, method=af.TRADES(af.L2PGD(0.5, steps=7), beta=6))``. The trainer owns the
 loop, devices, mixed precision, DDP, the optimiser and its schedule, checkpoints and resume, evaluation, history,
 progress and bad-input checks; it names no method. The strings ``"standard"``, ``"pgd"``, ``"fgsm-rs"``,
-``"free"``, ``"trades"`` and ``"mart"`` are shorthands for each method's defaults (:func:`advfeat.methods.from_name`,
+``"free"``, ``"trades"`` and ``"mart"`` are shorthands for each method's defaults (``advfeat.methods.from_name``,
 with ``attack=``, and ``beta``, ``replays``, ``guard`` where they apply).
 
-Example (seconds on a CPU):
+Examples:
+    Seconds on a CPU:
+
     >>> import torch, advfeat as af
     >>> from torch.utils.data import DataLoader
     >>> data = af.data.planted(512, 256, seed=0)
@@ -21,7 +23,7 @@ Choices (documented, switchable):
 
 * BatchNorm during the attack: eval mode (``attack_eval_mode=True``), so that crafting an example does not
   depend on, or change, batch statistics; ``False`` runs the attack in train mode (running statistics are
-  still restored afterwards by :func:`advfeat.frozen_model`).
+  still restored afterwards by ``advfeat.frozen_model``).
 * Optimiser: SGD, momentum 0.9, weight decay 5e-4 at ``lr``, with a one-cycle schedule stepped per batch
   (``schedule="onecycle"``), or ``"piecewise"`` (x0.1 at 50% and 75% of training) or ``"constant"``;
   or pass your own ``optimizer`` and ``scheduler`` (stepped once per optimiser step).
@@ -29,7 +31,7 @@ Choices (documented, switchable):
   optimiser, scheduler, grad scaler, epoch, RNG states and history; their fingerprint holds the method's repr.
   ``resume=True`` continues from it; a crash costs at most the epoch in progress, and the resumed run ends with
   the same weights as an uninterrupted one under deterministic settings.
-* A method's guard (:meth:`advfeat.TrainingMethod.guard_attack`, on for FGSM-RS): after every epoch the guard
+* A method's guard (``advfeat.TrainingMethod.guard_attack``, on for FGSM-RS): after every epoch the guard
   attack's accuracy on a held batch (the first of ``eval_loader``, else of ``loader``); training ends with the
   weights of the best epoch (among the epochs this process runs).
 """
@@ -77,16 +79,16 @@ def _rank() -> int:
 
 
 class AdversarialTrainer:
-    """Train ``model`` on ``loader`` with a training method; :meth:`fit` runs the epochs.
+    """Train ``model`` on ``loader`` with a training method; ``fit`` runs the epochs.
 
     Args:
         model: any classifier ``nn.Module`` (or one wrapped in ``DistributedDataParallel``).
         loader: an iterable of ``(x, y)`` batches, pixels in the method's attack's box; with a ``DistributedSampler``
             its ``set_epoch`` is called every epoch.
-        method: a :class:`advfeat.TrainingMethod` (``af.PGDTraining(attack)``, ``af.TRADES(attack, beta=6)``, yours),
+        method: a ``advfeat.TrainingMethod`` (``af.PGDTraining(attack)``, ``af.TRADES(attack, beta=6)``, yours),
             or a name for a method's defaults: ``"standard"``, ``"pgd"``, ``"fgsm-rs"``, ``"free"``, ``"trades"``,
-            ``"mart"`` (see :mod:`advfeat.methods`).
-        attack, options: with a method *name* only: its attack (any :class:`advfeat.Attack` for "pgd" and
+            ``"mart"`` (see ``advfeat.methods``).
+        attack, options: with a method *name* only: its attack (any ``advfeat.Attack`` for "pgd" and
             "mart"; a PGD configuration, whose ball, steps and step size the others use) and its options by
             keyword (``beta=`` for TRADES and MART, ``replays=`` for free training, ``guard=`` for FGSM-RS; defaults:
             the method's). A method object carries its own.
@@ -209,7 +211,7 @@ class AdversarialTrainer:
     # -- state --------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything :meth:`fit` needs to continue: weights, optimiser, scheduler, scaler, epoch, RNGs."""
+        """Everything ``fit`` needs to continue: weights, optimiser, scheduler, scaler, epoch, RNGs."""
         return {
             "fingerprint": self.fingerprint(),
             "epoch": self.epoch,
@@ -238,7 +240,7 @@ class AdversarialTrainer:
         _set_rng_state(state["rng"], self.loader)
 
     def save(self, path: str | Path) -> None:
-        """Write :meth:`state_dict` to ``path`` atomically (temporary file, fsync, rename)."""
+        """Write ``state_dict`` to ``path`` atomically (temporary file, fsync, rename)."""
         state = self.state_dict()
         atomic_write(path, lambda f: torch.save(state, f))
 
@@ -251,7 +253,7 @@ class AdversarialTrainer:
         """Run the remaining epochs; returns the history (one dict per epoch).
 
         With a ``checkpoint``, this job holds it while it trains: a second trainer on the same checkpoint stops
-        at once with :class:`advfeat.InUseError` naming the holder (ranks of one job share it).
+        at once with ``advfeat.InUseError`` naming the holder (ranks of one job share it).
         """
         if self.checkpoint is None:
             return self._fit()
@@ -419,7 +421,7 @@ def _method(method: str | TrainingMethod, attack: Attack | None, options: dict[s
 
 
 def adversarial_train(model: nn.Module, loader: Batches, **kwargs: Any) -> list[dict[str, Any]]:
-    """Train ``model`` in place; returns the history. Keyword arguments: see :class:`AdversarialTrainer`."""
+    """Train ``model`` in place; returns the history. Keyword arguments: see ``AdversarialTrainer``."""
     return AdversarialTrainer(model, loader, **kwargs).fit()
 
 

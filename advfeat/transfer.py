@@ -4,6 +4,7 @@ The paper trains several architectures on D_det and finds that the better an arc
 (test accuracy on the real test set), the more often adversarial examples of the source model transfer to
 it: non-robust features are shared across models.
 
+Examples:
     >>> import torch, advfeat as af
     >>> from torch.utils.data import TensorDataset
     >>> _ = torch.manual_seed(0)
