@@ -19,10 +19,12 @@ when installed: SmallCNN, PGD-AT at L2 eps 1.0), trained by this script with the
 * evaluation (the robust model): accuracy under PGD (1 and 5 restarts) and APGD (CE, DLR, targeted over the 9
   other classes) in L2 and Linf, per budget of steps; the passes each attack actually spent per image are
   counted (early stopping and APGD-T's targets included). When ``torchattacks`` is importable, its APGD and
-  APGDT on the same model and images too, with time per pass against ours (``pip install --no-deps torchattacks``
-  and scipy).
+  APGDT on the same model and images too (``pip install --no-deps torchattacks`` and scipy);
+* timing (``--parts timing``): time per image-pass of our APGD-CE / APGD-T and torchattacks', interleaved, the
+  median of 3 runs without early stopping, on the robust model.
 
-Writes ``results.json``, ``tables.md`` and ``quality_per_pass.png`` (when matplotlib is installed) to ``--out``.
+Writes ``results.json``, ``tables.md`` and the curves as PNGs (``advfeat.figures``, when matplotlib is installed) to
+``--out``; ``--replot`` redraws them from an earlier run's ``results.json``.
 """
 
 from __future__ import annotations
@@ -212,11 +214,11 @@ def part_evaluate(model: nn.Module, test: Any, n: int, threats: list[tuple[str, 
                     rows.append({"norm": norm, "eps": eps, "steps": b, "attack": name, "robust": r,
                                  "passes_per_image": counter.count / r["total"], "seconds": time.perf_counter() - t0})
                     rows[-1]["robust"] = r["accuracy"]
+                    print(json.dumps(rows[-1]), flush=True)
                     if name == "APGD-T (9 targets)":
                         worst = 1 - float(broken.double().mean())  # the worst case of every attack measured
                         rows.append({"norm": norm, "eps": eps, "steps": b, "attack": "worst of all above",
                                      "robust": worst, "passes_per_image": None, "seconds": None})
-                    print(json.dumps(rows[-1]), flush=True)
                 rows += _torchattacks(model, loader, norm, eps, b, device, counter)
     finally:
         counter.handle.remove()
@@ -240,6 +242,47 @@ def _robust(model: nn.Module, loader: DataLoader[Any], attack: af.Attack, device
         held.append(ok.cpu())
     ok = torch.cat(held)
     return {"accuracy": float(ok.double().mean()), "total": len(ok)}, ok
+
+
+def part_timing(model: nn.Module, test: Any, n: int, norm: str, eps: float, steps: int, repeats: int,
+                device: torch.device) -> list[dict[str, Any]]:
+    """Time per forward+backward pass of our APGD and torchattacks' on the same model and images, interleaved,
+    ``repeats`` times (median), without early stopping (both run every step on every image)."""
+    import statistics
+
+    try:
+        import torchattacks
+    except Exception:  # noqa: BLE001
+        return []
+    x, y = next(iter(DataLoader(Subset(test, range(n)), batch_size=n)))
+    x, y = x.to(device), y.to(device)
+    n_name = "Linf" if norm == "linf" else "L2"
+    runs = {
+        "ours APGD-CE": lambda: af.APGD(eps, norm=norm, steps=steps, seed=0)(model, x, y),
+        "torchattacks APGD-CE": lambda: torchattacks.APGD(model, norm=n_name, eps=eps, steps=steps, seed=0)(x, y),
+        "ours APGD-T": lambda: af.APGD(eps, norm=norm, steps=steps, loss=af.dlr, n_target_classes=9, seed=0)(
+            model, x, y),
+        "torchattacks APGD-T": lambda: torchattacks.APGDT(model, norm=n_name, eps=eps, steps=steps, n_classes=10,
+                                                          seed=0)(x, y),
+    }
+    counter = PassCounter(model)
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    passes: dict[str, int] = {}
+    try:
+        for _ in range(repeats):
+            for name, run in runs.items():
+                counter.count = 0
+                t0 = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - t0)
+                passes[name] = counter.count
+    finally:
+        counter.handle.remove()
+    rows = [{"attack": k, "seconds": statistics.median(v), "passes": passes[k],
+             "us_per_image_pass": 1e6 * statistics.median(v) / passes[k]} for k, v in times.items()]
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    return rows
 
 
 def _torchattacks(model: nn.Module, loader: DataLoader[Any], norm: str, eps: float, b: int, device: torch.device,
@@ -310,6 +353,12 @@ def tables(results: dict[str, Any]) -> str:
                          if r["rule"] == name}
                 out.append(f"| {name} | " + " | ".join(cells.get(b, "") for b in budgets) + " |")
             out.append("")
+        if parts.get("timing"):
+            out += [f"### time per pass, {ds}, robust model, L2, 100 steps, every step on every image (median of 3)",
+                    "", "| attack | seconds | image-passes | µs per image-pass |", "|---|---|---|---|"]
+            out += [f"| {r['attack']} | {r['seconds']:.2f} | {r['passes']} | {r['us_per_image_pass']:.1f} |"
+                    for r in parts["timing"]]
+            out.append("")
         if "evaluate" in parts:
             rows = parts["evaluate"]
             for norm, eps in dict.fromkeys((r["norm"], r["eps"]) for r in rows):
@@ -330,42 +379,26 @@ def tables(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def plot(results: dict[str, Any], path: Path) -> bool:
+def plot(results: dict[str, Any], out: Path) -> list[Path]:
+    """The curves with :func:`advfeat.figures.quality_per_pass`: robustify's median distance through each model,
+    nonrobustify's share of targets reached (matplotlib needed: the ``report`` extra)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        af.figures.require()
     except ImportError:
-        return False
-    panels = [(ds, kind) for ds, parts in results["datasets"].items() for kind in ("robust", "standard")
-              if any(r["model"] == kind for r in parts.get("robustify", []))]
-    panels += [(ds, "nonrobustify") for ds, parts in results["datasets"].items() if "nonrobustify" in parts]
-    if not panels:
-        return False
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    for ax, (ds, what) in zip(axes[0], panels, strict=True):
-        parts = results["datasets"][ds]
-        if what == "nonrobustify":
-            rows, key, ylabel = parts["nonrobustify"], "reached", "targets reached"
-            title = f"nonrobustify det, {ds}"
-        else:
-            rows = [r for r in parts["robustify"] if r["model"] == what]
-            key, ylabel, title = "median", "median relative distance", f"robustify, {ds}, {what}"
-            ax.set_yscale("log")
-        for name in dict.fromkeys(r["rule"] for r in rows):
-            pts = sorted((r["passes"], r[key]) for r in rows if r["rule"] == name)
-            ax.plot([p for p, _ in pts], [v for _, v in pts], marker="o", ms=3, label=name)
-        ax.set_xscale("log")
-        ax.set_xlabel("forward + backward passes")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title, fontsize=9)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return True
+        return []
+    written = []
+    for ds, parts in results["datasets"].items():
+        for kind in ("robust", "standard"):
+            rows = [r for r in parts.get("robustify", []) if r["model"] == kind]
+            if rows:
+                fig = af.figures.quality_per_pass(rows, value="median", label="median relative distance", log_y=True,
+                                                  title=f"robustify through the {kind} model, {ds}")
+                written.append(af.figures.save(fig, out / f"robustify_{ds}_{kind}.png"))
+        if parts.get("nonrobustify"):
+            fig = af.figures.quality_per_pass(parts["nonrobustify"], value="reached", label="targets reached",
+                                              title=f"nonrobustify (det, eps {parts['eps']:g}), {ds}")
+            written.append(af.figures.save(fig, out / f"nonrobustify_{ds}.png"))
+    return written
 
 
 def main() -> None:
@@ -383,7 +416,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned")
+    ap.add_argument("--replot", action="store_true", help="only redraw tables and figures from --out/results.json")
     args = ap.parse_args()
+    if args.replot:
+        results = json.loads((args.out / "results.json").read_text())
+        (args.out / "tables.md").write_text(tables(results))
+        for path in plot(results, args.out):
+            print(f"figure: {path}")
+        return
     if args.malloc == "tuned":
         af.allocator.tune()
     if args.threads:
@@ -418,6 +458,8 @@ def main() -> None:
             threats = [("l2", s.eps), ("linf", 0.1 if ds == "fashion-mnist" else 0.03)]
             res["evaluate"] = part_evaluate(models["robust"], test, args.n_eval, threats,
                                             [int(b) for b in args.eval_budgets.split(",")], device)
+        if "timing" in parts:
+            res["timing"] = part_timing(models["robust"], test, args.n_eval, "l2", s.eps, 100, 3, device)
         results["datasets"][ds] = res
     results["seconds"] = time.perf_counter() - t_start
     args.out.mkdir(parents=True, exist_ok=True)
@@ -425,8 +467,8 @@ def main() -> None:
     text = tables(results)
     (args.out / "tables.md").write_text(text)
     print(text)
-    if plot(results, args.out / "quality_per_pass.png"):
-        print(f"plot: {args.out / 'quality_per_pass.png'}")
+    for path in plot(results, args.out):
+        print(f"figure: {path}")
 
 
 if __name__ == "__main__":
