@@ -166,7 +166,7 @@ def transfer_scatter(rates: Sequence[float], accuracies: Sequence[float], names:
                                               torch.tensor(ys, dtype=torch.float64)[:, None]).solution.flatten()
         grid = torch.linspace(min(xs), max(xs), 50, dtype=torch.float64)
         ax.plot(grid.numpy(), (slope * grid + intercept).numpy(), color="#ee6677", lw=1,
-                label=f"fit: {float(slope):.2f} x + {float(intercept):.1f}")
+                label=f"fit: {float(slope):.2f} x {'-' if intercept < 0 else '+'} {abs(float(intercept)):.1f}")
         ax.legend(fontsize=7)
     ax.set_xlabel("transfer rate of the source model's adversarial examples (%)")
     ax.set_ylabel("test accuracy after training on D_det (%)")
