@@ -5,7 +5,7 @@ Ilyas et al., "Adversarial Examples Are Not Bugs, They Are Features" (NeurIPS 20
 model and data loader. See README.md and docs/.
 """
 
-from . import allocator, data, engine, figures, methods, models, steps, train
+from . import allocator, controls, data, engine, figures, methods, models, steps, train
 from ._lock import InUseError
 from .attacks import (
     APGD,
@@ -41,6 +41,6 @@ __all__ = [
     "evaluate", "EvalResult", "Normalize", "AdversarialTrainer", "adversarial_train",
     "TrainingMethod", "StandardTraining", "PGDTraining", "FGSMRS", "FreeTraining", "TRADES", "MART",
     "robustify", "nonrobustify", "ConstructedDataset", "transfer_rates", "InUseError",
-    "allocator", "data", "engine", "figures", "methods", "models", "steps", "train",
+    "allocator", "controls", "data", "engine", "figures", "methods", "models", "steps", "train",
     "__version__",
 ]

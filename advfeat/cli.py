@@ -24,6 +24,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--transfer", action="store_true", help="also the transfer experiment (Figure 3): several "
                    "architectures trained on D_det")
+    r.add_argument("--controls", action="store_true", help="also the critics' controls: a D_det of non-transferring "
+                   "bugs, the robust-feature leakage probe, class-keyed shortcuts, distillation from wrong labels")
     r.add_argument("--standard-model", default=None, metavar="FILE", help="cifar10: a robustness-library checkpoint "
                    "(e.g. the paper's cifar_nat.pt) used instead of training the standard model")
     r.add_argument("--robust-model", default=None, metavar="FILE", help="cifar10: a robustness-library checkpoint "
@@ -44,7 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         replicate(args.dataset, root=args.root, out=args.out, scale=args.scale, device=args.device, seed=args.seed,
-                  progress=not args.no_progress, transfer=args.transfer, standard_model=args.standard_model,
+                  progress=not args.no_progress, transfer=args.transfer, controls=args.controls,
+                  standard_model=args.standard_model,
                   robust_model=args.robust_model, checkpoint_arch=args.checkpoint_arch,
                   checkpoint_width=args.checkpoint_width)
     except (FileNotFoundError, ValueError, InUseError, ImportError) as e:

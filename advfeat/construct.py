@@ -39,8 +39,8 @@ Examples:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ from ._checks import check_batch, check_labels, check_logits, check_positive_flo
 from ._dist import barrier, rank_world
 from ._io import TMP_SUFFIX
 from ._lock import exclusive_for_job, folder_lock
-from .attacks import L2PGD, frozen_model
+from .attacks import L2PGD, cross_entropy, frozen_model
 from .engine import optimize
 from .models import last_linear
 from .progress import progress_bar
@@ -401,6 +401,7 @@ def nonrobustify(
     step_size: float | None = None,
     steps: int = 25,
     rule: StepRule = NONROBUSTIFY_RULE,
+    keep_correct: Sequence[nn.Module] = (),
     seed: int = 0,
     lower: float = 0.0,
     upper: float = 1.0,
@@ -418,9 +419,15 @@ def nonrobustify(
         eps, step_size, steps, rule: the targeted L2 PGD. Default: 25 steps of ``NONROBUSTIFY_RULE``
             (normalised-gradient steps cosine-decayed from ``step_size``, default ``eps``), which reach as many
             targets as the paper's recipe: ``rule=af.steps.Constant(), step_size=0.1, steps=100`` (CIFAR: eps 0.5).
+        keep_correct: models that must keep classifying each image as its *true* label: the attack minimises
+            ``CE(model(x'), t) + mean_i CE(keep_correct[i](x'), y)``, so the perturbation fools ``model`` without
+            transferring to them (Nakkiran's "bugs", a control of the paper's claim: see ``advfeat.controls``).
         Others: as ``robustify``.
     """
     check_positive_float("eps", eps)
+    keep = list(keep_correct)
+    if not all(isinstance(m, nn.Module) for m in keep):
+        raise TypeError("keep_correct must be a sequence of nn.Modules (models the perturbation must not fool)")
     step_size = eps if step_size is None else step_size
     dev = _common(model, steps, step_size, rule, shard_size, storage, device)
     if mode not in ("det", "rand"):
@@ -430,18 +437,23 @@ def nonrobustify(
     c = _classes(model, source, dev)
     if c < 2:
         raise ValueError(f"mode={mode!r} needs a model with at least 2 classes, got {c}")
-    offsets = torch.randint(1, c, (source.n,), generator=torch.Generator().manual_seed(seed))
+    targets = _Targets(mode, c, source.n, seed)
     config = {"kind": "nonrobustify", "mode": mode, "eps": eps, "step_size": step_size, "steps": steps,
               "rule": repr(rule),
               "seed": seed, "lower": lower, "upper": upper, "n": source.n, "classes": c,
               "shard_size": shard_size, "batch_size": source.batch_size, "storage": storage,
               "model": _model_fingerprint(model), "data": source.fingerprint()}
+    if keep:
+        config["keep_correct"] = [_model_fingerprint(m) for m in keep]
     attack = L2PGD(eps, steps=steps, step_size=step_size, targeted=True, lower=lower, upper=upper, rule=rule)
 
     def work(idx: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         check_labels(y, c, "loader's labels")
-        t = (y + (1 if mode == "det" else offsets[idx].to(y.device))) % c
-        x_adv = attack(model, x, t)
+        t = targets(idx, y)
+        if keep:
+            x_adv = _not_transferring(model, keep, x, y, t, attack)
+        else:
+            x_adv = attack(model, x, t)
         with torch.no_grad(), frozen_model(model):
             reached = model(x_adv).argmax(1) == t
         norm = (x_adv.float() - x.float()).flatten(1).norm(dim=1)
@@ -450,3 +462,36 @@ def nonrobustify(
     return _build(source, config, ["target_reached", "perturbation_norm", "original_label"], work, out=out,
                   shard_size=shard_size, storage=storage, device=dev, progress=progress, desc=f"nonrobustify {mode}")
 
+
+
+class _Targets:
+    """The new label of sample ``i``: ``(y + 1) mod C`` (det), or ``y`` plus an offset in [1, C) drawn for the
+    whole dataset from ``seed`` (rand). Shared by every construction that relabels (nonrobustify, the controls)."""
+
+    def __init__(self, mode: str, classes: int, n: int, seed: int) -> None:
+        self.mode, self.classes = mode, classes
+        self.offsets = torch.randint(1, classes, (n,), generator=torch.Generator().manual_seed(seed))
+
+    def __call__(self, idx: Tensor, y: Tensor) -> Tensor:
+        shift = 1 if self.mode == "det" else self.offsets[idx].to(y.device)
+        return (y + shift) % self.classes
+
+
+def _not_transferring(model: nn.Module, keep: list[nn.Module], x: Tensor, y: Tensor, t: Tensor,
+                      attack: L2PGD) -> Tensor:
+    """The targeted attack with ``keep``'s cross-entropy on the true labels added (Nakkiran's bugs): the same
+    ball, steps and rule as ``attack``, on the engine."""
+    threat = attack.threat_model()
+
+    def objective(z: Tensor, index: Tensor | None) -> tuple[Tensor, Tensor]:
+        ti = t if index is None else t.index_select(0, index)
+        yi = y if index is None else y.index_select(0, index)
+        logits = model(z)
+        loss = cross_entropy(logits, ti) + torch.stack([cross_entropy(m(z), yi) for m in keep]).mean(0)
+        return loss, logits.argmax(1) == ti
+
+    with ExitStack() as stack:
+        for m in [model, *keep]:
+            stack.enter_context(frozen_model(m))
+        return optimize(objective, x, threat, steps=attack.steps, step_size=attack.step_length(threat),
+                        maximize=False, rule=attack.rule).x.to(x.dtype)

@@ -34,6 +34,7 @@ from ._io import atomic_write
 from ._lock import exclusive, folder_lock
 from .attacks import L2PGD
 from .construct import NONROBUSTIFY_RULE, ROBUSTIFY_RULE, nonrobustify, robustify
+from .controls import leakage_probe, shortcut, wrong_labels
 from .evaluate import evaluate
 from .store import ConstructedDataset
 from .train import adversarial_train
@@ -55,7 +56,9 @@ ROWS = [
     ("control", "control: standard training on real images", "first n_construct images of D"),
 ]
 SHORT = {"standard": "D (standard)", "robust": "D (adversarial)", "d_r": "D_R", "d_nr": "D_NR", "d_rand": "D_rand",
-         "d_det": "D_det", "control": "real control"}
+         "d_det": "D_det", "control": "real control", "d_det_bugs": "D_det bugs", "leakage_rand": "leak D_rand",
+         "leakage_det": "leak D_det", "shortcut_rand": "shortcut rand", "shortcut_det": "shortcut det",
+         "distill_wrong": "wrong labels"}
 """Short row names for figures."""
 
 
@@ -84,6 +87,9 @@ class Settings:
     nonrobust_steps: int = 25  # af.nonrobustify's default rule (cosine from eps); the paper: 100 fixed steps of 0.1
     eval_steps: int = 20
     batch_size: int = 128
+    controls_eps: float = 1.0  # the critics' controls (--controls): the bugs' L2 budget (Nakkiran: 5x D_det's)
+    controls_ensemble: int = 10  # the independently trained models the bugs must not fool (Nakkiran: 10)
+    weak_epochs: int = 1  # the weakly trained teacher of the distillation control
 
 
 _PLANTED = Settings(  # the non-robust feature has norm 0.3 (a swap needs 0.42 < eps 0.5); the robust one 2.5
@@ -91,7 +97,8 @@ _PLANTED = Settings(  # the non-robust feature has norm 0.3 (a swap needs 0.42 <
     eval_eps=(0.25, 0.5), std_epochs=30, robust_epochs=10, constructed_epochs=30, lr=0.1, nonrobust_eps=0.5)
 _FMNIST = Settings(  # 28x28: a standard SmallCNN keeps ~15% at L2 eps 1.0; PGD-AT at eps 1.0 keeps ~70%
     dataset="fashion-mnist", scale="quick", model="SmallCNN", n_train=None, n_test=2000, n_construct=5000, eps=1.0,
-    eval_eps=(0.5, 1.0, 1.5), std_epochs=5, robust_epochs=4, constructed_epochs=10, lr=0.05, nonrobust_eps=2.0)
+    eval_eps=(0.5, 1.0, 1.5), std_epochs=5, robust_epochs=4, constructed_epochs=10, lr=0.05, nonrobust_eps=2.0,
+    controls_eps=4.0)
 _CIFAR = Settings(
     dataset="cifar10", scale="quick", model="SmallResNet", n_train=None, n_test=2000, n_construct=5000, eps=0.5,
     eval_eps=(0.25, 0.5), std_epochs=10, robust_epochs=10, constructed_epochs=10, lr=0.1, nonrobust_eps=0.5)
@@ -173,9 +180,10 @@ class _Run:
         return result
 
     def train(self, name: str, data: Dataset[Any], test: Dataset[Any], method: str, epochs: int,
-              lr: float | None = None, make: Callable[[], nn.Module] | None = None) -> dict[str, Any]:
+              lr: float | None = None, make: Callable[[], nn.Module] | None = None,
+              seed: int | None = None) -> dict[str, Any]:
         s = self.s
-        torch.manual_seed(self.seed)
+        torch.manual_seed(self.seed if seed is None else seed)
         model = (make or (lambda: _model(s)))().to(self.device)
         loader = DataLoader(data, batch_size=s.batch_size, shuffle=True)
         attack = L2PGD(s.eps, steps=s.train_steps)
@@ -210,6 +218,7 @@ def replicate(
     seed: int = 0,
     progress: bool = True,
     transfer: bool = False,
+    controls: bool = False,
     log: Callable[[str], None] = print,
     standard_model: str | Path | None = None,
     robust_model: str | Path | None = None,
@@ -220,6 +229,9 @@ def replicate(
 
     ``transfer=True`` adds the paper's Figure 3: several architectures trained on D_det, each one's test
     accuracy beside the rate at which the standard model's adversarial examples transfer to it.
+
+    ``controls=True`` adds the critics' controls (``advfeat.controls``) after the six experiments: rows
+    ``d_det_bugs``, ``leakage_rand``, ``leakage_det``, ``shortcut_rand``, ``shortcut_det`` and ``distill_wrong``.
 
     ``standard_model`` / ``robust_model`` (CIFAR-10 only): robustness-library checkpoints (the paper's own
     ``cifar_nat.pt``, ``cifar_l2_0_5.pt``, of architecture ``checkpoint_arch`` and ``checkpoint_width``; read by
@@ -242,10 +254,11 @@ def replicate(
     with exclusive(folder_lock(outdir), f"--out {str(outdir)!r}"):
         run = _Run(s, outdir, dev, seed, progress, log)
         run.given = given
-        return _replicate(run, root, transfer, {k: str(v) for k, v in paths.items()})
+        return _replicate(run, root, transfer, controls, {k: str(v) for k, v in paths.items()})
 
 
-def _replicate(run: _Run, root: str | None, transfer: bool, sources: dict[str, str]) -> dict[str, Any]:
+def _replicate(run: _Run, root: str | None, transfer: bool, controls: bool, sources: dict[str, str]
+               ) -> dict[str, Any]:
     s, outdir, dev, seed, progress, log = run.s, run.out, run.device, run.seed, run.progress, run.log
     t_start = time.perf_counter()
     train, test, planted = _load(s, root, seed)
@@ -293,13 +306,19 @@ def _replicate(run: _Run, root: str | None, transfer: bool, sources: dict[str, s
             results[name]["predicts_y_plus_1"] = run.stage("d_det_shift", lambda: _shift(run, test))["value"]
     results["control"] = run.stage("control", lambda: run.train("control", source, test, "standard",
                                                                  s.constructed_epochs))
+    if controls:
+        results.update(_controls(run, train, test, source, built, results))
     rules = {"robustify_rule": repr(ROBUSTIFY_RULE), "nonrobustify_rule": repr(NONROBUSTIFY_RULE)}
     summary: dict[str, Any] = {"settings": {**dataclasses.asdict(s), **rules}, "seed": seed, "device": str(dev),
                                "rows": results, "labels": {k: SHORT[k] for k in results}, "paper": PAPER}
     if transfer:
         summary["transfer"] = [run.stage(f"transfer_{arch}", lambda arch=arch, make=make: _transfer(  # type: ignore[misc]
             run, arch, make, built["d_det"], test)) for arch, make in _architectures(s).items()]
-        t = summary["transfer"]
+        t = list(summary["transfer"])
+        if "d_det_bugs" in results:  # the bugs set as a point (the authors' reply: it sits near the origin)
+            b = results["d_det_bugs"]
+            t.append({"architecture": "bugs (same as source)", "test_accuracy": b["clean"],
+                      "transfer_rate": b["transfer_rate"]})
         figures.save(figures.transfer_scatter([r["transfer_rate"] for r in t], [r["test_accuracy"] for r in t],
                                               [r["architecture"] for r in t]), outdir / "grids" / "transfer.png")
     _figures(outdir, summary, train, built)
@@ -310,6 +329,81 @@ def _replicate(run: _Run, root: str | None, transfer: bool, sources: dict[str, s
     atomic_write(outdir / "report.md", lambda f: f.write(report.encode()))
     log(report)
     return summary
+
+
+CONTROLS = [  # key, what, the critics' CIFAR-10 numbers (PAPER.md)
+    ("d_det_bugs", "D_det of bugs: targeted on the standard model, keeping an ensemble on the true label "
+     "(Nakkiran)", "success 99.3%, transfer 1.7%, trained model 2.8% (plain D_det: transfer 82.5%, 33.2%)"),
+    ("leakage_rand", "linear probe on the robust model's logits, trained on D_rand (Goh)", "23.5%"),
+    ("leakage_det", "linear probe on the robust model's logits, trained on D_det (Goh)", "6.8%"),
+    ("shortcut_rand", "D_rand with class-keyed random patterns instead of the attack (Keller Jordan)", "79.5%"),
+    ("shortcut_det", "D_det with class-keyed random patterns instead of the attack (Keller Jordan)", "32.3%"),
+    ("distill_wrong", "the images a weak model gets wrong, with its labels (Wallace)", "49.7%"),
+]
+
+
+def _controls(run: _Run, train: Dataset[Any], test: Dataset[Any], source: Dataset[Any],
+              built: dict[str, ConstructedDataset], results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The critics' controls (``advfeat.controls``), each stage cached like the six experiments."""
+    s, out, seed = run.s, run.out, run.seed
+    rows: dict[str, dict[str, Any]] = {}
+    # independently trained standard models: the ones the bugs must not fool (seeds seed+1, seed+2, ...), and a fresh
+    # one to measure transfer, whose seed no ensemble member can take whatever the ensemble's size
+    seeds = {f"ensemble_{i}": seed + 1 + i for i in range(s.controls_ensemble)} | {"transfer_probe": seed + 10_000}
+    for name, model_seed in seeds.items():
+        run.stage(name, lambda name=name, model_seed=model_seed: run.train(  # type: ignore[misc]
+            name, train, test, "standard", s.std_epochs, seed=model_seed))
+    ensemble = [run.load_model(n) for n in seeds if n.startswith("ensemble_")]
+    fresh = run.load_model("transfer_probe")
+    standard = run.load_model("standard")
+
+    def transfer(ds: ConstructedDataset) -> float:
+        """The share of a relabelled set that the fresh model classifies as the new label."""
+        x, t = ds.tensors()
+        with torch.no_grad():
+            pred = torch.cat([fresh(x[i:i + 500].to(run.device)).argmax(1).cpu() for i in range(0, len(x), 500)])
+        return float((pred == t).double().mean())
+
+    def build_bugs() -> dict[str, Any]:
+        ds = nonrobustify(standard, source, mode="det", eps=s.controls_eps, steps=s.nonrobust_steps,
+                          keep_correct=ensemble, out=out / "datasets" / "d_det_bugs", device=run.device,
+                          progress=run.progress, seed=seed, batch_size=s.batch_size, shard_size=1024)
+        return {"targets_reached": float(ds.meta["target_reached"].double().mean()), "transfer_rate": transfer(ds),
+                "n": len(ds)}
+
+    bugs_info = run.stage("build_d_det_bugs", build_bugs)
+    bugs = ConstructedDataset.load(out / "datasets" / "d_det_bugs")
+    trained = run.stage("d_det_bugs", lambda: run.train("d_det_bugs", bugs, test, "standard", s.constructed_epochs))
+    rows["d_det_bugs"] = {**trained, **bugs_info, "seconds": trained["seconds"] + bugs_info["seconds"]}
+    plain = run.stage("d_det_transfer", lambda: {"value": transfer(built["d_det"])})
+    results["d_det"]["transfer_rate"] = plain["value"]
+    robust = run.load_model("robust")
+    for mode in ("rand", "det"):
+        rows[f"leakage_{mode}"] = run.stage(f"leakage_{mode}", lambda mode=mode: {  # type: ignore[misc]
+            "clean": leakage_probe(robust, built[f"d_{mode}"], test, device=run.device, seed=seed),
+            "n": len(built[f"d_{mode}"]), "features": "logits"})
+
+        def build_shortcut(mode: str = mode) -> dict[str, Any]:
+            ds = shortcut(standard, source, mode=mode, eps=s.nonrobust_eps, seed=seed, device=run.device,
+                          out=out / "datasets" / f"shortcut_{mode}", progress=run.progress, batch_size=s.batch_size,
+                          shard_size=1024)
+            return {"targets_reached": float(ds.meta["target_reached"].double().mean()), "n": len(ds)}
+
+        info = run.stage(f"build_shortcut_{mode}", build_shortcut)
+        ds = ConstructedDataset.load(out / "datasets" / f"shortcut_{mode}")
+        lr = s.lr_nr if mode == "rand" else s.lr
+        trained = run.stage(f"shortcut_{mode}", lambda ds=ds, mode=mode, lr=lr: run.train(  # type: ignore[misc]
+            f"shortcut_{mode}", ds, test, "standard", s.constructed_epochs, lr))
+        rows[f"shortcut_{mode}"] = {**trained, **info, "seconds": trained["seconds"] + info["seconds"]}
+    weak = run.stage("weak", lambda: run.train("weak", train, test, "standard", s.weak_epochs, seed=seed + 100))
+
+    def distill() -> dict[str, Any]:
+        wrong = wrong_labels(run.load_model("weak"), train, device=run.device, progress=run.progress)
+        r = run.train("distill_wrong", wrong, test, "standard", s.constructed_epochs)
+        return {**r, "n": len(wrong), "teacher_accuracy": weak["clean"]}
+
+    rows["distill_wrong"] = run.stage("distill_wrong", distill)
+    return rows
 
 
 def _architectures(s: Settings) -> dict[str, Callable[[], nn.Module]]:
@@ -410,6 +504,19 @@ def render_report(summary: dict[str, Any]) -> str:
             lines.append(f"| {key} | {rows[key]['n']} | {m} | {v:.3f} |")
     if "predicts_y_plus_1" in rows["d_det"]:
         lines.append(f"| d_det | - | model predicts y+1 on the test set | {rows['d_det']['predicts_y_plus_1']:.3f} |")
+    if any(k in rows for k, _, _ in CONTROLS):
+        lines += ["", "## The critics' controls", "",
+                  "Accuracy (%) of each control on the real test set (a linear probe's for the leakage rows), beside "
+                  "the critics' CIFAR-10 numbers (PAPER.md). Targets reached: on the standard model; transfer rate: "
+                  "the share a fresh, independently trained standard model classifies as the new label "
+                  f"(plain D_det: {_pct(rows['d_det'].get('transfer_rate'))}%).", "",
+                  "| control | what | real test accuracy | targets reached | transfer rate | critics (CIFAR-10) |",
+                  "|---|---|---|---|---|---|"]
+        for key, what, theirs in CONTROLS:
+            if key in rows:
+                r = rows[key]
+                lines.append(f"| {key} | {what} | {_pct(r['clean'])} | {_pct(r.get('targets_reached'))} | "
+                             f"{_pct(r.get('transfer_rate'))} | {theirs} |")
     if "transfer" in summary:
         lines += ["", "## Transfer (the paper's Figure 3)", "",
                   "Architectures trained on D_det: accuracy on the real test set, and the rate at which L2 PGD "

@@ -4,7 +4,8 @@ Run:  python benchmarks/train_speed.py [--dataset fashion-mnist|planted] [--epoc
                                        [--n-train N] [--n-test M] [--threads T] [--device cpu|cuda]
 
 For "standard", "pgd" (7 steps), "fgsm-rs" (1 step, 1.25 eps, random start), "free" (m = 4 replays,
-epochs / 4 so that it costs as many passes as standard training times 4) and "trades" (beta 6, 7 steps):
+epochs / 4 so that it costs as many passes as standard training times 4), "trades" (beta 6, 7 steps) and
+"mart" (beta 6, 7-step PGD examples) -- each name the shorthand of its method object's defaults:
 wall time, time over PGD's time, clean accuracy and accuracy under L2 PGD (20 steps, step eps / 5, best
 iterate) on the test set. The target: fgsm-rs and free within 3 points of pgd's robust accuracy in at most a
 third of its time. Fashion-MNIST (SmallCNN) when installed, else planted (PlantedNet).
@@ -32,7 +33,7 @@ def main() -> None:
     ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
                     help="tuned: advfeat.allocator.tune() first (as advfeat replicate does); default: glibc as it is")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--methods", default="standard,pgd,fgsm-rs,free,trades")
+    ap.add_argument("--methods", default="standard,pgd,fgsm-rs,free,trades,mart")
     args = ap.parse_args()
     malloc_tuned = args.malloc == "tuned" and af.allocator.tune()
     if args.threads:

@@ -301,3 +301,58 @@ def test_a_custom_representation_and_float64_inputs():
     assert d.config["representation"] == "test_a_custom_representation_and_float64_inputs.<locals>.<lambda>"
     x, _ = d.tensors()
     assert x.shape == (6, 1, 4, 4) and x.min() >= 0 and x.max() <= 1
+
+
+def test_keep_correct_makes_bugs_that_keep_the_other_models_right(trained):
+    """Nakkiran's bugs: the perturbation fools the source towards t while the kept models keep the true label."""
+    p, std, rob = trained
+    src = Subset(p.train, range(300))
+    y = p.train.labels[:300]
+    torch.manual_seed(5)
+    other = af.models.PlantedNet()
+    af.adversarial_train(other, DataLoader(p.train, batch_size=128, shuffle=True), method="standard", epochs=30,
+                         lr=0.1, progress=False)
+    plain = af.nonrobustify(std, src, mode="det", eps=1.0, progress=False)
+    bugs = af.nonrobustify(std, src, mode="det", eps=1.0, keep_correct=[other], progress=False)
+    assert bugs.config["keep_correct"] and "keep_correct" not in plain.config  # recorded, only when given
+    with torch.no_grad():
+        kept = (other(bugs.tensors()[0]).argmax(1) == y).double().mean()
+        fooled_plain = (other(plain.tensors()[0]).argmax(1) == plain.labels).double().mean()
+    assert bugs.meta["target_reached"].double().mean() > 0.9
+    assert kept > 0.9 and fooled_plain > 0.5  # the plain examples transfer to it, the bugs do not
+    with pytest.raises(TypeError, match="keep_correct must be a sequence of nn.Modules"):
+        af.nonrobustify(std, src, keep_correct=["model"], progress=False)  # type: ignore[list-item]
+
+
+def test_shortcut_relabels_like_nonrobustify_with_class_keyed_patterns(trained, tmp_path):
+    p, std, _ = trained
+    src = Subset(p.train, range(200))
+    x, y = p.train.tensors()
+    for mode in ("det", "rand"):
+        d = af.nonrobustify(std, src, mode=mode, steps=2, progress=False, seed=3)
+        s = af.controls.shortcut(std, src, mode=mode, eps=0.5, seed=3, progress=False, out=tmp_path / mode)
+        assert torch.equal(s.labels, d.labels)  # the same targets for the same mode and seed
+        delta = s.tensors()[0] - x[:200]
+        moved = delta.flatten(1).norm(dim=1) > 0
+        with torch.no_grad():
+            already = std(x[:200]).argmax(1) == s.labels
+        assert torch.equal(moved, ~already)  # added only where the model does not already predict the target
+        # one pattern per target class: the same direction for every sample of a class (up to the box clamp)
+        t0 = s.labels[moved][0]
+        same = moved & (s.labels == t0)
+        cos = torch.nn.functional.cosine_similarity(delta[same].flatten(1), delta[same][0].flatten()[None])
+        assert (cos > 0.9).all() and (s.meta["perturbation_norm"][moved] <= 0.5 + 1e-5).all()
+
+
+def test_the_leakage_probe_finds_what_is_there_and_only_that():
+    """A probe on features that carry the label learns it; on D_det-like labels (y + 1) it learns y + 1."""
+    torch.manual_seed(0)
+    data = af.data.planted(2000, 500, seed=0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 10))
+    with torch.no_grad():  # logits = the robust feature coefficients: a "robust model"
+        model[1].weight.copy_(data.robust_directions)
+        model[1].bias.copy_(-0.5 * data.robust_directions.sum(1))
+    assert af.controls.leakage_probe(model, data.train, data.test, epochs=20) > 0.7
+    x, y = data.train.tensors()
+    shifted = TensorDataset(x, (y + 1) % 10)
+    assert af.controls.leakage_probe(model, shifted, data.test, epochs=20) < 0.05

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -93,6 +94,31 @@ def _paused_replication(out: Path) -> subprocess.Popen[str]:
         if line.strip() == "paused":
             return p
     raise AssertionError(f"the replication never reached its first stage: {p.communicate()[1][-2000:]}")
+
+
+@pytest.fixture(scope="module")
+def controls(run: tuple[Path, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """--controls on a copy of the default replication's cache: only the controls' stages run."""
+    out = tmp_path_factory.mktemp("controls") / "rep"
+    shutil.copytree(run[0], out, ignore=shutil.ignore_patterns(".advfeat.lock"))
+    assert main(["replicate", "--out", str(out), "--controls", "--no-progress"]) == 0
+    rows: dict[str, Any] = json.loads((out / "results.json").read_text())["rows"]
+    assert "The critics' controls" in (out / "report.md").read_text()
+    return rows
+
+
+def test_the_critics_controls_show_what_they_should(controls):
+    bugs, det = controls["d_det_bugs"], controls["d_det"]
+    # measured (seed 0): the bugs reach 100% of their targets on the source, transfer 2.2% to an independently
+    # trained model (plain D_det 90.0%), and train a model to 4.1% on the real test set (plain D_det 33.9%)
+    assert bugs["targets_reached"] >= 0.9
+    assert bugs["transfer_rate"] <= det["transfer_rate"] / 3
+    assert bugs["clean"] <= 0.12 and det["clean"] >= 0.25  # chance is 0.10
+    # measured 1.9%: a linear probe on the robust model's logits learns nothing of the real task from D_det
+    assert controls["leakage_det"]["clean"] <= 0.12
+    for key in ("leakage_rand", "shortcut_rand", "shortcut_det", "distill_wrong"):
+        assert 0.0 <= controls[key]["clean"] <= 1.0
+    assert controls["distill_wrong"]["n"] > 0
 
 
 def test_one_replication_per_folder_and_a_killed_one_blocks_nothing(tmp_path):
