@@ -19,8 +19,10 @@ Examples:
 
 from __future__ import annotations
 
+import importlib
 import io
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,14 +58,14 @@ def _show_inline_in_jupyter() -> None:
     if _inline_done:
         return
     _inline_done = True
-    try:
-        from IPython import get_ipython
-        from IPython.core.pylabtools import select_figure_formats
-    except ImportError:
+    # Looked up dynamically: IPython's typing differs between its releases, and a kernel has imported it already.
+    ipython = sys.modules.get("IPython")
+    if ipython is None:
         return
-    shell = get_ipython()
+    shell = ipython.get_ipython()
     if shell is not None and getattr(shell, "kernel", None) is not None:
-        select_figure_formats(shell, {"png"})  # type: ignore[no-untyped-call]
+        pylabtools = importlib.import_module("IPython.core.pylabtools")
+        pylabtools.select_figure_formats(shell, {"png"})
 
 
 def _figure(width: float, height: float) -> Figure:
