@@ -16,7 +16,7 @@ import pytest
 from conftest import HANG_GUARD_S, reaped
 
 from advfeat.cli import main
-from advfeat.replicate import ROWS
+from advfeat.report import ROWS
 
 WORKER = Path(__file__).parent / "workers" / "replicate_worker.py"
 

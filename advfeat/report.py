@@ -1,0 +1,140 @@
+"""The replication's report: the row names, the paper's and the critics' numbers, ``report.md`` and its figures.
+
+:func:`render_report` turns what ``results.json`` holds into ``report.md`` (so the two always agree);
+:func:`draw` writes the figures (``advfeat.figures``, the ``report`` extra).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from . import data as afdata
+from . import figures
+from .store import ConstructedDataset
+
+__all__ = ["PAPER", "ROWS", "SHORT", "CONTROLS", "render_report", "draw"]
+
+PAPER = {  # CIFAR-10, ResNet-50: clean / under L2 eps 0.25 (PAPER.md)
+    "standard": (95, 4), "robust": (91, 82), "d_r": (84, 48), "d_nr": (88, 0), "d_rand": (63, 0),
+    "d_det": (44, 0), "control": (None, None),
+}
+ROWS = [
+    ("standard", "1. standard training on D", "D"),
+    ("robust", "2. adversarial training on D", "D"),
+    ("d_r", "3. standard training on D_R", "robustify(robust model)"),
+    ("d_nr", "4. standard training on D_NR", "robustify(standard model)"),
+    ("d_rand", "5. standard training on D_rand", "nonrobustify(standard, rand)"),
+    ("d_det", "6. standard training on D_det", "nonrobustify(standard, det)"),
+    ("control", "control: standard training on real images", "first n_construct images of D"),
+]
+SHORT = {"standard": "D (standard)", "robust": "D (adversarial)", "d_r": "D_R", "d_nr": "D_NR", "d_rand": "D_rand",
+         "d_det": "D_det", "control": "real control", "d_det_bugs": "D_det bugs", "leakage_rand": "leak D_rand",
+         "leakage_det": "leak D_det", "shortcut_rand": "shortcut rand", "shortcut_det": "shortcut det",
+         "distill_wrong": "wrong labels"}
+"""Short row names for figures."""
+
+
+CONTROLS = [  # key, what, the critics' CIFAR-10 numbers (PAPER.md)
+    ("d_det_bugs", "D_det of bugs: targeted on the standard model, keeping an ensemble on the true label "
+     "(Nakkiran)", "success 99.3%, transfer 1.7%, trained model 2.8% (plain D_det: transfer 82.5%, 33.2%)"),
+    ("leakage_rand", "linear probe on the robust model's logits, trained on D_rand (Goh)", "23.5%"),
+    ("leakage_det", "linear probe on the robust model's logits, trained on D_det (Goh)", "6.8%"),
+    ("shortcut_rand", "D_rand with class-keyed random patterns instead of the attack (Keller Jordan)", "79.5%"),
+    ("shortcut_det", "D_det with class-keyed random patterns instead of the attack (Keller Jordan)", "32.3%"),
+    ("distill_wrong", "the images a weak model gets wrong, with its labels (Wallace)", "49.7%"),
+]
+
+
+def draw(out: Path, summary: dict[str, Any], train: Dataset[Any], built: dict[str, ConstructedDataset]) -> None:
+    """report figures: the results as bars, and 20 images of D and of each constructed set with class names."""
+    s = summary["settings"]
+    names = afdata.CLASS_NAMES.get(s["dataset"])
+    figures.save(figures.results_bars(summary), out / "results.png")
+    idx = list(range(20))
+    xs, ys = zip(*[train[i] for i in idx], strict=True)
+    figures.save(figures.image_grid(torch.stack(xs), torch.stack([torch.as_tensor(y) for y in ys]), names,
+                                    title=f"D: {s['dataset']} training images"), out / "grids" / "D.png")
+    titles = {"d_r": "D_R = robustify(robust model)", "d_nr": "D_NR = robustify(standard model)",
+              "d_rand": "D_rand = nonrobustify(standard, rand): true -> new label",
+              "d_det": "D_det = nonrobustify(standard, det): true -> new label"}
+    for name, title in titles.items():
+        if name in built:
+            ds = built[name]
+            k = idx[: len(ds)]
+            xs, ys = zip(*[ds[i] for i in k], strict=True)
+            x, y = torch.stack(xs), torch.stack(ys)
+            if "original_label" in ds.meta:  # relabelled: show the class the image came from and the new one
+                fig = figures.image_grid(x, ds.meta["original_label"][k], names, new_labels=y, title=title)
+            else:
+                fig = figures.image_grid(x, y, names, title=title)
+            figures.save(fig, out / "grids" / f"{name.upper()}.png")
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def render_report(summary: dict[str, Any]) -> str:
+    """report.md from the results.json content (so the two always agree)."""
+    s = summary["settings"]
+    rows = summary["rows"]
+    eps_keys = [f"{e:g}" for e in s["eval_eps"]]
+    head = " | ".join(f"L2 eps {k}" for k in eps_keys)
+    lines = [
+        f"# advfeat replication: {s['dataset']} ({s['scale']})", "",
+        f"Accuracy (%) on the real test set ({rows['standard']['n_test']} images): clean and under L2 PGD "
+        f"({s['eval_steps']} steps, step eps/5, worst iterate). Paper: CIFAR-10, ResNet-50, L2 eps 0.25.", "",
+        f"| experiment | trained on | clean | {head} | paper clean / adv | time (s) |",
+        "|---|---|---|" + "---|" * len(eps_keys) + "---|---|",
+    ]
+    for key, label, on in ROWS:
+        r = rows[key]
+        rob = " | ".join(_pct(r["robust"][k]) for k in eps_keys)
+        p = PAPER[key]
+        paper = "-" if p[0] is None else f"{p[0]} / {p[1]}"
+        lines.append(f"| {label} | {on} | {_pct(r['clean'])} | {rob} | {paper} | {r['seconds']:.1f} |")
+    lines += ["", "## Constructions", "", "| dataset | n | measure | value |", "|---|---|---|---|"]
+    for key in ("d_r", "d_nr", "d_rand", "d_det"):
+        for m, v in rows[key]["construction"].items():
+            lines.append(f"| {key} | {rows[key]['n']} | {m} | {v:.3f} |")
+    if "predicts_y_plus_1" in rows["d_det"]:
+        lines.append(f"| d_det | - | model predicts y+1 on the test set | {rows['d_det']['predicts_y_plus_1']:.3f} |")
+    if any(k in rows for k, _, _ in CONTROLS):
+        lines += ["", "## The critics' controls", "",
+                  "Accuracy (%) of each control on the real test set (a linear probe's for the leakage rows), beside "
+                  "the critics' CIFAR-10 numbers (PAPER.md). Targets reached: on the standard model; transfer rate: "
+                  "the share a fresh, independently trained standard model classifies as the new label "
+                  f"(plain D_det: {_pct(rows['d_det'].get('transfer_rate'))}%).", "",
+                  "| control | what | real test accuracy | targets reached | transfer rate | critics (CIFAR-10) |",
+                  "|---|---|---|---|---|---|"]
+        for key, what, theirs in CONTROLS:
+            if key in rows:
+                r = rows[key]
+                lines.append(f"| {key} | {what} | {_pct(r['clean'])} | {_pct(r.get('targets_reached'))} | "
+                             f"{_pct(r.get('transfer_rate'))} | {theirs} |")
+    if "transfer" in summary:
+        lines += ["", "## Transfer (the paper's Figure 3)", "",
+                  "Architectures trained on D_det: accuracy on the real test set, and the rate at which L2 PGD "
+                  f"examples (eps {s['eps']:g}) of the standard model on D transfer to each (among test samples "
+                  "the target gets right and the source is fooled by). Figure: grids/transfer.png (each point named by "
+                  "its architecture, with a least-squares line).", "",
+                  "| # | architecture | test accuracy | transfer rate |", "|---|---|---|---|"]
+        for k, t in enumerate(summary["transfer"], 1):
+            lines.append(f"| {k} | {t['architecture']} | {_pct(t['test_accuracy'])} | {_pct(t['transfer_rate'])} |")
+    lines += ["", "## Settings", "",
+              f"Learning rate {s['lr']} (SGD, momentum 0.9, wd 5e-4, one-cycle) everywhere except on D_NR and "
+              f"D_rand ({s['lr_nr']}), following the authors' recipe (0.1 on D_R / D_det, 0.01 on D_NR / D_rand). "
+              "The control uses D_R's recipe on the real images D_R was built from.", "",
+              "```", json.dumps(s, indent=1), "```", "",
+              f"seed {summary['seed']}, device {summary['device']}; this invocation took "
+              f"{summary['total_seconds']:.1f} s (a stage's time is that of the run that did it).", "",
+              "Figures: results.png (the table as bars, beside the paper's numbers); grids/D.png, grids/D_R.png, "
+              "grids/D_NR.png, grids/D_RAND.png, grids/D_DET.png (20 images each, class names under each; "
+              "'true -> new' for the relabelled sets).",
+              ""]
+    return "\n".join(lines)
