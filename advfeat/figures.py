@@ -8,7 +8,9 @@ atomically, with the permissions ``open(path, "w")`` would give. ``advfeat repli
   beside the paper's numbers;
 * ``image_grid`` -- sample images with class names (``true -> new`` for relabelled sets such as D_det);
 * ``transfer_scatter`` -- the paper's Figure 3: test accuracy against transfer rate, with a fitted line;
-* ``quality_per_pass`` -- a quality measure against forward+backward passes, one curve per step rule.
+* ``quality_per_pass`` -- a quality measure against forward+backward passes, one curve per step rule;
+* ``generalisation_map`` -- test accuracy of models trained on D_rand / D_det as heat maps over the attack's
+  budget, the source size and the learner, with the share of targets the attack reached in each cell.
 
 Examples:
     >>> import torch, advfeat as af
@@ -35,7 +37,8 @@ from ._io import atomic_write
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["results_bars", "image_grid", "transfer_scatter", "quality_per_pass", "save", "require"]
+__all__ = ["results_bars", "image_grid", "transfer_scatter", "quality_per_pass", "generalisation_map", "save",
+           "require"]
 
 _EXTRA = 'advfeat\'s figures need matplotlib: pip install "advfeat[report]"'
 
@@ -193,4 +196,38 @@ def quality_per_pass(rows: Sequence[Mapping[str, Any]], *, value: str, label: st
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
+    return fig
+
+
+def generalisation_map(cells: Sequence[Mapping[str, Any]], *, chance: float = 0.1,
+                       title: str = "When do non-robust features generalise?") -> Figure:
+    """Heat maps of real-test accuracy after training on a relabelled set, one panel per ``mode``: columns are the
+    attack's budget ``eps``, rows the ``learner`` and the source size ``n``. Each cell (a mapping with ``mode``,
+    ``eps``, ``n``, ``learner``, ``test_accuracy`` and ``targets_reached``, fractions in [0, 1]) shows the accuracy
+    and, below it, the share of targets reached; the colour scale starts at ``chance``."""
+    modes = list(dict.fromkeys(str(c["mode"]) for c in cells))
+    eps = sorted({float(c["eps"]) for c in cells})
+    rows = sorted({(str(c["learner"]), int(c["n"])) for c in cells},
+                  key=lambda r: ([str(c["learner"]) for c in cells].index(r[0]), r[1]))
+    fig = _figure(1.6 + 1.25 * len(eps) * len(modes), 1.2 + 0.42 * len(rows))
+    axes = fig.subplots(1, len(modes), squeeze=False)[0]
+    image = None
+    for ax, mode in zip(axes, modes, strict=True):
+        grid = torch.full((len(rows), len(eps)), float("nan"))
+        for c in cells:
+            if str(c["mode"]) != mode:
+                continue
+            i, j = rows.index((str(c["learner"]), int(c["n"]))), eps.index(float(c["eps"]))
+            grid[i, j] = 100 * float(c["test_accuracy"])
+            dark = float(c["test_accuracy"]) < (1 + chance) / 2  # the low end of viridis is dark
+            ax.text(j, i, f"{100 * float(c['test_accuracy']):.1f}\n({100 * float(c['targets_reached']):.0f}%)",
+                    ha="center", va="center", fontsize=6.5, color="white" if dark else "black")
+        image = ax.imshow(grid.numpy(), cmap="viridis", vmin=100 * chance, vmax=100, aspect="auto", alpha=0.8)
+        ax.set_xticks(range(len(eps)), [f"{e:g}" for e in eps])
+        ax.set_xlabel("attack budget (L2 eps)")
+        ax.set_yticks(range(len(rows)), [f"{learner}, {n:,}" for learner, n in rows], fontsize=7)
+        ax.set_title(f"trained on {mode}", fontsize=9)
+    if image is not None:
+        fig.colorbar(image, ax=list(axes), label="real test accuracy (%); below: targets reached", shrink=0.9)
+    fig.suptitle(title, fontsize=9)
     return fig

@@ -146,7 +146,7 @@ def part_downstream(model: nn.Module, train: Any, test: Any, rules: list[Rule], 
     images, a standard model trained on it as replicate trains it, its accuracy clean and under L2 PGD: the
     quality that matters, which the distance alone does not show."""
     s = settings_for(dataset, "quick")
-    src = Subset(train, range(s.n_construct))
+    src = Subset(train, range(s.n_construct or len(train)))
     runs = [(r, 100) for r in rules] + [(rules[0], 1000)]
     rows = []
     for r, b in runs:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import os
 import re
@@ -13,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from conftest import HANG_GUARD_S, reaped
 
+import advfeat as af
+from advfeat import replicate as rep
 from advfeat.cli import main
 from advfeat.report import ROWS
 
@@ -119,6 +124,79 @@ def test_the_critics_controls_show_what_they_should(controls):
     for key in ("leakage_rand", "shortcut_rand", "shortcut_det", "distill_wrong"):
         assert 0.0 <= controls[key]["clean"] <= 1.0
     assert controls["distill_wrong"]["n"] > 0
+
+
+def test_the_full_scale_builds_every_set_from_the_whole_training_set(tmp_path, monkeypatch):
+    """--scale full's own settings, with only the sizes, epochs and steps shrunk to seconds: every constructed set
+    holds every training image, in order, and results.json keeps the quick scale's shape."""
+    for (dataset, scale), s in rep.SCALES.items():
+        if scale == "full":
+            assert s.n_construct is None and (dataset == "planted" or s.n_test is None), (dataset, s)
+    full = rep.SCALES["planted", "full"]
+    small = dataclasses.replace(full, n_train=200, n_test=100, std_epochs=1, robust_epochs=1, constructed_epochs=1,
+                                robustify_steps=2, nonrobust_steps=2, eval_steps=1, train_steps=1)
+    monkeypatch.setitem(rep.SCALES, ("planted", "full"), small)
+    res = rep.replicate("planted", scale="full", out=tmp_path, progress=False, log=lambda line: None)
+    train = af.data.planted(200, 100, seed=0).train
+    labels = torch.tensor([int(train[i][1]) for i in range(len(train))])
+    for name in ("d_r", "d_nr", "d_rand", "d_det"):
+        ds = af.ConstructedDataset.load(tmp_path / "datasets" / name)
+        assert res["rows"][name]["n"] == len(ds) == 200
+        kept = ds.meta["original_label"] if "original_label" in ds.meta else ds.labels
+        assert torch.equal(kept, labels), name
+    assert res["settings"]["scale"] == "full" and res["settings"]["n_construct"] is None
+    for name in ("standard", "robust", "d_r", "d_nr", "d_rand", "d_det", "control"):
+        row = res["rows"][name]
+        assert set(row) >= {"clean", "robust", "n_test", "seconds"} and set(row["robust"]) == {"0.25", "0.5"}
+
+
+def _script(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_generalisation_map_shows_budget_and_size(run, tmp_path, capsys):
+    """scripts/generalisation_map.py on the default replication: the relabelled sets teach the real task only
+    where the attack reached its targets and the source is large enough (measured, seed 0, MLP, 30 epochs: D_rand
+    100.0 / 5.6 at eps 0.5 / 0.2 from 5,000 images, 2.8 from 1,000; D_det 32.4 / 3.8 / 6.5)."""
+    mapper = _script("generalisation_map")
+    out = tmp_path / "map"
+    res = mapper.build_map(run[0], out, eps=[0.2, 0.5], sizes=[1000, 5000], learner_names=["mlp"],
+                           progress=False, log=lambda line: None)
+    at = {(c["mode"], c["eps"], c["n"]): c for c in res["cells"]}
+    assert len(at) == len(res["cells"]) == 8
+    assert at["D_rand", 0.5, 5000]["test_accuracy"] >= 0.9 and at["D_det", 0.5, 5000]["test_accuracy"] >= 0.25
+    for mode in ("D_rand", "D_det"):
+        assert at[mode, 0.5, 5000]["targets_reached"] >= 0.99 and at[mode, 0.2, 5000]["targets_reached"] <= 0.2
+        assert at[mode, 0.2, 5000]["test_accuracy"] <= 0.15 and at[mode, 0.5, 1000]["test_accuracy"] <= 0.15
+    reached = af.ConstructedDataset.load(out / "datasets" / "det_eps0.2").meta["target_reached"]
+    assert at["D_det", 0.2, 1000]["targets_reached"] == pytest.approx(float(reached[:1000].double().mean()))
+    assert not (out / "datasets" / "det_eps0.5").exists()  # the replication's own D_det, reused
+    assert {p.name for p in out.iterdir()} >= {"map.json", "map.md", "map.png"}
+    assert json.loads((out / "map.json").read_text())["cells"] == res["cells"]
+    lines: list[str] = []
+    again = mapper.build_map(run[0], out, eps=[0.2, 0.5], sizes=[1000, 5000], learner_names=["mlp"],
+                             progress=False, log=lines.append)
+    assert again["cells"] == res["cells"] and not any("running" in line for line in lines)
+    assert mapper.main(["--from", str(tmp_path / "nothing"), "--out", str(out)]) == 2
+    assert "is not a replicate run" in capsys.readouterr().err
+
+
+def test_a_cache_with_other_settings_is_refused(tmp_path, monkeypatch):
+    out = tmp_path / "rep"
+    (out / "stages").mkdir(parents=True)
+    record = {"settings": rep._settings_record(rep.SCALES["planted", "quick"]), "seed": 0, "sources": {}}
+    (out / "settings.json").write_text(json.dumps({**record, "seed": 1}))
+    with pytest.raises(ValueError, match=r"--out .*other settings \(seed: 1 there, 0 here\)"):
+        rep.replicate("planted", out=out, progress=False, log=lambda line: None)
+    old = dataclasses.replace(rep.SCALES["planted", "quick"], robustify_step=0.1)
+    (out / "settings.json").write_text(json.dumps({**record, "settings": rep._settings_record(old)}))
+    with pytest.raises(ValueError, match=r"robustify_step: 0.1 there, 0.15 here"):
+        rep.replicate("planted", out=out, progress=False, log=lambda line: None)
+    assert not list((out / "stages").iterdir())  # refused before any work
 
 
 def test_one_replication_per_folder_and_a_killed_one_blocks_nothing(tmp_path):
