@@ -144,6 +144,24 @@ def _model(s: Settings) -> nn.Module:
     return nn.Sequential(models.Normalize([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]), models.SmallResNet())
 
 
+def cached_stage(folder: Path, name: str, fn: Callable[[], dict[str, Any]],
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    """``fn()``'s result, computed once: cached as ``folder/<name>.json`` with its ``seconds``; a later call
+    (another run on the same folder) reads it back and logs that it skipped the stage."""
+    f = folder / f"{name}.json"
+    if f.exists():
+        log(f"[{name}] done earlier: skipped")
+        done: dict[str, Any] = json.loads(f.read_text())
+        return done
+    log(f"[{name}] running")
+    t0 = time.perf_counter()
+    result = fn()
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    atomic_write(f, lambda fh: fh.write(json.dumps(result, indent=1).encode()))
+    log(f"[{name}] {result['seconds']:.1f}s")
+    return result
+
+
 class _Run:
     def __init__(self, s: Settings, out: Path, device: torch.device, seed: int, progress: bool,
                  log: Callable[[str], None]) -> None:
@@ -153,18 +171,7 @@ class _Run:
             (out / sub).mkdir(parents=True, exist_ok=True)
 
     def stage(self, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        f = self.out / "stages" / f"{name}.json"
-        if f.exists():
-            self.log(f"[{name}] done earlier: skipped")
-            result: dict[str, Any] = json.loads(f.read_text())
-            return result
-        self.log(f"[{name}] running")
-        t0 = time.perf_counter()
-        result = fn()
-        result["seconds"] = round(time.perf_counter() - t0, 2)
-        atomic_write(f, lambda fh: fh.write(json.dumps(result, indent=1).encode()))
-        self.log(f"[{name}] {result['seconds']:.1f}s")
-        return result
+        return cached_stage(self.out / "stages", name, fn, self.log)
 
     def train(self, name: str, data: Dataset[Any], test: Dataset[Any], method: str, epochs: int,
               lr: float | None = None, make: Callable[[], nn.Module] | None = None,

@@ -88,18 +88,7 @@ def build_map(source: str | Path, out: str | Path, *, eps: Sequence[float] = (1.
             (outdir / sub).mkdir(parents=True, exist_ok=True)
 
         def stage(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-            f = outdir / "stages" / f"{name}.json"
-            if f.exists():
-                log(f"[{name}] done earlier: skipped")
-                done: dict[str, Any] = json.loads(f.read_text())
-                return done
-            log(f"[{name}] running")
-            t0 = time.perf_counter()
-            result = fn()
-            result["seconds"] = round(time.perf_counter() - t0, 2)
-            atomic_write(f, lambda fh: fh.write(json.dumps(result).encode()))
-            log(f"[{name}] {result['seconds']:.1f}s")
-            return result
+            return rep.cached_stage(outdir / "stages", name, fn, log)
 
         def relabelled(mode: str, e: float) -> tuple[af.ConstructedDataset, float]:
             reused = src / "datasets" / f"d_{mode}"
