@@ -97,6 +97,8 @@ def render_report(summary: dict[str, Any]) -> str:
         rob = " | ".join(_pct(r["robust"][k]) for k in eps_keys)
         p = PAPER[key]
         paper = "-" if p[0] is None else f"{p[0]} / {p[1]}"
+        if r.get("same_as"):  # built from all of D: the control is that row's model, not trained again
+            on = f"all of D: row {[k for k, _, _ in ROWS].index(r['same_as']) + 1}, not trained again"
         lines.append(f"| {label} | {on} | {_pct(r['clean'])} | {rob} | {paper} | {r['seconds']:.1f} |")
     lines += ["", "## Constructions", "", "| dataset | n | measure | value |", "|---|---|---|---|"]
     for key in ("d_r", "d_nr", "d_rand", "d_det"):

@@ -148,6 +148,10 @@ def test_the_full_scale_builds_every_set_from_the_whole_training_set(tmp_path, m
     for name in ("standard", "robust", "d_r", "d_nr", "d_rand", "d_det", "control"):
         row = res["rows"][name]
         assert set(row) >= {"clean", "robust", "n_test", "seconds"} and set(row["robust"]) == {"0.25", "0.5"}
+    # the control (the same images as D, trained as row 1) is row 1, not trained a second time
+    assert res["rows"]["control"]["same_as"] == "standard" and not (tmp_path / "stages" / "control.json").exists()
+    assert res["rows"]["control"]["clean"] == res["rows"]["standard"]["clean"]
+    assert "all of D: row 1, not trained again" in (tmp_path / "report.md").read_text()
 
 
 def _script(name: str) -> Any:
