@@ -401,6 +401,7 @@ def nonrobustify(
     step_size: float | None = None,
     steps: int = 25,
     rule: StepRule = NONROBUSTIFY_RULE,
+    keep_best: bool = False,
     keep_correct: Sequence[nn.Module] = (),
     seed: int = 0,
     lower: float = 0.0,
@@ -419,6 +420,9 @@ def nonrobustify(
         eps, step_size, steps, rule: the targeted L2 PGD. Default: 25 steps of ``NONROBUSTIFY_RULE``
             (normalised-gradient steps cosine-decayed from ``step_size``, default ``eps``), which reach as many
             targets as the paper's recipe: ``rule=af.steps.Constant(), step_size=0.1, steps=100`` (CIFAR: eps 0.5).
+        keep_best: keep each sample's best iterate (target reached first, then the lowest loss; one extra
+            forward pass) instead of the last one: Kumano et al.'s recipe is ``rule=af.steps.Constant(),
+            step_size=eps / 5, steps=100, keep_best=True``.
         keep_correct: models that must keep classifying each image as its *true* label: the attack minimises
             ``CE(model(x'), t) + mean_i CE(keep_correct[i](x'), y)``, so the perturbation fools ``model`` without
             transferring to them (Nakkiran's "bugs", a control of the paper's claim: see ``advfeat.controls``).
@@ -445,7 +449,10 @@ def nonrobustify(
               "model": _model_fingerprint(model), "data": source.fingerprint()}
     if keep:
         config["keep_correct"] = [_model_fingerprint(m) for m in keep]
-    attack = L2PGD(eps, steps=steps, step_size=step_size, targeted=True, lower=lower, upper=upper, rule=rule)
+    if keep_best:  # recorded only when set, so folders built before the option existed still resume
+        config["keep_best"] = True
+    attack = L2PGD(eps, steps=steps, step_size=step_size, targeted=True, lower=lower, upper=upper, rule=rule,
+                   keep_best=keep_best)
 
     def work(idx: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         check_labels(y, c, "loader's labels")

@@ -1,32 +1,45 @@
-"""A map of when non-robust features generalise: D_rand and D_det test accuracy against the attack's budget,
-the source size and the learner.
+"""A map of when non-robust features generalise: D_rand and D_det real-test accuracy against the axes that the
+public record says matter, with the critics' leakage probe in every cell.
 
-The paper shows one point of this map (CIFAR-10, eps 0.5, 50,000 images, ResNet-50); its critics argue that
-the effect depends on all three. This script fills in the grid on a finished ``advfeat replicate`` run:
+The paper shows one point of this map (CIFAR-10, eps 0.5, 50,000 images, ResNet-50); its critics argue that the
+effect depends on the attack's budget, the source size, the learner, how long the source model was trained, the
+attack's step rule and how long the learner trains. A **cell** fixes every axis:
 
+* ``mode`` (``rand`` / ``det``), ``eps`` (the L2 budget), ``n`` (the first N training images),
+* ``learner`` (``cnn``: the SmallCNN, ``mlp``: a 1024-unit MLP, ``resnet``: a SmallResNet),
+* ``source_epochs``: how long the standard source model trains (``0``: the ``--from`` run's own standard model),
+* ``rule``: the construction (``RULES``: ``default`` is nonrobustify's default, ``fixed`` 50 constant steps of
+  0.2, ``kumano`` Kumano et al.'s 100 constant steps of eps/5 keeping the best iterate),
+* ``learner_epochs``, and ``seed`` (the source model, the targets, the learner and the probe).
+
+Two designs: ``grid`` (every combination of the ``--vary`` values) and ``axes`` (the ``--base`` point, then
+each ``--vary`` axis moved alone from it). Two ways to get the models:
+
+    # on a finished replicate run: its standard model is the source, its robust model the probe's
     advfeat replicate --dataset fashion-mnist --scale full --out runs/fmnist_full
-    python scripts/generalisation_map.py --from runs/fmnist_full --out runs/fmnist_map
+    python scripts/generalisation_map.py --from runs/fmnist_full --out runs/fmnist_map --vary eps=1,2,3
+    # self-contained: sources trained here for each source_epochs, a robust model trained for the probe
+    python scripts/generalisation_map.py --dataset fashion-mnist --out runs/fmnist_axes --design axes \\
+        --base n=20000 eps=3 rule=fixed source_epochs=5 --vary source_epochs=1,3,15 rule=default,kumano
 
-For each budget ``--eps`` and mode (rand, det) it builds one relabelled set from the ``max(--sizes)`` first
-training images through the run's standard model, with the run's settings (``nonrobustify``'s default rule,
-its steps, seed and batch size); the smaller sizes are its prefixes (sample ``i`` depends only on the seed and
-``i``), and the run's own D_rand / D_det is reused at its budget. For each size and ``--learners`` (``cnn``: the
-SmallCNN, ``mlp``: a 1024-unit MLP, ``resnet``: a SmallResNet) a fresh model is trained on the prefix as
-``replicate`` trains its rows 5 and 6 (``--epochs``, the run's learning rates) and scored on the run's real test
-set. Every build and training is cached in ``--out`` (a rerun resumes; one run per folder). Writes
-``map.json`` (one cell per mode, eps, size and learner: ``test_accuracy``, ``targets_reached`` over the
-prefix, ``fit``: the model's accuracy on the relabelled prefix's own labels, so a cell near chance can be told
-apart from a learner that never fit its set, ``seconds``: the training's), ``map.md`` and ``map.png``
-(``advfeat.figures.generalisation_map``).
+For each (mode, eps, source, rule, seed) one relabelled set is built from the largest ``n`` that uses it; smaller
+sizes are its prefixes (sample ``i`` depends only on the seed and ``i``). Each learner trains on the prefix as
+``replicate`` trains its rows 5 and 6 (the run's learning rates) and is scored on the real test set. Every model,
+set and cell is cached in ``--out`` (a rerun resumes; one run per folder). Each cell records ``test_accuracy``,
+``targets_reached``, ``fit`` (accuracy on the set's own labels: "never fit" told apart from "did not generalise"),
+``predicts_shift`` (D_det: the share of test images predicted ``y + 1``, the shifted robust features),
+``leakage`` (``advfeat.controls.leakage_probe`` with the robust model on the same prefix: what robust features
+alone teach) and ``seconds``. Writes ``map.json``, ``map.md`` and ``map.png``.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +52,19 @@ from advfeat import figures, models
 from advfeat import replicate as rep
 from advfeat._io import atomic_write
 from advfeat._lock import exclusive, folder_lock
+from advfeat.construct import NONROBUSTIFY_RULE
 
 LEARNERS = ("cnn", "mlp", "resnet")
+AXES = ("mode", "eps", "n", "learner", "source_epochs", "rule", "learner_epochs", "seed")
+
+
+def rules(settings: rep.Settings) -> dict[str, Callable[[float], dict[str, Any]]]:
+    """The constructions by name: each gives ``nonrobustify``'s keyword arguments for a budget ``eps``."""
+    return {
+        "default": lambda e: dict(rule=NONROBUSTIFY_RULE, steps=settings.nonrobust_steps),
+        "fixed": lambda e: dict(rule=af.steps.Constant(), steps=50, step_size=0.2),
+        "kumano": lambda e: dict(rule=af.steps.Constant(), steps=100, step_size=e / 5, keep_best=True),
+    }
 
 
 def learners(shape: Sequence[int]) -> dict[str, Callable[[], nn.Module]]:
@@ -52,147 +76,257 @@ def learners(shape: Sequence[int]) -> dict[str, Callable[[], nn.Module]]:
     }
 
 
-def build_map(source: str | Path, out: str | Path, *, eps: Sequence[float] = (1.0, 2.0, 3.0),
-              sizes: Sequence[int] = (5000, 20000, 60000), learner_names: Sequence[str] = LEARNERS,
-              epochs: int | None = None, root: str | None = None, progress: bool = True,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Fill the map from the ``advfeat replicate`` run in ``source``; returns what ``map.json`` holds."""
-    src, outdir = Path(source), Path(out)
-    if not (src / "settings.json").exists() or not (src / "models" / "standard.pt").exists():
-        raise ValueError(f"--from {str(src)!r} is not a replicate run with a trained standard model "
-                         "(settings.json and models/standard.pt): run `advfeat replicate --out` there first")
-    unknown = [n for n in learner_names if n not in LEARNERS]
-    if unknown or not learner_names:
-        raise ValueError(f"--learners must be among {', '.join(LEARNERS)}; got {list(learner_names)!r}")
-    if not eps or min(eps) <= 0:
-        raise ValueError(f"--eps must be positive budgets; got {list(eps)!r}")
-    if not sizes or min(sizes) <= 0:
-        raise ValueError(f"--sizes must be positive; got {list(sizes)!r}")
-    record = json.loads((src / "settings.json").read_text())
-    fields = {f for f in rep.Settings.__dataclass_fields__}
-    kept: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in record["settings"].items()
-                            if k in fields}
-    s = rep.Settings(**kept)
-    seed = int(record["seed"])
-    train, test, _ = rep._load(s, root, seed)
-    n_max = max(sizes)
-    if n_max > len(train):  # type: ignore[arg-type]
-        raise ValueError(f"--sizes: {n_max} is more than the run's {len(train)} training images")  # type: ignore[arg-type]
-    epochs = epochs or s.constructed_epochs
-    shape = tuple(train[0][0].shape)
-    make = learners(shape)
-    standard = rep._model(s)
-    standard.load_state_dict(torch.load(src / "models" / "standard.pt", map_location="cpu", weights_only=True))
-    standard.eval()
+def _parse(value: str, axis: str) -> Any:
+    if axis in ("mode", "learner", "rule"):
+        return value
+    if axis == "eps":
+        return float(value)
+    return int(value)
+
+
+def design(kind: str, base: Mapping[str, Any], vary: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """The cells of a ``grid`` (every combination of ``vary``'s values, the rest from ``base``) or of ``axes``
+    (``base``, then each axis of ``vary`` moved alone), in order, without repeats."""
+    if kind not in ("grid", "axes"):
+        raise ValueError(f"--design must be 'grid' or 'axes', got {kind!r}")
+    unknown = [k for k in [*base, *vary] if k not in AXES]
+    if unknown:
+        raise ValueError(f"unknown axes {unknown}: the axes are {', '.join(AXES)}")
+    cells: list[dict[str, Any]] = []
+    if kind == "grid":
+        keys = list(vary)
+        for values in itertools.product(*(vary[k] for k in keys)):
+            cells.append({**base, **dict(zip(keys, values, strict=True))})
+    else:
+        cells.append(dict(base))
+        for k, values in vary.items():
+            cells.extend({**base, k: v} for v in values)
+    unique: list[dict[str, Any]] = []
+    for c in cells:
+        if c not in unique:
+            unique.append(c)
+    return unique
+
+
+DEFAULT_BASE: dict[str, Any] = {"mode": "det", "eps": 2.0, "n": 60000, "learner": "cnn", "source_epochs": 0,
+                                "rule": "default", "learner_epochs": 0, "seed": -1}
+"""Axes not given: ``source_epochs`` 0 is the ``--from`` run's standard model, ``learner_epochs`` 0 the run's
+``constructed_epochs``, ``seed`` -1 the run's seed (0 without ``--from``)."""
+
+
+def build_cells(out: str | Path, cells: Sequence[Mapping[str, Any]], *, source: str | Path | None = None,
+                dataset: str = "fashion-mnist", scale: str = "full", root: str | None = None,
+                progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Fill the map's ``cells`` (mappings of the axes; missing axes from ``DEFAULT_BASE``) in ``out``; returns
+    what ``map.json`` holds. With ``source`` (a finished ``advfeat replicate --out``) its settings, standard and
+    robust models are used; else the settings of ``dataset`` and ``scale`` and models trained here."""
+    outdir = Path(out)
+    if source is not None:
+        src = Path(source)
+        if not (src / "settings.json").exists() or not (src / "models" / "standard.pt").exists():
+            raise ValueError(f"--from {str(src)!r} is not a replicate run with a trained standard model "
+                             "(settings.json and models/standard.pt): run `advfeat replicate --out` there first")
+        record = json.loads((src / "settings.json").read_text())
+        fields = set(rep.Settings.__dataclass_fields__)
+        s = rep.Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in record["settings"].items()
+                            if k in fields})
+        run_seed = int(record["seed"])
+    else:
+        src, s, run_seed = None, rep.settings_for(dataset, scale), 0
+    full = [{**DEFAULT_BASE, **c} for c in cells]
+    for c in full:
+        c["seed"] = run_seed if c["seed"] < 0 else c["seed"]
+        c["learner_epochs"] = c["learner_epochs"] or s.constructed_epochs
+        if c["mode"] not in ("rand", "det"):
+            raise ValueError(f"mode must be 'rand' or 'det', got {c['mode']!r}")
+        if c["learner"] not in LEARNERS:
+            raise ValueError(f"learner must be among {', '.join(LEARNERS)}; got {c['learner']!r}")
+        if c["rule"] not in rules(s):
+            raise ValueError(f"rule must be among {', '.join(rules(s))}; got {c['rule']!r}")
+        if c["eps"] <= 0 or c["n"] <= 0 or c["source_epochs"] < 0 or c["learner_epochs"] < 1:
+            raise ValueError(f"eps and n must be positive, source_epochs >= 0, learner_epochs >= 1; got {c}")
+        if c["source_epochs"] == 0 and src is None:
+            raise ValueError("source_epochs 0 means the --from run's standard model: give --from, or source_epochs")
     t_start = time.perf_counter()
     with exclusive(folder_lock(outdir), f"--out {str(outdir)!r}"):
-        for sub in ("stages", "datasets", "checkpoints"):
+        for sub in ("stages", "datasets", "checkpoints", "models"):
             (outdir / sub).mkdir(parents=True, exist_ok=True)
+        loaded: dict[int, tuple[Dataset[Any], Dataset[Any]]] = {}
+
+        def data(seed: int) -> tuple[Dataset[Any], Dataset[Any]]:
+            if seed not in loaded:
+                loaded[seed] = rep._load(s, root, seed)[:2]
+            return loaded[seed]
 
         def stage(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
             return rep.cached_stage(outdir / "stages", name, fn, log)
 
-        def relabelled(mode: str, e: float) -> tuple[af.ConstructedDataset, float]:
-            reused = src / "datasets" / f"d_{mode}"
-            if e == s.nonrobust_eps and (src / "stages" / f"build_d_{mode}.json").exists():  # a finished build
-                ds = af.ConstructedDataset.load(reused)
-                if len(ds) >= n_max:
-                    return ds, 0.0
-            t0 = time.perf_counter()
-            sub = Subset(train, range(n_max))
-            ds = af.nonrobustify(standard, sub, mode=mode, eps=e, steps=s.nonrobust_steps, seed=seed,
-                                 batch_size=s.batch_size, shard_size=1024, progress=progress,
-                                 out=outdir / "datasets" / f"{mode}_eps{e:g}")
-            return ds, time.perf_counter() - t0
-
-        def trained(name: str, data: Dataset[Any], learner: str, lr: float) -> nn.Module:
-            """The cell's model: trained once, then read back from its finished checkpoint."""
+        def trained(name: str, train: Dataset[Any], make: Callable[[], nn.Module], method: str, epochs: int,
+                    lr: float, seed: int) -> nn.Module:
+            """A model trained once (checkpointed every epoch, resumed), then read back from its checkpoint."""
             torch.manual_seed(seed)
-            model = make[learner]()
-            af.adversarial_train(model, DataLoader(data, batch_size=s.batch_size, shuffle=True), method="standard",
-                                 epochs=epochs, lr=lr, checkpoint=outdir / "checkpoints" / f"{name}.pt", resume=True,
-                                 progress=progress)
-            return model
+            model = make()
+            af.adversarial_train(model, DataLoader(train, batch_size=s.batch_size, shuffle=True), method=method,
+                                 attack=af.L2PGD(s.eps, steps=s.train_steps), epochs=epochs, lr=lr,
+                                 checkpoint=outdir / "checkpoints" / f"{name}.pt", resume=True, progress=progress)
+            return model.eval()
 
-        def accuracy(model: nn.Module, data: Dataset[Any]) -> float:
-            return af.evaluate(model, DataLoader(data, batch_size=500), progress=False).clean_accuracy
+        def from_run(name: str) -> nn.Module:
+            assert src is not None
+            m = rep._model(s)
+            m.load_state_dict(torch.load(src / "models" / f"{name}.pt", map_location="cpu", weights_only=True))
+            return m.eval()
 
-        cells = []
-        for e in eps:
-            for mode in ("rand", "det"):
-                ds, build_s = relabelled(mode, e)
-                stage(f"build_{mode}_eps{e:g}", dict(build_seconds=round(build_s, 2)).copy)
-                lr = s.lr_nr if mode == "rand" else s.lr
-                for n in sizes:
-                    reached = float(ds.meta["target_reached"][:n].double().mean())
-                    for learner in learner_names:
-                        name = f"{mode}_eps{e:g}_n{n}_{learner}"
-                        data: Dataset[Any] = Subset(ds, range(n))
+        def source_model(epochs: int, seed: int) -> nn.Module:
+            if epochs == 0:
+                return from_run("standard")
+            name = f"source_e{epochs}_s{seed}"
+            stage(name, lambda: {"epochs": epochs})
+            return trained(name, data(seed)[0], lambda: rep._model(s), "standard", epochs, s.lr, seed)
 
-                        def cell(name: str = name, data: Dataset[Any] = data, learner: str = learner,
-                                 lr: float = lr) -> dict[str, Any]:
-                            return {"test_accuracy": accuracy(trained(name, data, learner, lr), test)}
+        def robust_model(seed: int) -> nn.Module:
+            if src is not None and seed == run_seed:
+                return from_run("robust")
+            stage(f"robust_s{seed}", lambda: {"epochs": s.robust_epochs, "method": s.robust_method})
+            return trained(f"robust_s{seed}", data(seed)[0], lambda: rep._model(s), s.robust_method,
+                           s.robust_epochs, s.lr, seed)
 
-                        def fit(name: str = name, data: Dataset[Any] = data, learner: str = learner,
-                                lr: float = lr) -> dict[str, Any]:
-                            return {"fit": accuracy(trained(name, data, learner, lr), data)}
+        def relabelled(c: Mapping[str, Any], n_max: int) -> af.ConstructedDataset:
+            mode, e, seed = c["mode"], c["eps"], c["seed"]
+            if (src is not None and c["source_epochs"] == 0 and c["rule"] == "default" and seed == run_seed
+                    and e == s.nonrobust_eps and (src / "stages" / f"build_d_{mode}.json").exists()):
+                ds = af.ConstructedDataset.load(src / "datasets" / f"d_{mode}")  # the run's own, finished
+                if len(ds) >= n_max:
+                    return ds
+            name = f"{mode}_eps{e:g}_src{c['source_epochs']}_{c['rule']}_s{seed}"
+            if c["source_epochs"] == 0 and c["rule"] == "default" and seed == run_seed:
+                name = f"{mode}_eps{e:g}"  # the earlier map's folder names
+            folder = outdir / "datasets" / f"{name}_n{n_max}"
 
-                        r = stage(name, cell)
-                        cells.append({"mode": f"D_{mode}", "eps": e, "n": n, "learner": learner,
-                                      "test_accuracy": r["test_accuracy"], "targets_reached": reached,
-                                      "fit": stage(f"{name}_fit", fit)["fit"], "seconds": r["seconds"]})
-        result = {"from": str(src), "settings": record["settings"], "seed": seed, "epochs": epochs,
-                  "n_test": len(test), "cells": cells,  # type: ignore[arg-type]
+            def build() -> dict[str, Any]:
+                ds = af.nonrobustify(source_model(c["source_epochs"], seed), Subset(data(seed)[0], range(n_max)),
+                                     mode=mode, eps=e, seed=seed, batch_size=s.batch_size, shard_size=1024,
+                                     progress=progress, out=folder, **rules(s)[c["rule"]](e))
+                return {"n": len(ds), "targets_reached": float(ds.meta["target_reached"].double().mean())}
+
+            stage(f"build_{name}_n{n_max}", build)
+            return af.ConstructedDataset.load(folder)
+
+        def accuracy(model: nn.Module, d: Dataset[Any], shift: int = 0) -> float:
+            hits = total = 0
+            with torch.no_grad():
+                for x, y in DataLoader(d, batch_size=500):
+                    logits = model(x)
+                    hits += int((logits.argmax(1) == (y + shift) % logits.shape[1]).sum())
+                    total += len(y)
+            return hits / max(1, total)
+
+        set_key = ("mode", "eps", "source_epochs", "rule", "seed")
+        sizes: dict[tuple[Any, ...], int] = {}
+        for c in full:
+            k = tuple(c[a] for a in set_key)
+            sizes[k] = max(sizes.get(k, 0), c["n"])
+        shape = tuple(data(full[0]["seed"])[0][0][0].shape)
+        make = learners(shape)
+        results = []
+        for c in full:
+            n, seed = c["n"], c["seed"]
+            name = "_".join(f"{a}{c[a]:g}" if isinstance(c[a], float) else f"{a}{c[a]}" for a in AXES)
+
+            def cell(c: Mapping[str, Any] = c, name: str = name, n: int = n, seed: int = seed) -> dict[str, Any]:
+                ds = relabelled(c, sizes[tuple(c[a] for a in set_key)])
+                if len(ds) < n:
+                    raise ValueError(f"--sizes: {n} is more than the {len(ds)} images of the training set")
+                prefix: Dataset[Any] = Subset(ds, range(n))
+                test = data(seed)[1]
+                t0 = time.perf_counter()
+                lr = s.lr_nr if c["mode"] == "rand" else s.lr
+                model = trained(name, prefix, make[c["learner"]], "standard", c["learner_epochs"], lr, seed)
+                train_s = time.perf_counter() - t0
+                return {"test_accuracy": accuracy(model, test), "fit": accuracy(model, prefix),
+                        "predicts_shift": accuracy(model, test, shift=1) if c["mode"] == "det" else None,
+                        "targets_reached": float(ds.meta["target_reached"][:n].double().mean()),
+                        "leakage": af.controls.leakage_probe(robust_model(seed), prefix, test, seed=seed),
+                        "train_seconds": round(train_s, 2)}
+
+            results.append({**c, **stage(name, cell)})
+        result = {"from": None if src is None else str(src), "dataset": s.dataset, "settings": dataclass_record(s),
+                  "n_test": len(data(full[0]["seed"])[1]), "cells": results,  # type: ignore[arg-type]
                   "total_seconds": round(time.perf_counter() - t_start, 2)}
         atomic_write(outdir / "map.json", lambda f: f.write(json.dumps(result, indent=1).encode()))
         markdown = render(result)
         atomic_write(outdir / "map.md", lambda f: f.write(markdown.encode()))
-        figures.save(figures.generalisation_map(cells), outdir / "map.png")
+        figures.save(figures.generalisation_map(results), outdir / "map.png")
         log(markdown)
         return result
 
 
+def dataclass_record(s: rep.Settings) -> dict[str, Any]:
+    return rep._settings_record(s)
+
+
+def build_map(source: str | Path, out: str | Path, *, eps: Sequence[float] = (1.0, 2.0, 3.0),
+              sizes: Sequence[int] = (5000, 20000, 60000), learner_names: Sequence[str] = LEARNERS,
+              epochs: int | None = None, root: str | None = None, progress: bool = True,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The first map's grid on the ``advfeat replicate`` run in ``source``: both modes x ``eps`` x ``sizes`` x
+    ``learner_names`` through the run's standard model and default rule; returns what ``map.json`` holds."""
+    cells = design("grid", {"learner_epochs": epochs or 0},
+                   {"eps": list(eps), "mode": ["rand", "det"], "n": list(sizes), "learner": list(learner_names)})
+    return build_cells(out, cells, source=source, root=root, progress=progress, log=log)
+
+
 def render(result: dict[str, Any]) -> str:
-    """The map as Markdown: one row per learner and size, one column per mode and budget; a first table of real
-    test accuracy (targets reached), a second of how well each learner fit its relabelled set."""
+    """The map as Markdown: one row per cell, its axes that vary and what it measured (%)."""
     cells = result["cells"]
-    eps = sorted({c["eps"] for c in cells})
-    modes = list(dict.fromkeys(c["mode"] for c in cells))
-    rows = list(dict.fromkeys((c["learner"], c["n"]) for c in cells))
-    at = {(c["mode"], c["eps"], c["learner"], c["n"]): c for c in cells}
+    varying = [a for a in AXES if len({json.dumps(c[a]) for c in cells}) > 1]
+    fixed = {a: cells[0][a] for a in AXES if a not in varying}
 
-    def table(show: Callable[[dict[str, Any]], str]) -> list[str]:
-        lines = ["| learner | source size | " + " | ".join(f"{m} eps {e:g}" for m in modes for e in eps) + " |",
-                 "|---|---|" + "---|" * (len(modes) * len(eps))]
-        for learner, n in rows:
-            vals = [at.get((m, e, learner, n)) for m in modes for e in eps]
-            lines.append(f"| {learner} | {n:,} | " + " | ".join("-" if c is None else show(c) for c in vals) + " |")
-        return lines
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f}"
 
-    return "\n".join([
-        f"Real test accuracy % ({result['n_test']:,} test images) after training on the relabelled set "
-        f"(targets reached %), from the standard model of `{result['from']}`; {result['epochs']} epochs.", "",
-        *table(lambda c: f"{100 * c['test_accuracy']:.1f} ({100 * c['targets_reached']:.0f})"), "",
-        "Accuracy % on the relabelled training set's own labels (how well each learner fit it):", "",
-        *table(lambda c: f"{100 * c['fit']:.1f}")]) + "\n"
+    lines = [f"Real test accuracy % ({result['n_test']:,} test images, {result['dataset']}) after training on a "
+             "relabelled set; targets reached, fit (accuracy on the set's own labels), y+1 predicted on the test "
+             "set (D_det) and the leakage probe (a linear classifier on a robust model's logits trained on the same "
+             "set), all %. Fixed: " + ", ".join(f"{a} {v}" for a, v in fixed.items()) + ".", "",
+             "| " + " | ".join(varying) + " | test | targets | fit | y+1 | leakage | test - leakage |",
+             "|" + "---|" * (len(varying) + 6)]
+    for c in cells:
+        lines.append("| " + " | ".join(f"{c[a]:g}" if isinstance(c[a], float) else f"{c[a]}" for a in varying)
+                     + f" | {pct(c['test_accuracy'])} | {pct(c['targets_reached'])} | {pct(c['fit'])} | "
+                     f"{pct(c['predicts_shift'])} | {pct(c['leakage'])} | "
+                     f"{100 * (c['test_accuracy'] - c['leakage']):+.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--from", dest="source", required=True, help="a finished `advfeat replicate --out` folder")
+    ap.add_argument("--from", dest="source", default=None, help="a finished `advfeat replicate --out` folder")
+    ap.add_argument("--dataset", default="fashion-mnist", help="without --from: the settings' dataset")
+    ap.add_argument("--scale", default="full", help="without --from: the settings' scale (quick or full)")
     ap.add_argument("--out", required=True, help="where the map's sets, models and outputs are cached")
-    ap.add_argument("--eps", type=float, nargs="+", default=[1.0, 2.0, 3.0], help="L2 budgets (default 1 2 3)")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000, 60000],
-                    help="source sizes: the first N training images (default 5000 20000 60000)")
-    ap.add_argument("--learners", nargs="+", default=list(LEARNERS), help="cnn, mlp and/or resnet")
-    ap.add_argument("--epochs", type=int, default=None, help="default: the run's constructed_epochs")
+    ap.add_argument("--design", default="grid", help="grid (every combination) or axes (one axis at a time)")
+    ap.add_argument("--base", nargs="*", default=[], metavar="AXIS=VALUE", help=f"the base point; axes: {AXES}")
+    ap.add_argument("--vary", nargs="*", default=[], metavar="AXIS=V1,V2",
+                    help="the values of each axis to map (default with --from: eps=1,2,3 mode=rand,det "
+                         "n=5000,20000,60000 learner=cnn,mlp,resnet)")
     ap.add_argument("--root", default=None, help="the dataset's folder, as given to replicate")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     af.allocator.tune()
     try:
-        build_map(args.source, args.out, eps=args.eps, sizes=args.sizes, learner_names=args.learners,
-                  epochs=args.epochs, root=args.root, progress=not args.no_progress)
+        base, vary = {}, {}
+        for item in args.base:
+            k, _, v = item.partition("=")
+            base[k] = _parse(v, k)
+        for item in args.vary:
+            k, _, v = item.partition("=")
+            vary[k] = [_parse(x, k) for x in v.split(",")]
+        if not vary and args.design == "grid":
+            vary = {"eps": [1.0, 2.0, 3.0], "mode": ["rand", "det"], "n": [5000, 20000, 60000],
+                    "learner": list(LEARNERS)}
+        build_cells(args.out, design(args.design, base, vary), source=args.source, dataset=args.dataset,
+                    scale=args.scale, root=args.root, progress=not args.no_progress)
     except (ValueError, af.InUseError) as e:
         print(f"{ap.prog}: error: {e}", file=sys.stderr)
         return 2
