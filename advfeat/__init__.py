@@ -5,7 +5,7 @@ Ilyas et al., "Adversarial Examples Are Not Bugs, They Are Features" (NeurIPS 20
 model and data loader. See README.md and docs/.
 """
 
-from . import allocator, controls, data, engine, figures, methods, models, steps, train
+from . import adapters, allocator, controls, data, engine, figures, methods, models, steps, train
 from ._lock import InUseError
 from .attacks import (
     APGD,
@@ -32,7 +32,7 @@ from .threat import Box, L2Ball, LinfBall, ThreatModel
 from .train import AdversarialTrainer, adversarial_train
 from .transfer import transfer_rates
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Attack", "PGD", "L2PGD", "LinfPGD", "FGSM", "APGD", "Restarts", "WorstOf", "Outcome",
@@ -41,6 +41,6 @@ __all__ = [
     "evaluate", "EvalResult", "Normalize", "AdversarialTrainer", "adversarial_train",
     "TrainingMethod", "StandardTraining", "PGDTraining", "FGSMRS", "FreeTraining", "TRADES", "MART",
     "robustify", "nonrobustify", "ConstructedDataset", "transfer_rates", "InUseError",
-    "allocator", "controls", "data", "engine", "figures", "methods", "models", "steps", "train",
+    "adapters", "allocator", "controls", "data", "engine", "figures", "methods", "models", "steps", "train",
     "__version__",
 ]

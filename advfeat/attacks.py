@@ -41,6 +41,7 @@ from typing_extensions import final
 
 from ._checks import check_batch, check_logits, check_positive_float, check_positive_int
 from ._config import Config
+from .adapters import classifier
 from .engine import optimize
 from .steps import APGDStep, Constant, StepRule
 from .threat import ThreatModel, _column, ball
@@ -171,7 +172,8 @@ class Attack(Config, ABC):
         """Attack ``model`` at ``(x, y)``; returns a new tensor like ``x``.
 
         Args:
-            model: any ``nn.Module`` mapping a batch to logits (N, C); its state is left exactly as found.
+            model: any ``nn.Module`` mapping a batch to logits (N, C), as a tensor, a mapping with ``"logits"``
+                or an object with a ``.logits`` tensor (``advfeat.adapters``); its state is left exactly as found.
             x: inputs (N, ...), floating, inside the box (default [0, 1]). Not modified.
             y: labels (N,), or target classes when the attack is targeted.
             generator: the random source; default: a new one seeded with ``self.seed`` if set, else
@@ -179,6 +181,7 @@ class Attack(Config, ABC):
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        model = classifier(model)  # a tensor, a mapping or a Hugging Face output: logits from here on
         lower, upper = self.box
         x, y = check_batch(x, y, lower, upper)
         if x.shape[0] == 0:

@@ -53,6 +53,7 @@ from ._checks import check_batch, check_labels, check_logits, check_positive_flo
 from ._dist import barrier, rank_world
 from ._io import TMP_SUFFIX
 from ._lock import exclusive_for_job, folder_lock
+from .adapters import batch_xy, check_keys, classifier
 from .attacks import L2PGD, cross_entropy, frozen_model
 from .engine import optimize
 from .models import last_linear
@@ -88,8 +89,9 @@ Representation = Callable[[Tensor], Tensor]
 class _Source:
     """Random access to the source samples in order, batched like the caller's loader."""
 
-    def __init__(self, data: Any, batch_size: int | None, lower: float, upper: float) -> None:
-        self.lower, self.upper = lower, upper
+    def __init__(self, data: Any, batch_size: int | None, lower: float, upper: float,
+                 keys: tuple[str, str] | None = None) -> None:
+        self.lower, self.upper, self.keys = lower, upper, check_keys(keys)
         if isinstance(data, DataLoader):
             if not isinstance(data.sampler, SequentialSampler) or getattr(data.batch_sampler, "drop_last", False):
                 raise ValueError("loader must not shuffle, sample or drop samples: order matters for resume and "
@@ -117,9 +119,7 @@ class _Source:
         getitems = getattr(self.dataset, "__getitems__", None)
         items = getitems(ids) if getitems is not None else [self.dataset[i] for i in ids]
         batch = self.collate(items) if isinstance(items, list) else items
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise TypeError(f"{what} must yield (x, y) pairs, got {type(batch).__name__}")
-        x, y = batch
+        x, y = batch_xy(batch, self.keys, f"{what}, samples {ids[0]}..{ids[-1]}")
         try:
             return check_batch(x, y, self.lower, self.upper)
         except (TypeError, ValueError) as e:
@@ -286,7 +286,7 @@ def _common(model: nn.Module, steps: int, step_size: float, rule: StepRule, shar
 def _classes(model: nn.Module, source: _Source, device: torch.device) -> int:
     x, y = source.get(torch.arange(min(2, source.n)))
     with torch.no_grad(), frozen_model(model):
-        logits = model(x.to(device))
+        logits = classifier(model)(x.to(device))
     c = check_logits(logits, y.to(device))
     labels = source.labels()
     if labels is not None:  # all labels up front when the dataset exposes them, before anything is written
@@ -314,13 +314,16 @@ def robustify(
     storage: str = "float32",
     device: str | torch.device | None = None,
     progress: bool = True,
+    keys: tuple[str, str] | None = None,
 ) -> ConstructedDataset:
     """Rebuild every image from what ``model``'s representation sees of it (the paper's D_R / D_NR).
 
     Args:
         model: the classifier whose penultimate representation ``g`` is matched (robust: D_R; standard: D_NR).
-        loader: a non-shuffling ``DataLoader`` or a map-style ``Dataset`` of ``(x, y)``, pixels in
-            ``[lower, upper]``.
+        loader: a non-shuffling ``DataLoader`` or a map-style ``Dataset`` of ``(x, y, ...)`` tuples or of mappings
+            with image and label keys (a Hugging Face ``datasets`` dataset; ``keys=`` names them when they are not
+            among ``advfeat.adapters.IMAGE_KEYS`` / ``LABEL_KEYS``), pixels in ``[lower, upper]``. The model may
+            return a tensor, a mapping with ``"logits"`` or a Hugging Face output.
         representation: ``g`` as a callable ``x -> (N, ...)``; default: the input of the model's last
             ``nn.Linear`` (a forward hook).
         init: ``"other"``: start from another image of the source, uniform at random (the paper);
@@ -343,7 +346,7 @@ def robustify(
         last_linear(model)  # raises a clear error before anything is written
     elif not callable(representation):
         raise TypeError(f"representation must be a callable x -> g(x), got {type(representation).__name__}")
-    source = _Source(loader, batch_size, lower, upper)
+    source = _Source(loader, batch_size, lower, upper, keys)
     if init == "other" and source.n < 2:
         raise ValueError("init='other' needs at least 2 source images")
     c = _classes(model, source, dev)
@@ -357,6 +360,7 @@ def robustify(
               "lower": lower, "upper": upper, "representation": rep_name, "n": source.n, "classes": c,
               "shard_size": shard_size, "batch_size": source.batch_size, "storage": storage,
               "model": _model_fingerprint(model), "data": source.fingerprint()}
+    model = classifier(model)
     box = Box(lower=lower, upper=upper)
 
     def work(idx: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -412,6 +416,7 @@ def nonrobustify(
     storage: str = "float32",
     device: str | torch.device | None = None,
     progress: bool = True,
+    keys: tuple[str, str] | None = None,
 ) -> ConstructedDataset:
     """Relabel every image by a targeted L2 attack on a standard ``model`` (the paper's D_rand / D_det).
 
@@ -437,7 +442,7 @@ def nonrobustify(
     if mode not in ("det", "rand"):
         raise ValueError(f"mode must be 'det' (t = y + 1 mod C) or 'rand' (t uniform over the other classes); "
                          f"got {mode!r}")
-    source = _Source(loader, batch_size, lower, upper)
+    source = _Source(loader, batch_size, lower, upper, keys)
     c = _classes(model, source, dev)
     if c < 2:
         raise ValueError(f"mode={mode!r} needs a model with at least 2 classes, got {c}")
@@ -451,6 +456,7 @@ def nonrobustify(
         config["keep_correct"] = [_model_fingerprint(m) for m in keep]
     if keep_best:  # recorded only when set, so folders built before the option existed still resume
         config["keep_best"] = True
+    model, keep = classifier(model), [classifier(m) for m in keep]
     attack = L2PGD(eps, steps=steps, step_size=step_size, targeted=True, lower=lower, upper=upper, rule=rule,
                    keep_best=keep_best)
 

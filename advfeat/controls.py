@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ._checks import check_positive_float, check_positive_int
+from .adapters import batch_xy, classifier, logits_of
 from .attacks import frozen_model
 from .construct import _build, _classes, _model_fingerprint, _Source, _Targets
 from .models import last_linear
@@ -59,9 +60,10 @@ def _features(model: nn.Module, data: Iterable[Any], which: str, device: torch.d
     feats, labels = [], []
     try:
         with torch.no_grad(), frozen_model(model):
-            for x, y in data:
+            for batch in data:
+                x, y = batch_xy(batch)
                 captured.clear()
-                out = model(x.to(device))
+                out = logits_of(model(x.to(device)))
                 feats.append((captured[-1] if handle is not None else out).flatten(1).float().cpu())
                 labels.append(torch.as_tensor(y).long().cpu())
     finally:
@@ -152,12 +154,13 @@ def shortcut(
     source = _Source(loader, batch_size, lower, upper)
     c = _classes(model, source, dev)
     targets = _Targets(mode, c, source.n, seed)
+    fingerprint, model = _model_fingerprint(model), classifier(model)
     shape = source.get(torch.arange(1))[0].shape[1:]
     patterns = torch.randn((c, *shape), generator=torch.Generator().manual_seed(seed + 1_000_003))
     patterns = patterns / patterns.flatten(1).norm(dim=1).reshape(c, *([1] * len(shape))) * eps
     config = {"kind": "shortcut", "mode": mode, "eps": eps, "seed": seed, "lower": lower, "upper": upper,
               "n": source.n, "classes": c, "shard_size": shard_size, "batch_size": source.batch_size,
-              "storage": "float32", "model": _model_fingerprint(model), "data": source.fingerprint()}
+              "storage": "float32", "model": fingerprint, "data": source.fingerprint()}
 
     def work(idx: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         t = targets(idx, y)
@@ -193,8 +196,9 @@ def wrong_labels(
     loader = DataLoader(data, batch_size=batch_size)
     with torch.no_grad(), frozen_model(teacher), progress_bar(loader, desc="wrong labels",
                                                                enabled=progress) as bar:
-        for x, y in bar:
-            p = teacher(x.to(dev)).argmax(1).cpu()
+        for batch in bar:
+            x, y = batch_xy(batch)
+            p = logits_of(teacher(x.to(dev))).argmax(1).cpu()
             wrong = p != y
             xs.append(x[wrong])
             preds.append(p[wrong])

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_batch, check_logits
+from .adapters import batch_xy, check_keys, classifier
 from .attacks import Attack, frozen_model
 from .progress import progress_bar
 
@@ -113,18 +114,23 @@ def evaluate(
     device: torch.device | str | None = None,
     progress: bool = True,
     generator: torch.Generator | None = None,
+    keys: tuple[str, str] | None = None,
 ) -> EvalResult:
     """Clean accuracy, robust accuracy per attack and the worst case over attacks.
 
     Args:
         model: maps a batch in [0, 1] to logits (N, C); run in eval mode, its state is restored.
-        loader: yields ``(x, y)`` batches (a DataLoader or any iterable).
+        loader: yields ``(x, y, ...)`` tuples or mappings with image and label keys (a DataLoader or any
+            iterable; see ``advfeat.adapters``).
+        keys: ``(image key, label key)`` of mapping batches, when not among the common names.
         attacks: an attack, a list (named by their repr) or a dict name -> attack. Untargeted only.
         early_stop: stop attacking samples once misclassified (same accuracy, less work).
         device: where to run; default: the device of the model's parameters.
         progress: show a progress bar (tqdm, notebook aware).
         generator: the random source for attacks with random starts.
     """
+    keys = check_keys(keys)
+    model = classifier(model)
     named = _named(attacks)
     runs = {k: a.for_evaluation(early_stop) for k, a in named.items()}
     dev = torch.device(device) if device is not None else _device_of(model)
@@ -135,10 +141,9 @@ def evaluate(
     lower, upper = next(iter(runs.values())).box if runs else (0.0, 1.0)
     with frozen_model(model) as m, progress_bar(loader, desc="evaluate", enabled=progress) as bar:
         for batch_no, batch in enumerate(bar):
-            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-                raise TypeError(f"loader must yield (x, y) pairs; batch {batch_no} is {type(batch).__name__}")
-            x, y = batch[0].to(dev), batch[1].to(dev)
+            x, y = batch_xy(batch, keys, f"loader, batch {batch_no}")
             x, y = check_batch(x, y, lower, upper)
+            x, y = x.to(dev), y.to(dev)
             with torch.no_grad():
                 logits = m(x)
             check_logits(logits, y)

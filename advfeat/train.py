@@ -55,6 +55,7 @@ from ._checks import check_batch, check_logits, check_positive_float, check_posi
 from ._dist import barrier, rank_world
 from ._io import atomic_write
 from ._lock import exclusive_for_job, file_lock
+from .adapters import batch_xy, check_keys, classifier
 from .attacks import Attack, frozen_model
 from .evaluate import evaluate
 from .methods import DEFAULT_METHOD, NAMES, TrainContext, TrainingMethod, from_name
@@ -105,6 +106,8 @@ class AdversarialTrainer:
         attack_eval_mode: run attacks with the model in eval mode (default) or in train mode.
         device: where to train (default: where the model's parameters are).
         progress: show a tqdm bar per epoch.
+        keys: ``(image key, label key)`` of mapping batches, when not among the common names
+            (``advfeat.adapters``).
     """
 
     def __init__(
@@ -130,6 +133,7 @@ class AdversarialTrainer:
         attack_eval_mode: bool = True,
         device: str | torch.device | None = None,
         progress: bool = True,
+        keys: tuple[str, str] | None = None,
         **options: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -137,6 +141,7 @@ class AdversarialTrainer:
         self.method = _method(method, attack, options)
         self.epochs = check_positive_int("epochs", epochs)
         self.model = model
+        self.keys = check_keys(keys)
         self.loader = loader
         if eval_attack is not None and not isinstance(eval_attack, Attack):
             raise TypeError(f"eval_attack must be an advfeat Attack or None, got {eval_attack!r}")
@@ -308,10 +313,7 @@ class AdversarialTrainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
 
     def _batch(self, batch: Any, where: str) -> tuple[Tensor, Tensor]:
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise TypeError(f"loader must yield (x, y) pairs; {where} it yielded {type(batch).__name__}"
-                            + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
-        x, y = batch
+        x, y = batch_xy(batch, self.keys, f"loader, {where}")
         lower, upper = self.method.box
         try:
             x, y = check_batch(x, y, lower, upper)
@@ -324,7 +326,7 @@ class AdversarialTrainer:
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.epoch)  # type: ignore[union-attr]
         model = self.model
-        ctx = TrainContext(model, _unwrap(model), self.attack_eval_mode, {}, self.epoch)
+        ctx = TrainContext(classifier(model), classifier(_unwrap(model)), self.attack_eval_mode, {}, self.epoch)
         start = time.perf_counter()
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
@@ -353,7 +355,7 @@ class AdversarialTrainer:
 
     def _optimise(self, x: Tensor, y: Tensor, ctx: TrainContext, where: str) -> tuple[Tensor, Tensor]:
         """Every optimiser step the method asks for on this batch; returns the last step's loss and logits."""
-        steps = self.method.batch(self.model, x, y, ctx)
+        steps = self.method.batch(ctx.model, x, y, ctx)
         last: tuple[Tensor, Tensor] | None = None
         while True:
             self.model.train()
@@ -375,7 +377,7 @@ class AdversarialTrainer:
         return last
 
     def _explain(self, x: Tensor, y: Tensor) -> None:
-        inner = _unwrap(self.model)
+        inner = classifier(_unwrap(self.model))
         with torch.no_grad(), frozen_model(inner):
             check_logits(inner(x), y)
 
@@ -400,7 +402,7 @@ class AdversarialTrainer:
         else:
             assert self._held is not None
             x, y = self._held
-        inner = _unwrap(self.model)
+        inner = classifier(_unwrap(self.model))
         x_adv = attack(inner, x, y)
         with torch.no_grad(), frozen_model(inner):
             return float((inner(x_adv).argmax(1) == y).double().mean())

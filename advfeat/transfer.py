@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .adapters import batch_xy, classifier
 from .attacks import Attack, frozen_model
 
 __all__ = ["transfer_rates"]
@@ -50,12 +51,15 @@ def transfer_rates(
     dev = torch.device(device) if device is not None else next(iter(source.parameters())).device
     fooled = {k: 0 for k in targets}
     counted = {k: 0 for k in targets}
-    for x, y in loader:
+    source = classifier(source)
+    wrapped = {k: classifier(m) for k, m in targets.items()}
+    for batch in loader:
+        x, y = batch_xy(batch)
         x, y = x.to(dev), y.to(dev)
         x_adv = attack(source, x, y)
         with torch.no_grad(), frozen_model(source):
             src_fooled = source(x_adv).argmax(1) != y
-        for name, model in targets.items():
+        for name, model in wrapped.items():
             with torch.no_grad(), frozen_model(model):
                 ok = model(x).argmax(1) == y
                 wrong = model(x_adv).argmax(1) != y

@@ -259,7 +259,7 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path):
                                  TensorDataset(torch.rand(4, 1, 16, 16), torch.zeros(4, dtype=torch.long)), out=out),
          ValueError, "at least 2 classes"),
         (lambda: af.nonrobustify(model, TensorDataset(torch.rand(4, 1, 16, 16)), out=out), TypeError,
-         r"\(x, y\) pairs"),
+         r"must yield \(x, y, \.\.\.\) tuples"),
         (lambda: af.nonrobustify(model, data, storage="float16", out=out), ValueError, "storage must be"),
     ]
     for call, kind, match in cases:

@@ -82,7 +82,7 @@ def test_bad_input():
         af.evaluate(model, [], af.L2PGD(0.1, targeted=True), progress=False)
     with pytest.raises(TypeError, match="attacks"):
         af.evaluate(model, [], {"a": "pgd"}, progress=False)  # type: ignore[dict-item]
-    with pytest.raises(TypeError, match=r"loader must yield \(x, y\)"):
+    with pytest.raises(TypeError, match=r"loader must yield \(x, y, \.\.\.\) tuples or mappings"):
         af.evaluate(model, [torch.rand(2, 6)], progress=False)
     with pytest.raises(ValueError, match="y must have shape"):
         af.evaluate(model, [(torch.rand(2, 6), torch.zeros(3, dtype=torch.long))], progress=False)

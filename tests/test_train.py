@@ -250,7 +250,7 @@ def test_bad_input_names_the_problem(tmp_path):
         af.adversarial_train(model, loader, method="fast", epochs=1)
     with pytest.raises(TypeError, match="attack must be an advfeat Attack"):
         af.adversarial_train(model, loader, method="pgd", epochs=1)
-    with pytest.raises(TypeError, match="loader must yield \\(x, y\\) pairs; epoch 1, batch 1"):
+    with pytest.raises(TypeError, match=r"epoch 1, batch 1: the loader must yield \(x, y, \.\.\.\)"):
         af.adversarial_train(model, [torch.rand(8, 1, 4, 4)], method="standard", epochs=1, schedule="constant",
                              progress=False)
     with pytest.raises(ValueError, match="epoch 1, batch 1.*y must have shape"):
