@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["check_batch", "check_labels", "check_logits", "check_positive_int", "check_positive_float"]
+__all__ = ["check_batch", "check_device", "check_labels", "check_logits", "check_positive_int", "check_positive_float"]
 
 
 def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
@@ -82,6 +82,22 @@ def check_labels(y: Tensor, c: int, what: str = "y") -> None:
     """Every label in ``[0, c)`` (one host sync)."""
     if y.numel() and bool(((y < 0) | (y >= c)).any()):
         raise ValueError(f"{what} must hold labels in [0, C) = [0, {c}), found [{int(y.min())}, {int(y.max())}]")
+
+
+def check_device(name: str, device: object) -> torch.device:
+    """``device`` as a ``torch.device`` that exists here; else an error naming the argument and what exists."""
+    try:
+        dev: torch.device = torch.device(device)  # type: ignore[call-overload]
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name} must be a device such as 'cpu' or 'cuda:0', got {device!r}") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (dev.index or 0) >= n:
+            have = "cpu" + "".join(f", cuda:{i}" for i in range(n))
+            raise ValueError(f"{name}={str(device)!r}: no such CUDA device here (devices: {have})")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name}={str(device)!r}: MPS is not available here (devices: cpu)")
+    return dev
 
 
 def _show(v: float | Tensor) -> str:

@@ -7,6 +7,7 @@ umask (0644 under the usual 022, 0664 under a group-sharing 002), an existing fi
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import secrets
@@ -15,9 +16,62 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_write", "sha256_file", "TMP_SUFFIX"]
+__all__ = ["atomic_write", "append_text", "open_regular", "sha256_file", "TMP_SUFFIX", "LinkRefused"]
 
 TMP_SUFFIX = ".tmp"
+
+_NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+class LinkRefused(OSError):
+    """advfeat never writes or appends through a symbolic link it did not create."""
+
+
+def open_regular(path: str | Path, flags: int) -> int:
+    """``os.open(path, flags | O_CREAT | O_NOFOLLOW, 0o666)`` (the umask applies), refusing a symbolic link and
+    anything that is not a regular file (a FIFO, a device) without truncating or writing it. Returns the fd."""
+    p = Path(path)
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    try:
+        before = os.lstat(p)
+    except FileNotFoundError:
+        before = None
+    if before is not None and not stat.S_ISLNK(before.st_mode) and not stat.S_ISREG(before.st_mode):
+        raise LinkRefused(errno.EINVAL, f"{p} is not a regular file: advfeat writes only regular files; remove it")
+    try:
+        fd = os.open(p, flags | os.O_CREAT | nofollow | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0),
+                     0o666)
+    except OSError as e:
+        if p.is_symlink():
+            raise LinkRefused(errno.ELOOP, f"{p} is a symbolic link: advfeat does not write through links it did "
+                                           "not create; remove it (or point the option elsewhere)") from None
+        raise _explained(e, p) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise LinkRefused(errno.EINVAL, f"{p} is not a regular file: advfeat writes only regular files; remove it")
+    return fd
+
+
+def append_text(path: str | Path, text: str) -> None:
+    """Append ``text`` to ``path`` (created with the umask's mode), never through a symbolic link."""
+    fd = open_regular(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        data = text.encode()
+        while data:
+            data = data[os.write(fd, data):]
+    except OSError as e:
+        raise _explained(e, Path(path)) from None
+    finally:
+        os.close(fd)
+
+
+def _explained(e: OSError, path: Path) -> OSError:
+    """``e`` with a sentence of ours: a full disk or quota names the folder and says what to do."""
+    if e.errno in _NO_SPACE:
+        return OSError(e.errno, f"no space left on the device of {path.parent} while writing {path.name} "
+                                f"({os.strerror(e.errno or 0)}): free some space and call again; files finished "
+                                "before are kept and a rerun resumes from them")
+    return e
 
 
 def _open_temporary(target: Path) -> tuple[int, Path]:
@@ -53,6 +107,12 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise _explained(e, target) from None
     except BaseException:
         try:
             os.unlink(tmp)

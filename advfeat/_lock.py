@@ -28,6 +28,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from ._dist import broadcast_object, rank_world
+from ._io import open_regular
 
 try:
     import fcntl
@@ -86,7 +87,7 @@ def exclusive(lock: Path, what: str) -> Iterator[None]:
         _held.add(key)
     fd = -1
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        fd = open_regular(lock, os.O_RDWR)  # never through a planted symbolic link
         if fcntl is not None:
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

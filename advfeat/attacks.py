@@ -27,6 +27,7 @@ Examples:
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -44,7 +45,7 @@ from ._config import Config
 from .adapters import classifier
 from .engine import optimize
 from .steps import APGDStep, Constant, StepRule
-from .threat import ThreatModel, _column, ball
+from .threat import ThreatModel, ball, column
 
 __all__ = [
     "Attack", "PGD", "L2PGD", "LinfPGD", "FGSM", "APGD", "Restarts", "WorstOf", "Outcome",
@@ -130,6 +131,15 @@ def frozen_model(model: nn.Module, *, eval_mode: bool = True) -> Iterator[nn.Mod
                 b.copy_(saved)
 
 
+_validating: contextvars.ContextVar[bool] = contextvars.ContextVar("advfeat_validating", default=True)
+"""Whether the attack being run checks its labels against the model's classes (``Attack.__call__``'s
+``validate``): a host sync, skipped inside a training step, whose trainer checks labels on the CPU copy."""
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    return getattr(model, "model", model) if type(model).__name__ == "Classifier" else model
+
+
 class Outcome(NamedTuple):
     """How well an attack did on each sample: ``success`` (label lost, or target reached) and ``score``
     (the attack's loss, negated when targeted, so that higher is always better for the attacker)."""
@@ -167,7 +177,8 @@ class Attack(Config, ABC):
 
     @final
     def __call__(
-        self, model: nn.Module, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None
+        self, model: nn.Module, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None,
+        validate: bool = True,
     ) -> Tensor:
         """Attack ``model`` at ``(x, y)``; returns a new tensor like ``x``.
 
@@ -178,22 +189,36 @@ class Attack(Config, ABC):
             y: labels (N,), or target classes when the attack is targeted.
             generator: the random source; default: a new one seeded with ``self.seed`` if set, else
                 PyTorch's global generator (so ``torch.manual_seed`` makes runs repeatable).
+            validate: check ``x`` and ``y`` (box, finiteness, labels) before, and that the result is finite
+                after: two host syncs per call. ``False`` is for callers that checked the batch already and
+                check what they compute from the result (the trainer checks its loss), e.g. inside a training
+                step, where no host sync is wanted.
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         model = classifier(model)  # a tensor, a mapping or a Hugging Face output: logits from here on
         lower, upper = self.box
-        x, y = check_batch(x, y, lower, upper)
+        if validate:
+            x, y = check_batch(x, y, lower, upper)
         if x.shape[0] == 0:
             return x.clone()
         if generator is None and self.seed is not None:
             generator = torch.Generator(device=x.device).manual_seed(self.seed)
-        with frozen_model(model, eval_mode=self.eval_mode):
-            x_adv = self.run(model, x, y, generator)
+        token = _validating.set(validate)
+        try:
+            with frozen_model(model, eval_mode=self.eval_mode):
+                x_adv = self.run(model, x, y, generator)
+        finally:
+            _validating.reset(token)
         if not isinstance(x_adv, Tensor) or x_adv.shape != x.shape:
             got = tuple(x_adv.shape) if isinstance(x_adv, Tensor) else type(x_adv).__name__
             raise ValueError(f"{type(self).__name__}.run must return a tensor of shape {tuple(x.shape)}, got {got}")
         x_adv = x_adv.detach().to(device=x.device, dtype=x.dtype)
+        if validate and not bool(torch.isfinite(x_adv).all()):  # one host sync at the end, none per step
+            raise FloatingPointError(
+                f"{type(self).__name__} on {type(_inner(model)).__name__}: the model's loss or gradient became "
+                "non-finite (NaN or inf) during the attack, so the perturbed batch would hold NaN; check the model on "
+                "this batch (af.evaluate reports non-finite logits; torch.autograd.detect_anomaly finds the layer)")
         return x_adv.clone() if x_adv.data_ptr() == x.data_ptr() else x_adv
 
     @abstractmethod
@@ -232,7 +257,7 @@ class _Classification:
     def __call__(self, x: Tensor, index: Tensor | None) -> tuple[Tensor, Tensor]:
         logits = self.model(x)
         y = self.y if index is None else self.y.index_select(0, index)
-        if not self.checked:
+        if not self.checked and _validating.get():
             check_logits(logits, y)
         loss = self.loss(logits, y)
         if not self.checked:
@@ -245,7 +270,7 @@ class _Classification:
 
 
 @dataclass(frozen=True, eq=False, kw_only=True, repr=False)
-class _EnginePGD(Attack):
+class EnginePGD(Attack):
     """Fields shared by the PGD family: everything but the threat model."""
 
     steps: int = 10
@@ -343,7 +368,7 @@ def _short(value: Any) -> str:
 
 
 @dataclass(frozen=True, eq=False, repr=False)
-class PGD(_EnginePGD):
+class PGD(EnginePGD):
     """Projected gradient descent over any threat model: ``PGD(af.L2Ball(0.5), steps=20)``.
 
     Each step moves along ``threat.direction`` of the loss gradient by the step length and projects back
@@ -363,7 +388,7 @@ class PGD(_EnginePGD):
 
 
 @dataclass(frozen=True, eq=False, repr=False)
-class _BallPGD(_EnginePGD):
+class _BallPGD(EnginePGD):
     eps: float | Tensor
     lower: float | Tensor = field(default=0.0, kw_only=True)
     upper: float | Tensor = field(default=1.0, kw_only=True)
@@ -479,7 +504,7 @@ class APGD(_BallPGD):
             ).x.to(x.dtype)
             o = self.outcome(model, cand, y[alive])
             take = torch.ones_like(o.success) if best is None else o.better_than(best)
-            out[alive] = torch.where(_column(take, x.ndim), cand, out[alive])
+            out[alive] = torch.where(column(take, x.ndim), cand, out[alive])
             best = o if best is None else Outcome(torch.where(take, o.success, best.success),
                                                     torch.where(take, o.score, best.score))
             keep = (~best.success).nonzero().squeeze(1)  # one host sync per target class, outside the steps

@@ -37,6 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--keep-malloc", action="store_true", help="leave glibc's malloc settings alone (by default "
                    "the process keeps freed memory for reuse, which is faster on CPU: see advfeat.allocator)")
     args = ap.parse_args(argv)
+    _check(r, args)
     from ._lock import InUseError
     from .allocator import tune
     from .replicate import replicate
@@ -53,11 +54,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, InUseError, ImportError) as e:
         print(f"advfeat replicate: error: {e}", file=sys.stderr)
         return 2
+    except (OSError, FloatingPointError) as e:  # a full disk, a planted link, a model that turned non-finite
+        print(f"advfeat replicate: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print(f"\nadvfeat replicate: interrupted; finished stages are kept in {args.out}, rerun to continue",
-              file=sys.stderr)
+        print(f"\nadvfeat replicate: interrupted; finished stages, shards and checkpoints are kept in {args.out}: "
+              "run the same command again to continue", file=sys.stderr)
         return 130
     return 0
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Flags that would fail deep inside the run fail here: one line naming the flag, exit status 2."""
+    import os
+    from pathlib import Path
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {args.out!r} is a file, not a folder")
+    existing = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        parser.error(f"--out {args.out!r}: {existing} is not writable")
+    if args.root is not None and not (Path(args.root).is_dir() and os.access(args.root, os.R_OK | os.X_OK)):
+        parser.error(f"--root {args.root!r} is not a readable folder")
+    if args.checkpoint_width < 1:
+        parser.error(f"--checkpoint-width must be a positive number of channels, got {args.checkpoint_width}")
+    from ._checks import check_device
+
+    try:
+        check_device("--device", args.device)
+    except ValueError as e:
+        parser.error(str(e))
 
 
 if __name__ == "__main__":

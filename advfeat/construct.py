@@ -38,36 +38,23 @@ Examples:
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler, default_collate
+from torch.utils.data import DataLoader, Dataset
 
-from ._checks import check_batch, check_labels, check_logits, check_positive_float, check_positive_int
-from ._dist import barrier, rank_world
-from ._io import TMP_SUFFIX
-from ._lock import exclusive_for_job, folder_lock
-from .adapters import batch_xy, check_keys, classifier
+from ._checks import check_positive_float, check_positive_int
+from .adapters import classifier
 from .attacks import L2PGD, cross_entropy, frozen_model
+from .builder import build, device_of, model_fingerprint, prepare
 from .engine import optimize
 from .models import last_linear
-from .progress import progress_bar
 from .steps import Cosine, RelativeToStart, StepRule
-from .store import (
-    FORMAT,
-    ConstructedDataset,
-    check_directory,
-    finished_shards,
-    prepare_directory,
-    shard_count,
-    write_shard,
-)
+from .store import ConstructedDataset
 from .threat import Box
 
 __all__ = ["robustify", "nonrobustify", "ROBUSTIFY_RULE", "NONROBUSTIFY_RULE"]
@@ -82,77 +69,6 @@ NONROBUSTIFY_RULE: StepRule = Cosine()
 many targets as the paper's 100 fixed steps of 0.1 (docs/benchmarks.md, "Step rules")."""
 
 Representation = Callable[[Tensor], Tensor]
-
-
-# -- the source data ------------------------------------------------------------------------------------------
-
-class _Source:
-    """Random access to the source samples in order, batched like the caller's loader."""
-
-    def __init__(self, data: Any, batch_size: int | None, lower: float, upper: float,
-                 keys: tuple[str, str] | None = None) -> None:
-        self.lower, self.upper, self.keys = lower, upper, check_keys(keys)
-        if isinstance(data, DataLoader):
-            if not isinstance(data.sampler, SequentialSampler) or getattr(data.batch_sampler, "drop_last", False):
-                raise ValueError("loader must not shuffle, sample or drop samples: order matters for resume and "
-                                 "for the (seed, index) randomness; pass DataLoader(dataset, shuffle=False) or the "
-                                 "Dataset itself")
-            self.dataset: Any = data.dataset
-            self.collate: Callable[[list[Any]], Any] = data.collate_fn
-            self.batch_size = batch_size or data.batch_size or 128
-        elif isinstance(data, Dataset) and not isinstance(data, IterableDataset):
-            self.dataset, self.collate = data, default_collate
-            self.batch_size = batch_size or 128
-        else:
-            raise TypeError(f"loader must be a non-shuffling DataLoader or a map-style Dataset, got "
-                            f"{type(data).__name__}")
-        check_positive_int("batch_size", self.batch_size)
-        try:
-            self.n = len(self.dataset)
-        except TypeError:
-            raise TypeError("loader's dataset must have a length (a map-style Dataset)") from None
-        if self.n < 1:
-            raise ValueError("loader's dataset is empty")
-
-    def get(self, idx: Tensor, what: str = "loader") -> tuple[Tensor, Tensor]:
-        ids = idx.tolist()
-        getitems = getattr(self.dataset, "__getitems__", None)
-        items = getitems(ids) if getitems is not None else [self.dataset[i] for i in ids]
-        batch = self.collate(items) if isinstance(items, list) else items
-        x, y = batch_xy(batch, self.keys, f"{what}, samples {ids[0]}..{ids[-1]}")
-        try:
-            return check_batch(x, y, self.lower, self.upper)
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"{what}, samples {ids[0]}..{ids[-1]}: {e}") from None
-
-    def labels(self) -> Tensor | None:
-        """All labels, when the dataset exposes them cheaply (else None: checked batch by batch)."""
-        ds = self.dataset
-        for attr in ("labels", "targets"):
-            v = getattr(ds, attr, None)
-            if isinstance(v, (Tensor, np.ndarray, list)):
-                return torch.as_tensor(v)
-        tensors = getattr(ds, "tensors", None)
-        if isinstance(tensors, tuple) and len(tensors) == 2 and isinstance(tensors[1], Tensor):
-            return tensors[1]
-        return None
-
-    def fingerprint(self) -> str:
-        """sha256 of the size and of up to 64 evenly spaced samples (images and labels), in order."""
-        h = hashlib.sha256(str(self.n).encode())
-        picks = torch.linspace(0, self.n - 1, min(64, self.n)).round().long()
-        x, y = self.get(picks)
-        h.update(x.detach().float().cpu().contiguous().numpy().tobytes())
-        h.update(y.cpu().numpy().astype(np.int64).tobytes())
-        return h.hexdigest()[:16]
-
-
-def _model_fingerprint(model: nn.Module) -> str:
-    h = hashlib.sha256(type(model).__name__.encode())
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b"")
-    return h.hexdigest()[:16]
 
 
 @contextmanager
@@ -183,90 +99,6 @@ def _penultimate(model: nn.Module, representation: Representation | None) -> Ite
         handle.remove()
 
 
-# -- the shared driver ------------------------------------------------------------------------------------------
-
-def _build(
-    source: _Source,
-    config: dict[str, Any],
-    fields: list[str],
-    work: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, dict[str, Tensor]]],
-    *,
-    out: str | Path | None,
-    shard_size: int,
-    storage: str,
-    device: torch.device,
-    progress: bool,
-    desc: str,
-) -> ConstructedDataset:
-    """Run ``work(idx, x, y) -> (images, labels, meta)`` over the source, shard by shard.
-
-    With ``out``, the folder is checked (nothing written) and then held by this job for the whole build
-    (``advfeat._lock``): a second writer stops at once with an error naming the holder.
-    """
-    if out is None:
-        parts: dict[int, dict[str, np.ndarray]] = {}
-        _run_shards(source, list(range(shard_count(source.n, shard_size))), work, parts.__setitem__,
-                    shard_size=shard_size, storage=storage, device=device, progress=progress, desc=desc)
-        order = sorted(parts)
-        return ConstructedDataset([torch.from_numpy(parts[s]["images"]) for s in order],
-                                  [parts[s]["labels"] for s in order],
-                                  {f: [parts[s][f] for s in order] for f in fields}, config)
-    from . import __version__
-
-    root = Path(out)
-    n_shards = shard_count(source.n, shard_size)
-    rank, world = rank_world()
-    manifest = {"format": FORMAT, "library": f"advfeat {__version__}", "config": config,
-                "shards": n_shards, "fields": fields}
-    check_directory(root, manifest)  # refuse a foreign folder before the lock file is created in it
-    with exclusive_for_job(folder_lock(root), f"out={str(root)!r}"):
-        if rank == 0:
-            prepare_directory(root, manifest)
-            for tmp in root.glob(f".shard-*{TMP_SUFFIX}"):  # leftovers of a write killed half-way
-                tmp.unlink(missing_ok=True)
-        barrier()
-        if rank != 0:
-            prepare_directory(root, manifest)
-        done = set(finished_shards(root, verify=True))
-        todo = [s for s in range(n_shards) if s % world == rank and s not in done]
-        _run_shards(source, todo, work, lambda s, shard: write_shard(root, s, s * shard_size, shard),
-                    shard_size=shard_size, storage=storage, device=device, progress=progress and rank == 0,
-                    desc=desc)
-        barrier()
-    return ConstructedDataset.load(root)
-
-
-def _run_shards(
-    source: _Source,
-    todo: list[int],
-    work: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, dict[str, Tensor]]],
-    finish: Callable[[int, dict[str, np.ndarray]], None],
-    *,
-    shard_size: int,
-    storage: str,
-    device: torch.device,
-    progress: bool,
-    desc: str,
-) -> None:
-    """Build the shards ``todo`` in order, batch by batch, handing each finished shard to ``finish``."""
-    total = sum(min(shard_size, source.n - s * shard_size) for s in todo)
-    with progress_bar(None, desc=desc, enabled=progress, total=total, unit="img") as bar:
-        for s in todo:
-            start, stop = s * shard_size, min(source.n, (s + 1) * shard_size)
-            arrays: dict[str, list[np.ndarray]] = {}
-            for b0 in range(start, stop, source.batch_size):
-                idx = torch.arange(b0, min(stop, b0 + source.batch_size))
-                x, y = source.get(idx)
-                images, labels, meta = work(idx, x.to(device), y.to(device))
-                stored = images.detach().float().cpu()
-                if storage == "uint8":
-                    stored = stored.mul(255).round_().clamp_(0, 255).to(torch.uint8)
-                for k, v in {"images": stored, "labels": labels.detach().cpu().long(), **meta}.items():
-                    arrays.setdefault(k, []).append(v.detach().cpu().numpy())
-                bar.update(len(idx))
-            finish(s, {k: np.concatenate(v) for k, v in arrays.items()})
-
-
 def _common(model: nn.Module, steps: int, step_size: float, rule: StepRule, shard_size: int, storage: str,
             device: str | torch.device | None) -> torch.device:
     if not isinstance(model, nn.Module):
@@ -279,19 +111,7 @@ def _common(model: nn.Module, steps: int, step_size: float, rule: StepRule, shar
     if storage not in ("float32", "uint8"):
         raise ValueError(f"storage must be 'float32' (default, exact) or 'uint8' (quantised to 1/255, which can "
                          f"erase non-robust features); got {storage!r}")
-    params = list(model.parameters()) + list(model.buffers())
-    return torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
-
-
-def _classes(model: nn.Module, source: _Source, device: torch.device) -> int:
-    x, y = source.get(torch.arange(min(2, source.n)))
-    with torch.no_grad(), frozen_model(model):
-        logits = classifier(model)(x.to(device))
-    c = check_logits(logits, y.to(device))
-    labels = source.labels()
-    if labels is not None:  # all labels up front when the dataset exposes them, before anything is written
-        check_labels(labels, c, "loader's labels")
-    return c
+    return device_of(model, device)
 
 
 # -- robustify ------------------------------------------------------------------------------------------------
@@ -346,10 +166,10 @@ def robustify(
         last_linear(model)  # raises a clear error before anything is written
     elif not callable(representation):
         raise TypeError(f"representation must be a callable x -> g(x), got {type(representation).__name__}")
-    source = _Source(loader, batch_size, lower, upper, keys)
+    source, dev, c, _, fingerprint = prepare(model, loader, mode=None, seed=seed, batch_size=batch_size,
+                                             lower=lower, upper=upper, device=dev, keys=keys)
     if init == "other" and source.n < 2:
         raise ValueError("init='other' needs at least 2 source images")
-    c = _classes(model, source, dev)
     g = torch.Generator().manual_seed(seed)
     other = torch.randint(0, max(1, source.n - 1), (source.n,), generator=g)
     other += (other >= torch.arange(source.n)).long()  # uniform over the other images
@@ -359,12 +179,11 @@ def robustify(
               "seed": seed,
               "lower": lower, "upper": upper, "representation": rep_name, "n": source.n, "classes": c,
               "shard_size": shard_size, "batch_size": source.batch_size, "storage": storage,
-              "model": _model_fingerprint(model), "data": source.fingerprint()}
+              "model": fingerprint, "data": source.fingerprint()}
     model = classifier(model)
     box = Box(lower=lower, upper=upper)
 
     def work(idx: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        check_labels(y, c, "loader's labels")
         if init == "other":
             start = source.get(other[idx])[0].to(x.device, x.dtype)
             start_index = other[idx]
@@ -390,7 +209,7 @@ def robustify(
                 final = distance(z, None)[0]
         return z, y, {"rel_distance": final.float(), "start_index": start_index}
 
-    return _build(source, config, ["rel_distance", "start_index"], work, out=out, shard_size=shard_size,
+    return build(source, config, ["rel_distance", "start_index"], work, out=out, shard_size=shard_size,
                   storage=storage, device=dev, progress=progress, desc="robustify")
 
 
@@ -439,21 +258,16 @@ def nonrobustify(
         raise TypeError("keep_correct must be a sequence of nn.Modules (models the perturbation must not fool)")
     step_size = eps if step_size is None else step_size
     dev = _common(model, steps, step_size, rule, shard_size, storage, device)
-    if mode not in ("det", "rand"):
-        raise ValueError(f"mode must be 'det' (t = y + 1 mod C) or 'rand' (t uniform over the other classes); "
-                         f"got {mode!r}")
-    source = _Source(loader, batch_size, lower, upper, keys)
-    c = _classes(model, source, dev)
-    if c < 2:
-        raise ValueError(f"mode={mode!r} needs a model with at least 2 classes, got {c}")
-    targets = _Targets(mode, c, source.n, seed)
+    source, dev, c, targets, fingerprint = prepare(model, loader, mode=mode, seed=seed, batch_size=batch_size,
+                                                   lower=lower, upper=upper, device=dev, keys=keys)
+    assert targets is not None
     config = {"kind": "nonrobustify", "mode": mode, "eps": eps, "step_size": step_size, "steps": steps,
               "rule": repr(rule),
               "seed": seed, "lower": lower, "upper": upper, "n": source.n, "classes": c,
               "shard_size": shard_size, "batch_size": source.batch_size, "storage": storage,
-              "model": _model_fingerprint(model), "data": source.fingerprint()}
+              "model": fingerprint, "data": source.fingerprint()}
     if keep:
-        config["keep_correct"] = [_model_fingerprint(m) for m in keep]
+        config["keep_correct"] = [model_fingerprint(m) for m in keep]
     if keep_best:  # recorded only when set, so folders built before the option existed still resume
         config["keep_best"] = True
     model, keep = classifier(model), [classifier(m) for m in keep]
@@ -461,7 +275,6 @@ def nonrobustify(
                    keep_best=keep_best)
 
     def work(idx: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        check_labels(y, c, "loader's labels")
         t = targets(idx, y)
         if keep:
             x_adv = _not_transferring(model, keep, x, y, t, attack)
@@ -472,22 +285,9 @@ def nonrobustify(
         norm = (x_adv.float() - x.float()).flatten(1).norm(dim=1)
         return x_adv, t, {"target_reached": reached, "perturbation_norm": norm, "original_label": y}
 
-    return _build(source, config, ["target_reached", "perturbation_norm", "original_label"], work, out=out,
+    return build(source, config, ["target_reached", "perturbation_norm", "original_label"], work, out=out,
                   shard_size=shard_size, storage=storage, device=dev, progress=progress, desc=f"nonrobustify {mode}")
 
-
-
-class _Targets:
-    """The new label of sample ``i``: ``(y + 1) mod C`` (det), or ``y`` plus an offset in [1, C) drawn for the
-    whole dataset from ``seed`` (rand). Shared by every construction that relabels (nonrobustify, the controls)."""
-
-    def __init__(self, mode: str, classes: int, n: int, seed: int) -> None:
-        self.mode, self.classes = mode, classes
-        self.offsets = torch.randint(1, classes, (n,), generator=torch.Generator().manual_seed(seed))
-
-    def __call__(self, idx: Tensor, y: Tensor) -> Tensor:
-        shift = 1 if self.mode == "det" else self.offsets[idx].to(y.device)
-        return (y + shift) % self.classes
 
 
 def _not_transferring(model: nn.Module, keep: list[nn.Module], x: Tensor, y: Tensor, t: Tensor,

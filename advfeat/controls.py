@@ -1,6 +1,6 @@
 """The critics' controls of the paper's claim, as constructions and probes on the same engine and data path.
 
-The paper's claim was argued in public (the Distill discussion, 2019, and later replications; see PAPER.md). Each
+The paper's claim was argued in public (the Distill discussion, 2019, and later replications; see docs/paper.md). Each
 control asks whether something other than non-robust features could explain D_rand's and D_det's results:
 
 * **Bugs** (Nakkiran): adversarial examples that do *not* transfer, made by
@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from ._checks import check_positive_float, check_positive_int
 from .adapters import batch_xy, classifier, logits_of
 from .attacks import frozen_model
-from .construct import _build, _classes, _model_fingerprint, _Source, _Targets
+from .builder import build, device_of, model_fingerprint, prepare
 from .models import last_linear
 from .progress import progress_bar
 from .store import ConstructedDataset
@@ -94,8 +94,7 @@ def leakage_probe(
         raise ValueError(f"features must be 'logits' or 'penultimate', got {features!r}")
     check_positive_int("epochs", epochs)
     check_positive_float("lr", lr)
-    params = list(robust_model.parameters())
-    dev = torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
+    dev = device_of(robust_model, device)
     f_train, y_train = _features(robust_model, DataLoader(train_set, batch_size=512), features, dev)
     f_test, y_test = _features(robust_model, DataLoader(test_set, batch_size=512), features, dev)
     mean, std = f_train.mean(0), f_train.std(0).clamp_min(1e-6)
@@ -128,13 +127,14 @@ def shortcut(
     mode: str = "det",
     eps: float = 0.5,
     seed: int = 0,
-    lower: float = 0.0,
-    upper: float = 1.0,
     out: str | Path | None = None,
     shard_size: int = 4096,
     batch_size: int | None = None,
+    lower: float = 0.0,
+    upper: float = 1.0,
     device: str | torch.device | None = None,
     progress: bool = True,
+    keys: tuple[str, str] | None = None,
 ) -> ConstructedDataset:
     """Keller Jordan's shortcut control: ``nonrobustify``'s relabelling (the same targets for the same ``mode``
     and ``seed``) with each adversarial perturbation replaced by a fixed random pattern of the target class, of L2
@@ -143,18 +143,12 @@ def shortcut(
     ``target_reached`` (the model predicts t after), ``perturbation_norm``, ``original_label``; storage, resume
     and sharding as ``nonrobustify``.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if mode not in ("det", "rand"):
-        raise ValueError(f"mode must be 'det' or 'rand'; got {mode!r}")
     check_positive_float("eps", eps)
     check_positive_int("shard_size", shard_size)
-    params = list(model.parameters()) + list(model.buffers())
-    dev = torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
-    source = _Source(loader, batch_size, lower, upper)
-    c = _classes(model, source, dev)
-    targets = _Targets(mode, c, source.n, seed)
-    fingerprint, model = _model_fingerprint(model), classifier(model)
+    source, dev, c, targets, fingerprint = prepare(model, loader, mode=mode, seed=seed, batch_size=batch_size,
+                                                   lower=lower, upper=upper, device=device, keys=keys)
+    assert targets is not None
+    model = classifier(model)
     shape = source.get(torch.arange(1))[0].shape[1:]
     patterns = torch.randn((c, *shape), generator=torch.Generator().manual_seed(seed + 1_000_003))
     patterns = patterns / patterns.flatten(1).norm(dim=1).reshape(c, *([1] * len(shape))) * eps
@@ -172,7 +166,7 @@ def shortcut(
         norm = (keyed.float() - x.float()).flatten(1).norm(dim=1)
         return keyed, t, {"target_reached": reached, "perturbation_norm": norm, "original_label": y}
 
-    return _build(source, config, ["target_reached", "perturbation_norm", "original_label"], work, out=out,
+    return build(source, config, ["target_reached", "perturbation_norm", "original_label"], work, out=out,
                   shard_size=shard_size, storage="float32", device=dev, progress=progress, desc=f"shortcut {mode}")
 
 
@@ -189,8 +183,7 @@ def wrong_labels(
     positions in ``data``; ``config["teacher_accuracy"]`` the teacher's accuracy on ``data``."""
     if not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
-    params = list(teacher.parameters())
-    dev = torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
+    dev = device_of(teacher, device)
     xs, preds, ys, idx = [], [], [], []
     seen = 0
     loader = DataLoader(data, batch_size=batch_size)
@@ -206,7 +199,7 @@ def wrong_labels(
             idx.append(torch.arange(seen, seen + len(y))[wrong])
             seen += len(y)
     labels, original = torch.cat(preds), torch.cat(ys)
-    config = {"kind": "wrong_labels", "n": len(labels), "of": seen, "teacher": _model_fingerprint(teacher),
+    config = {"kind": "wrong_labels", "n": len(labels), "of": seen, "teacher": model_fingerprint(teacher),
               "teacher_accuracy": 1 - len(labels) / max(seen, 1)}
     return ConstructedDataset([torch.cat(xs)], [labels], {"original_label": [original], "index": [torch.cat(idx)]},
                               config)

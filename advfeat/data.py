@@ -233,6 +233,11 @@ def from_release(folder: str | Path) -> ImageDataset:
     if labels.shape != (images.shape[0],) or labels.is_floating_point():
         raise ValueError(f"{root / 'CIFAR_lab'}: expected {images.shape[0]} integer labels, got {labels.dtype} "
                          f"{tuple(labels.shape)}")
+    if images.is_floating_point() and not bool(torch.isfinite(images).all()):
+        raise ValueError(f"{root / 'CIFAR_ims'}: images contain NaN or inf")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > 9):
+        raise ValueError(f"{root / 'CIFAR_lab'}: CIFAR-10 labels must lie in [0, 10), found "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
     if images.is_floating_point() and images.numel() and (images.min() < 0 or images.max() > 1):
         raise ValueError(f"{root / 'CIFAR_ims'}: pixel values must lie in [0, 1], found "
                          f"[{float(images.min()):g}, {float(images.max()):g}]")

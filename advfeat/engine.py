@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from .steps import Constant, StepContext, StepRule
-from .threat import Bounds, ThreatModel, _column
+from .threat import Bounds, ThreatModel, column
 
 __all__ = ["optimize", "OptimizeResult", "Objective", "working_dtype"]
 
@@ -115,7 +115,7 @@ def optimize(
     bounds: Bounds = threat.bounds(xc)
     sign = 1.0 if maximize else -1.0
     step: float | Tensor = (
-        _column(step_size.to(device=xc.device, dtype=wdt), xc.ndim)
+        column(step_size.to(device=xc.device, dtype=wdt), xc.ndim)
         if isinstance(step_size, Tensor) else float(step_size)
     )
     state: dict[str, Tensor] = {}  # the rule's per-sample memory
@@ -149,7 +149,7 @@ def optimize(
             best_ok = torch.where(better, success, best_ok)
         best_score = torch.where(better, score, best_score)
         best_loss = torch.where(better, loss, best_loss)
-        best_z = torch.where(_column(better, z.ndim), z, best_z)
+        best_z = torch.where(column(better, z.ndim), z, best_z)
 
     with torch.enable_grad():
         for t in range(steps):
@@ -173,7 +173,7 @@ def optimize(
             z = rule.step(z, grad, score, state, StepContext(t, steps, step, xc, threat, bounds))
             if before is not None:  # finished samples keep their first successful iterate
                 assert done is not None
-                z = torch.where(_column(done, z.ndim), before, z)
+                z = torch.where(column(done, z.ndim), before, z)
             threat.project_(z, xc, bounds)
 
             if early_stop and _is_check_step(t + 1, xc.device) and t + 1 < steps:

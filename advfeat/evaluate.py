@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_batch, check_logits
+from ._checks import check_batch, check_device, check_logits
 from .adapters import batch_xy, check_keys, classifier
 from .attacks import Attack, frozen_model
 from .progress import progress_bar
@@ -88,6 +88,9 @@ def _named(attacks: Attack | Sequence[Attack] | Mapping[str, Attack] | None) -> 
         return {}
     if isinstance(attacks, Attack):
         attacks = [attacks]
+    if isinstance(attacks, (str, bytes)) or not isinstance(attacks, (Mapping, Sequence)):
+        raise TypeError(f"attacks must be an advfeat Attack, a list of them or a dict name -> Attack; got "
+                        f"{attacks!r}")
     named = dict(attacks) if isinstance(attacks, Mapping) else {repr(a): a for a in attacks}
     for name, a in named.items():
         if not isinstance(a, Attack):
@@ -133,7 +136,7 @@ def evaluate(
     model = classifier(model)
     named = _named(attacks)
     runs = {k: a.for_evaluation(early_stop) for k, a in named.items()}
-    dev = torch.device(device) if device is not None else _device_of(model)
+    dev = check_device("device", device) if device is not None else _device_of(model)
     total = torch.zeros((), dtype=torch.long, device=dev)
     clean = torch.zeros((), dtype=torch.long, device=dev)
     robust = {k: torch.zeros((), dtype=torch.long, device=dev) for k in runs}
@@ -147,6 +150,9 @@ def evaluate(
             with torch.no_grad():
                 logits = m(x)
             check_logits(logits, y)
+            if not bool(torch.isfinite(logits).all()):
+                raise FloatingPointError(f"model ({type(model.model).__name__}) returned non-finite logits (NaN or "
+                                         f"inf) on loader batch {batch_no}: no accuracy is reported for it")
             correct = logits.argmax(1) == y
             total += y.shape[0]
             clean += correct.sum()
@@ -154,7 +160,12 @@ def evaluate(
             xs, ys = x.index_select(0, keep), y.index_select(0, keep)
             still: Tensor = torch.ones_like(ys, dtype=torch.bool)
             for k, attack in runs.items():
-                x_adv = attack(m, xs, ys, generator=generator)
+                if ys.shape[0] == 0:  # nothing left to attack (known: nonzero synced); some models refuse empty batches
+                    break
+                try:
+                    x_adv = attack(m, xs, ys, generator=generator)
+                except FloatingPointError as e:
+                    raise FloatingPointError(f"loader batch {batch_no}, attack {k!r}: {e}") from None
                 with torch.no_grad():
                     ok = m(x_adv).argmax(1) == ys
                 robust[k] += ok.sum()
@@ -162,6 +173,8 @@ def evaluate(
             worst += still.sum()
             if progress:
                 bar.set_postfix(clean=f"{clean.item() / max(total.item(), 1):.3f}", refresh=False)
+    if int(total) == 0:
+        raise ValueError("loader yielded no samples: there is no accuracy to report")
     return EvalResult(
         total=int(total), clean_correct=int(clean),
         robust_correct={k: int(v) for k, v in robust.items()},

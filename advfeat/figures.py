@@ -44,9 +44,11 @@ _EXTRA = 'advfeat\'s figures need matplotlib: pip install "advfeat[report]"'
 
 
 def require() -> None:
-    """Raise ImportError naming the ``report`` extra when matplotlib is missing."""
+    """Raise ImportError naming the ``report`` extra when matplotlib (the figures) or safetensors (the models
+    ``advfeat replicate`` exports) is missing."""
     try:
         import matplotlib  # noqa: F401
+        import safetensors  # noqa: F401
     except ImportError:
         raise ImportError(_EXTRA) from None
 

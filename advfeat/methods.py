@@ -45,9 +45,9 @@ from torch import Tensor, nn
 
 from ._checks import check_positive_float, check_positive_int
 from ._config import Config
-from .attacks import PGD, Attack, _EnginePGD, frozen_model
+from .attacks import PGD, Attack, EnginePGD, frozen_model
 from .engine import optimize
-from .threat import ThreatModel, _column
+from .threat import ThreatModel, column
 
 __all__ = ["TrainingMethod", "TrainContext", "StandardTraining", "PGDTraining", "FGSMRS", "FreeTraining", "TRADES",
            "MART", "from_name", "NAMES", "DEFAULT_METHOD"]
@@ -77,7 +77,7 @@ class TrainContext:
                 attack = dataclasses.replace(attack, eval_mode=self.attack_eval_mode)
         elif not self.attack_eval_mode:
             raise ValueError(f"attack_eval_mode=False needs an attack with an eval_mode field; {attack!r} has none")
-        return attack(self.module, x, y)
+        return attack(self.module, x, y, validate=False)  # the trainer checked the batch and checks the loss
 
 
 @dataclass(frozen=True, eq=False)
@@ -122,12 +122,12 @@ def _cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
 def _check_attack(method: str, attack: object, ball: bool = False) -> None:
     if not isinstance(attack, Attack):
         raise TypeError(f"attack must be an advfeat Attack for {method}, got {attack!r}")
-    if ball and not isinstance(attack, _EnginePGD):
+    if ball and not isinstance(attack, EnginePGD):
         raise TypeError(f"{method} takes its ball, steps and step size from a PGD configuration (L2PGD, LinfPGD or "
                         f"PGD); got {type(attack).__name__}")
 
 
-def _ball(method: str, attack: _EnginePGD) -> tuple[ThreatModel, float | Tensor]:
+def _ball(method: str, attack: EnginePGD) -> tuple[ThreatModel, float | Tensor]:
     """The attack's threat model and its radius (refused when it has none)."""
     threat = attack.threat_model()
     eps: float | Tensor | None = getattr(threat, "eps", None)
@@ -138,7 +138,10 @@ def _ball(method: str, attack: _EnginePGD) -> tuple[ThreatModel, float | Tensor]
 
 @dataclass(frozen=True, eq=False)
 class StandardTraining(TrainingMethod):
-    """Cross-entropy on the clean batch."""
+    """Cross-entropy on the clean batch. Batches must lie in ``box`` (default [0, 1], pixels, as every attack
+    expects: 0-255 images are refused); pass ``StandardTraining(box=(lo, hi))`` for other inputs."""
+
+    box: tuple[float | Tensor, float | Tensor] = field(default=(0.0, 1.0), repr=False)  # repr as before 0.2
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, ctx: TrainContext) -> tuple[Tensor, Tensor]:
         logits = model(x)
@@ -165,7 +168,7 @@ class FGSMRS(TrainingMethod):
     ball (with its loss). ``guard``: after every epoch, measure ``attack``'s accuracy on a held batch and end
     with the best epoch's weights, against catastrophic overfitting."""
 
-    attack: _EnginePGD
+    attack: EnginePGD
     guard: bool = True
 
     def __post_init__(self) -> None:
@@ -188,7 +191,7 @@ class FreeTraining(TrainingMethod):
     The perturbation carries over between replays and batches (within an epoch). An epoch costs ``replays``
     standard epochs, and the schedule counts every replay."""
 
-    attack: _EnginePGD
+    attack: EnginePGD
     replays: int = 4
 
     def __post_init__(self) -> None:
@@ -224,7 +227,7 @@ class FreeTraining(TrainingMethod):
             if z.grad is None:
                 raise RuntimeError("FreeTraining: the trainer did not backpropagate to the input")
             with torch.no_grad():  # the input gradient of the backward the trainer just ran
-                step = _column(eps, x.ndim) if isinstance(eps, Tensor) else eps
+                step = column(eps, x.ndim) if isinstance(eps, Tensor) else eps
                 moved = z.detach() + threat.direction(z.grad.float()).mul_(step)
                 threat.project_(moved, x, bounds)
                 delta[: x.shape[0]] = moved - x
@@ -236,7 +239,7 @@ class TRADES(TrainingMethod):
     maximising the KL in ``attack``'s ball (its steps, step size and step rule) from a start 0.001-Gaussian off
     ``x``. Accuracy is reported on the clean logits."""
 
-    attack: _EnginePGD
+    attack: EnginePGD
     beta: float = 6.0
 
     def __post_init__(self) -> None:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["Normalize", "PlantedNet", "SmallCNN", "SmallResNet", "CifarResNet", "last_linear", "from_robustness",
+           "save_safetensors", "load_safetensors",
            "ROBUSTNESS_ARCHS", "CIFAR_MEAN", "CIFAR_STD"]
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -325,3 +326,46 @@ def _describe_state(state: dict[str, Tensor]) -> str:
     stem = state.get("conv1.weight")
     width = int(stem.shape[0]) if isinstance(stem, Tensor) and stem.ndim == 4 else "?"
     return f"(blocks={tuple(counts)}, {kind} blocks, width={width})"
+
+
+def save_safetensors(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write ``model``'s state dict as a ``safetensors`` file (the ecosystem's safe format: tensors and a JSON
+    header, readable from any framework), atomically, with the permissions the user's umask gives.
+
+    Examples:
+        >>> import tempfile, torch
+        >>> path = Path(tempfile.mkdtemp()) / "m.safetensors"
+        >>> save_safetensors(PlantedNet(), path, {"dataset": "planted"})
+        >>> model = load_safetensors(PlantedNet(), path)
+        >>> model.training
+        False
+    """
+    from safetensors.torch import save
+
+    from ._io import atomic_write
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    data = save(tensors, metadata=metadata)
+    atomic_write(path, lambda f: f.write(data))
+
+
+def load_safetensors(model: nn.Module, path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Load a ``safetensors`` state dict (``save_safetensors``, ``advfeat replicate``'s ``models/*.safetensors``
+    or any other library's) into ``model`` strictly, and return it in eval mode. Loading never runs code."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"path: no safetensors file at {p}")
+    try:
+        state = load_file(p, device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"path: {p} is not a readable safetensors file ({e}); it may be truncated or of "
+                         "another format") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"path: {p} holds weights of another architecture than {type(model).__name__}: "
+                         f"{str(e).splitlines()[0]}") from None
+    return model.eval()

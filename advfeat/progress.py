@@ -1,14 +1,21 @@
-"""Progress bars for long work: tqdm, notebook aware (``tqdm.auto``), off when not wanted."""
+"""Progress bars for long work: tqdm, notebook aware (``tqdm.auto``: one widget per long call in Jupyter, where
+ipywidgets is installed, as the ``report`` extra does), off when not wanted. Without ipywidgets the plain text bar
+is used everywhere, with no warning."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import importlib.util
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from tqdm.auto import tqdm
+if importlib.util.find_spec("ipywidgets") is not None:  # tqdm.auto's notebook bar needs it, and warns without
+    from tqdm.auto import tqdm
+else:
+    from tqdm import tqdm
 
-__all__ = ["progress_bar"]
+__all__ = ["interrupted", "progress_bar"]
 
 T = TypeVar("T")
 
@@ -21,3 +28,13 @@ def progress_bar(iterable: Iterable[T] | None, *, desc: str, enabled: bool = Tru
         yield bar
     finally:
         bar.close()
+
+
+def interrupted(message: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``; on Ctrl-C, one line on stderr saying what was kept and how to resume, then the
+    ``KeyboardInterrupt`` again (with that line, and without the traceback from inside autograd)."""
+    try:
+        return fn(*args, **kwargs)
+    except KeyboardInterrupt:
+        print(f"\n{message}", file=sys.stderr)
+        raise KeyboardInterrupt(message) from None

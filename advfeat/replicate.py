@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import data as afdata
 from . import figures, models, report
+from ._checks import check_device
 from ._io import atomic_write
 from ._lock import exclusive, folder_lock
 from .attacks import L2PGD
@@ -103,7 +104,7 @@ SCALES: dict[tuple[str, str], Settings] = {
     ("cifar10", "full"): replace(_CIFAR, scale="full", n_test=None, n_construct=None, std_epochs=100,
                                  robust_epochs=100, constructed_epochs=100),
 }
-"""The documented settings of each ``--dataset`` and ``--scale``; compare with PAPER.md."""
+"""The documented settings of each ``--dataset`` and ``--scale``; compare with docs/paper.md."""
 
 
 def settings_for(dataset: str, scale: str) -> Settings:
@@ -167,6 +168,7 @@ class _Run:
                  log: Callable[[str], None]) -> None:
         self.s, self.out, self.device, self.seed, self.progress, self.log = s, out, device, seed, progress, log
         self.given: dict[str, nn.Module] = {}  # models read from the authors' checkpoints instead of trained
+        self.started: Callable[[], None] = lambda: None  # records the settings once the data is loaded
         for sub in ("models", "datasets", "stages", "checkpoints", "grids"):
             (out / sub).mkdir(parents=True, exist_ok=True)
 
@@ -185,6 +187,8 @@ class _Run:
                           checkpoint=self.out / "checkpoints" / f"{name}.pt", resume=True, progress=self.progress,
                           history_file=self.out / "checkpoints" / f"{name}.jsonl")
         atomic_write(self.out / "models" / f"{name}.pt", lambda f: torch.save(model.state_dict(), f))
+        models.save_safetensors(model, self.out / "models" / f"{name}.safetensors",
+                                {"advfeat_model": type(model).__name__, "dataset": s.dataset, "stage": name})
         return self.evaluate(model, test)
 
     def evaluate(self, model: nn.Module, test: Dataset[Any]) -> dict[str, Any]:
@@ -242,14 +246,15 @@ def replicate(
     if paths and s.dataset != "cifar10":
         raise ValueError("--standard-model / --robust-model take the robustness library's CIFAR-10 checkpoints: "
                          f"use them with --dataset cifar10, not {s.dataset!r}")
-    dev = torch.device(device)
+    dev = check_device("device", device)
     given = {k: models.from_robustness(v, arch=checkpoint_arch, width=checkpoint_width, map_location=dev)
              for k, v in paths.items()}  # read (and checked) before anything is written
     with exclusive(folder_lock(outdir), f"--out {str(outdir)!r}"):
-        _same_settings(outdir, {"settings": _settings_record(s), "seed": seed,
-                                "sources": {k: str(v) for k, v in paths.items()}})
+        record = _same_settings(outdir, {"settings": _settings_record(s), "seed": seed,
+                                         "sources": {k: str(v) for k, v in paths.items()}})
         run = _Run(s, outdir, dev, seed, progress, log)
         run.given = given
+        run.started = record
         return _replicate(run, root, transfer, controls, {k: str(v) for k, v in paths.items()})
 
 
@@ -258,7 +263,7 @@ def _settings_record(s: Settings) -> dict[str, Any]:
     return {**json.loads(json.dumps(dataclasses.asdict(s))), **rules}
 
 
-def _same_settings(out: Path, record: dict[str, Any]) -> None:
+def _same_settings(out: Path, record: dict[str, Any]) -> Callable[[], None]:
     """A cached stage is only reused by a run with the same settings: ``out/settings.json`` records them, and a
     run with other settings stops before it mixes its results with the cache's."""
     f = out / "settings.json"
@@ -272,9 +277,14 @@ def _same_settings(out: Path, record: dict[str, Any]) -> None:
                      if before.get(k) != record[k]]
             raise ValueError(f"--out {str(out)!r} holds the stages of a run with other settings ("
                              + "; ".join(diff) + "): use another --out, or delete this one to start afresh")
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(f, lambda fh: fh.write(json.dumps(record, indent=1).encode()))
+        return lambda: None
+
+    def write() -> None:  # called once the run has started work: a run that fails on its data leaves no record
+        if not f.exists():
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write(f, lambda fh: fh.write(json.dumps(record, indent=1).encode()))
+
+    return write
 
 
 def _replicate(run: _Run, root: str | None, transfer: bool, controls: bool, sources: dict[str, str]
@@ -282,6 +292,7 @@ def _replicate(run: _Run, root: str | None, transfer: bool, controls: bool, sour
     s, outdir, dev, seed, progress, log = run.s, run.out, run.device, run.seed, run.progress, run.log
     t_start = time.perf_counter()
     train, test, planted = _load(s, root, seed)
+    run.started()
     n = len(train) if s.n_construct is None else min(s.n_construct, len(train))  # type: ignore[arg-type]
     source: Dataset[Any] = Subset(train, range(n))
     results: dict[str, dict[str, Any]] = {}

@@ -19,7 +19,7 @@ from .store import ConstructedDataset
 
 __all__ = ["PAPER", "ROWS", "SHORT", "CONTROLS", "render_report", "draw"]
 
-PAPER = {  # CIFAR-10, ResNet-50: clean / under L2 eps 0.25 (PAPER.md)
+PAPER = {  # CIFAR-10, ResNet-50: clean / under L2 eps 0.25 (docs/paper.md)
     "standard": (95, 4), "robust": (91, 82), "d_r": (84, 48), "d_nr": (88, 0), "d_rand": (63, 0),
     "d_det": (44, 0), "control": (None, None),
 }
@@ -39,7 +39,7 @@ SHORT = {"standard": "D (standard)", "robust": "D (adversarial)", "d_r": "D_R", 
 """Short row names for figures."""
 
 
-CONTROLS = [  # key, what, the critics' CIFAR-10 numbers (PAPER.md)
+CONTROLS = [  # key, what, the critics' CIFAR-10 numbers (docs/paper.md)
     ("d_det_bugs", "D_det of bugs: targeted on the standard model, keeping an ensemble on the true label "
      "(Nakkiran)", "success 99.3%, transfer 1.7%, trained model 2.8% (plain D_det: transfer 82.5%, 33.2%)"),
     ("leakage_rand", "linear probe on the robust model's logits, trained on D_rand (Goh)", "23.5%"),
@@ -109,7 +109,8 @@ def render_report(summary: dict[str, Any]) -> str:
     if any(k in rows for k, _, _ in CONTROLS):
         lines += ["", "## The critics' controls", "",
                   "Accuracy (%) of each control on the real test set (a linear probe's for the leakage rows), beside "
-                  "the critics' CIFAR-10 numbers (PAPER.md). Targets reached: on the standard model; transfer rate: "
+                  "the critics' CIFAR-10 numbers (docs/paper.md). Targets reached: on the standard model; "
+                  "transfer rate: "
                   "the share a fresh, independently trained standard model classifies as the new label "
                   f"(plain D_det: {_pct(rows['d_det'].get('transfer_rate'))}%).", "",
                   "| control | what | real test accuracy | targets reached | transfer rate | critics (CIFAR-10) |",

@@ -58,7 +58,7 @@ from torch import Tensor
 
 from ._checks import check_positive_float
 from ._config import Config
-from .threat import Bounds, ThreatModel, _column
+from .threat import Bounds, ThreatModel, column
 
 __all__ = ["StepRule", "StepContext", "State", "Constant", "Momentum", "Adam", "APGDStep", "RelativeToStart",
            "Schedule", "Cosine", "Linear", "apgd_checkpoints"]
@@ -210,7 +210,7 @@ class APGDStep(StepRule):
         _check_fraction("rho", self.rho)
 
     def step(self, z: Tensor, grad: Tensor, score: Tensor, state: State, ctx: StepContext) -> Tensor:
-        col = functools.partial(_column, ndim=z.ndim)
+        col = functools.partial(column, ndim=z.ndim)
         if "eta" not in state:  # the first step (a wrapper may share the state dict: test for our own key)
             eta = torch.ones((z.shape[0],), device=z.device, dtype=z.dtype)
             state.update(eta=col(eta).mul(ctx.step_size).reshape(-1), best_z=z.clone(), best_grad=grad.clone(),
@@ -264,7 +264,7 @@ class RelativeToStart(StepRule):
     def step(self, z: Tensor, grad: Tensor, score: Tensor, state: State, ctx: StepContext) -> Tensor:
         if "start_distance" not in state:
             state["start_distance"] = torch.linalg.vector_norm((ctx.x - z).flatten(1), dim=1)
-        return self.rule.step(z, grad, score, state, ctx.scaled(_column(state["start_distance"], z.ndim)))
+        return self.rule.step(z, grad, score, state, ctx.scaled(column(state["start_distance"], z.ndim)))
 
 
 @dataclass(frozen=True, eq=False)

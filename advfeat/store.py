@@ -16,6 +16,7 @@ refuses a partial or tampered directory; large image shards are memory-mapped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -124,6 +125,9 @@ class ConstructedDataset(Dataset[tuple[Tensor, Tensor]]):
         fields = manifest.get("fields", [])
         for i in range(n_shards):
             info = done[i]
+            if set(info["files"]) != {"images", "labels", *fields}:
+                raise ValueError(f"{root / 'manifest.json'} was changed by hand: its fields {fields} do not match "
+                                 f"shard {i}'s files {sorted(info['files'])}")
             img = root / info["files"]["images"]
             images.append(np.load(img, allow_pickle=False,
                                   mmap_mode="r" if img.stat().st_size > _MMAP_BYTES else None))
@@ -137,16 +141,40 @@ def shard_name(i: int) -> str:
     return f"shard-{i:05d}"
 
 
+def _manifest_sum(manifest: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def read_manifest(root: Path) -> dict[str, Any]:
+    """The manifest, checked: its checksum (written since advfeat 0.2), and its shard count against its config's
+    ``n`` and ``shard_size``. A hand-edited manifest is refused, naming what is wrong."""
     m = root / "manifest.json"
+    if m.is_symlink():
+        raise ValueError(f"{m} is a symbolic link: a constructed dataset's files are its own; refusing to read it")
     if not m.exists():
         raise ValueError(f"{root} is not a constructed dataset: no manifest.json")
     try:
         manifest: dict[str, Any] = json.loads(m.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{m} is not valid JSON ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{m}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"{m}: format {got!r}, expected {FORMAT!r}")
+    changed = f"{m} was changed by hand"
+    if "sha256" in manifest and manifest["sha256"] != _manifest_sum(manifest):
+        raise ValueError(f"{changed}: it does not match its checksum; restore it, or delete the folder to rebuild")
+    config = manifest.get("config", {})
+    try:
+        expected = shard_count(int(config["n"]), int(config["shard_size"]))
+        shards = int(manifest["shards"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{changed}: it lacks the shard count or the config's n and shard_size") from None
+    if shards != expected:
+        raise ValueError(f"{changed}: {shards} shards, but its config ({config['n']} samples in shards of "
+                         f"{config['shard_size']}) makes {expected}")
+    if not isinstance(manifest.get("fields", []), list):
+        raise ValueError(f"{changed}: fields must be a list")
     return manifest
 
 
@@ -154,6 +182,9 @@ def finished_shards(root: Path, *, verify: bool = True) -> dict[int, dict[str, A
     """The shards whose ``.json`` exists (and, with ``verify``, whose files match their checksums)."""
     out: dict[int, dict[str, Any]] = {}
     for j in sorted(root.glob("shard-*.json")):
+        if j.is_symlink():
+            raise ValueError(f"{j} is a symbolic link: a constructed dataset's files are its own; delete it and call "
+                             "the constructor again to rebuild that shard")
         try:
             info = json.loads(j.read_text())
             i = int(info["index"])
@@ -169,6 +200,9 @@ def finished_shards(root: Path, *, verify: bool = True) -> dict[int, dict[str, A
         if verify:
             for key, name in files.items():
                 f = root / name
+                if f.is_symlink():
+                    raise ValueError(f"{root}: {name} is a symbolic link, not a file the constructor wrote; delete "
+                                     f"{j.name} and call the constructor again to rebuild that shard")
                 if not f.exists():
                     raise ValueError(f"{root}: shard {i} lists {name}, which is missing")
                 if sha256_file(f) != sums[key]:
@@ -225,7 +259,8 @@ def check_directory(root: Path, manifest: dict[str, Any]) -> bool:
 def prepare_directory(root: Path, manifest: dict[str, Any]) -> None:
     """Create ``root`` with ``manifest``, or check that it already holds the same construction."""
     if not check_directory(root, manifest):
-        atomic_write(root / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=1, sort_keys=True).encode()))
+        signed = {**manifest, "sha256": _manifest_sum(manifest)}
+        atomic_write(root / "manifest.json", lambda f: f.write(json.dumps(signed, indent=1, sort_keys=True).encode()))
 
 
 def shard_count(n: int, shard_size: int) -> int:

@@ -29,6 +29,7 @@ Examples:
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -42,14 +43,14 @@ __all__ = ["ThreatModel", "L2Ball", "LinfBall", "Box", "Bounds", "ball"]
 _TINY = 1e-20
 
 
-def _column(values: Tensor, ndim: int) -> Tensor:
+def column(values: Tensor, ndim: int) -> Tensor:
     """Reshape per-sample values (N,) to (N, 1, ..., 1) so they broadcast against a batch."""
     return values.reshape(values.shape[0], *([1] * (ndim - 1)))
 
 
 def _per_sample_norm(t: Tensor) -> Tensor:
     """L2 norm of each sample, shaped (N, 1, ..., 1)."""
-    return _column(torch.linalg.vector_norm(t.flatten(1), dim=1), t.ndim)
+    return column(torch.linalg.vector_norm(t.flatten(1), dim=1), t.ndim)
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,8 @@ class ThreatModel(Config, ABC):
         hi = as_bound("upper", self.upper)
         object.__setattr__(self, "lower", lo)
         object.__setattr__(self, "upper", hi)
-        if not bool(torch.as_tensor(lo < hi).all()):
+        ok = lo < hi if isinstance(lo, float) and isinstance(hi, float) else bool(torch.as_tensor(lo < hi).all())
+        if not ok:  # floats (the usual case) are checked without building a tensor
             raise ValueError(f"lower must be below upper, got lower={lo} and upper={hi}")
 
     # -- what a subclass provides (and an ``eps`` field where the set is a ball) -----------------------
@@ -118,7 +120,7 @@ class ThreatModel(Config, ABC):
                 eps = e.to(device=x.device, dtype=x.dtype)
             else:
                 eps = torch.full((n,), e, device=x.device, dtype=x.dtype)
-            eps = _column(eps, x.ndim)
+            eps = column(eps, x.ndim)
 
         def box(name: str, v: float | Tensor) -> float | Tensor:
             if not isinstance(v, Tensor):
@@ -155,8 +157,18 @@ class ThreatModel(Config, ABC):
 
 def _check_eps(eps: float | Tensor) -> float | Tensor:
     e = as_bound("eps", eps)
+    if isinstance(e, float):  # the usual case: no tensor, no host sync
+        if not e >= 0:
+            raise ValueError(f"eps must be >= 0, got {e}")
+        if not math.isfinite(e):
+            raise ValueError(f"eps must be finite, got {e}: for an attack bounded by the box alone use "
+                             "af.PGD(af.Box(), ...)")
+        return e
     if not bool(torch.as_tensor(e >= 0).all()):
         raise ValueError(f"eps must be >= 0, got {e}")
+    if not bool(torch.isfinite(torch.as_tensor(e)).all()):
+        raise ValueError(f"eps must be finite, got {e}: for an attack bounded by the box alone use "
+                         "af.PGD(af.Box(), ...)")
     if isinstance(e, Tensor) and e.ndim != 1:
         raise ValueError(f"eps must be a float or a tensor of shape (N,), got shape {tuple(e.shape)}")
     return e
@@ -192,7 +204,7 @@ class L2Ball(_Ball):
         d = x[0].numel() if n else 1
         g = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         u = torch.rand((n,), generator=generator, device=x.device, dtype=x.dtype)
-        r = _column(u.pow_(1.0 / d), x.ndim).mul_(bounds.eps)
+        r = column(u.pow_(1.0 / d), x.ndim).mul_(bounds.eps)
         return g.mul_(r / _per_sample_norm(g).clamp_min_(_TINY)).add_(x)
 
     def direction(self, grad: Tensor) -> Tensor:

@@ -38,8 +38,10 @@ Choices (documented, switchable):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Iterable, Mapping
@@ -51,15 +53,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_batch, check_logits, check_positive_float, check_positive_int
+from ._checks import check_batch, check_device, check_labels, check_logits, check_positive_float, check_positive_int
 from ._dist import barrier, rank_world
-from ._io import atomic_write
+from ._io import TMP_SUFFIX, append_text, atomic_write
 from ._lock import exclusive_for_job, file_lock
 from .adapters import batch_xy, check_keys, classifier
 from .attacks import Attack, frozen_model
 from .evaluate import evaluate
 from .methods import DEFAULT_METHOD, NAMES, TrainContext, TrainingMethod, from_name
-from .progress import progress_bar
+from .progress import interrupted, progress_bar
 
 __all__ = ["AdversarialTrainer", "adversarial_train", "METHODS"]
 
@@ -156,7 +158,7 @@ class AdversarialTrainer:
         params = list(model.parameters())
         if not params:
             raise ValueError("model has no parameters to train")
-        self.device = torch.device(device) if device is not None else params[0].device
+        self.device = check_device("device", device) if device is not None else params[0].device
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.history_file = Path(history_file) if history_file is not None else None
         self.resume = bool(resume)
@@ -175,7 +177,10 @@ class AdversarialTrainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16" and self.device.type == "cuda")
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
-        self._held: tuple[Tensor, Tensor] | None = None
+        self._held: tuple[Tensor, Tensor] | None = None  # the guard's batch, from the first epoch
+        self._best: tuple[float, dict[str, Tensor]] | None = None  # the guard's best accuracy and weights
+        self._per_epoch = per_epoch
+        self._classes: int | None = None  # known after the first step
 
     # -- configuration ------------------------------------------------------------------------------------
 
@@ -226,6 +231,9 @@ class AdversarialTrainer:
             "scaler": self.scaler.state_dict(),
             "history": json.dumps(self.history),
             "rng": _rng_state(self.loader),
+            "guard": {"held": None if self._held is None else [t.detach().cpu() for t in self._held],
+                      "best_accuracy": None if self._best is None else self._best[0],
+                      "best_model": None if self._best is None else self._best[1]},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -243,14 +251,29 @@ class AdversarialTrainer:
         self.epoch = int(state["epoch"])
         self.history = json.loads(state["history"])
         _set_rng_state(state["rng"], self.loader)
+        guard = state.get("guard") or {}
+        held = guard.get("held")
+        self._held = None if held is None else (held[0].to(self.device), held[1].to(self.device))
+        best = guard.get("best_model")
+        self._best = None if best is None else (float(guard["best_accuracy"]), dict(best))
 
     def save(self, path: str | Path) -> None:
-        """Write ``state_dict`` to ``path`` atomically (temporary file, fsync, rename)."""
+        """Write ``state_dict`` to ``path`` atomically (temporary file, fsync, rename), with a checksum of its
+        content; the checkpoint it replaces is kept as ``<path>.prev`` (a damaged latest one costs one epoch)."""
         state = self.state_dict()
-        atomic_write(path, lambda f: torch.save(state, f))
+        bad = [k for k, v in state["model"].items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise FloatingPointError(f"refusing to save a checkpoint with non-finite weights ({', '.join(bad[:3])}); "
+                                     f"the last good one ({path}) is kept")
+        p = Path(path)
+        signed = {"advfeat_checkpoint": 1, "sha256": checkpoint_digest(state), "state": state}
+        if p.is_file() and not p.is_symlink():
+            os.replace(p, _previous(p))
+        atomic_write(p, lambda f: torch.save(signed, f))
 
     def load(self, path: str | Path) -> None:
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        """Read a checkpoint ``save`` wrote, verifying its checksum; a damaged or foreign file is refused."""
+        self.load_state_dict(read_checkpoint(path, self.device))
 
     # -- training -----------------------------------------------------------------------------------------
 
@@ -261,11 +284,21 @@ class AdversarialTrainer:
         at once with ``advfeat.InUseError`` naming the holder (ranks of one job share it).
         """
         if self.checkpoint is None:
-            return self._fit()
+            history: list[dict[str, Any]] = interrupted(
+                "training interrupted; no checkpoint= was given, so nothing was kept", self._fit)
+            return history
         with exclusive_for_job(file_lock(self.checkpoint), f"checkpoint={str(self.checkpoint)!r}"):
-            return self._fit()
+            history = interrupted(f"training interrupted; the checkpoint {self.checkpoint} holds every finished "
+                                  "epoch: call again with resume=True to continue", self._fit)
+            return history
 
     def _fit(self) -> list[dict[str, Any]]:
+        if self.checkpoint is not None and _rank() == 0:  # our own temporaries, left by a write killed half-way
+            for tmp in self.checkpoint.parent.glob(f".{self.checkpoint.name}.*{TMP_SUFFIX}"):
+                tmp.unlink(missing_ok=True)
+        if (self.checkpoint is not None and self.resume and not self.checkpoint.exists()
+                and _previous(self.checkpoint).is_file()):  # killed between keeping the previous and the new
+            os.replace(_previous(self.checkpoint), self.checkpoint)
         if self.checkpoint is not None and self.checkpoint.exists():
             if not self.resume:
                 raise FileExistsError(f"checkpoint {self.checkpoint} exists; pass resume=True to continue from it "
@@ -275,14 +308,13 @@ class AdversarialTrainer:
                 lines = "".join(json.dumps(h) + "\n" for h in self.history)
                 atomic_write(self.history_file, lambda f: f.write(lines.encode()))
         guard = self.method.guard_attack()
-        best: tuple[float, dict[str, Tensor]] | None = None
         while self.epoch < self.epochs:
             record = self._train_epoch(guard is not None)
             if guard is not None:
                 acc = self._guard_accuracy(guard)
                 record["guard_accuracy"] = acc
-                if best is None or acc >= best[0]:
-                    best = (acc, {k: v.detach().clone() for k, v in _unwrap(self.model).state_dict().items()})
+                if self._best is None or acc >= self._best[0]:
+                    self._best = (acc, {k: v.detach().clone() for k, v in _unwrap(self.model).state_dict().items()})
             if self.eval_loader is not None:
                 res = evaluate(_unwrap(self.model), self.eval_loader,
                                {"robust": self.eval_attack} if self.eval_attack is not None else {},
@@ -296,9 +328,9 @@ class AdversarialTrainer:
                     self.save(self.checkpoint)
                 if self.history_file is not None:
                     self.history_file.parent.mkdir(parents=True, exist_ok=True)
-                    with open(self.history_file, "a") as f:
-                        f.write(json.dumps(record) + "\n")
+                    append_text(self.history_file, json.dumps(record) + "\n")  # never through a link
             barrier()
+        best = self._best
         if best is not None and self.history and self.history[-1].get("guard_accuracy", math.inf) < best[0]:
             _unwrap(self.model).load_state_dict(best[1])
             self.history[-1]["restored_best"] = True
@@ -316,7 +348,9 @@ class AdversarialTrainer:
         x, y = batch_xy(batch, self.keys, f"loader, {where}")
         lower, upper = self.method.box
         try:
-            x, y = check_batch(x, y, lower, upper)
+            x, y = check_batch(x, y, lower, upper)  # on the loader's CPU copy: no device sync
+            if self._classes is not None:
+                check_labels(y, self._classes, "y")
         except (TypeError, ValueError) as e:
             raise type(e)(f"loader, {where}: {e}") from None
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -331,20 +365,36 @@ class AdversarialTrainer:
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         seen = 0
+        first_bad = torch.full((), -1, device=self.device, dtype=torch.int64)  # first non-finite batch
+        expected = self._per_epoch // self.method.steps_per_batch if self._per_epoch is not None else None
         desc = f"{type(self.method).__name__} epoch {self.epoch + 1}/{self.epochs}"
         with progress_bar(self.loader, desc=desc, enabled=self.progress and _rank() == 0, unit="batch") as bar:
             for b, batch in enumerate(bar):
                 where = f"epoch {self.epoch + 1}, batch {b + 1}"
+                if expected is not None and b >= expected:
+                    raise ValueError(f"loader yielded more batches in epoch {self.epoch + 1} than its len() = "
+                                     f"{expected} said when training started (the schedule is set by it): a loader "
+                                     "must yield the same number of batches every epoch")
                 x, y = self._batch(batch, where)
                 if hold and self._held is None:
                     self._held = (x[:256].clone(), y[:256].clone())
                 loss, logits = self._optimise(x, y, ctx, where)
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), b + 1, first_bad)
                 n = y.shape[0]
                 seen += n
                 loss_sum += loss.detach().double() * n
                 correct += (logits.detach().argmax(1) == y).sum()
         if seen == 0:
             raise ValueError(f"loader yielded no batches in epoch {self.epoch + 1}")
+        bad = int(first_bad)  # the epoch's one host sync for it, where the loop syncs anyway
+        if bad > 0:
+            last = f"; the last good checkpoint ({self.checkpoint}) is kept" if self.checkpoint is not None else ""
+            raise FloatingPointError(f"non-finite training loss at epoch {self.epoch + 1}, batch {bad} (first); "
+                                     f"training stopped at the epoch's end{last}")
+        if expected is not None and b + 1 < expected:
+            raise ValueError(f"loader yielded {b + 1} batches in epoch {self.epoch + 1}, {expected - b - 1} fewer "
+                             f"than its len() = {expected} said when training started (the schedule is set by it): "
+                             "a loader must yield the same number of batches every epoch")
         return {
             "epoch": self.epoch + 1,
             "train_loss": float(loss_sum) / seen,
@@ -368,8 +418,8 @@ class AdversarialTrainer:
                 if self.epoch == 0 and self.optimizer.state == {}:
                     self._explain(x, y)  # a clear message when the model's output is what went wrong
                 raise
-            if last is None and self.epoch == 0:
-                check_logits(logits, y)
+            if self._classes is None:
+                self._classes = check_logits(logits, y)  # once: later batches are checked on the CPU copy
             self._step(loss, where)
             last = (loss, logits)
         if last is None:
@@ -381,14 +431,7 @@ class AdversarialTrainer:
         with torch.no_grad(), frozen_model(inner):
             check_logits(inner(x), y)
 
-    def _check_finite(self, loss: Tensor, where: str) -> None:
-        """One host sync per optimiser step: stop at the first non-finite loss, naming epoch and batch."""
-        if not bool(torch.isfinite(loss.detach())):
-            last = f"; the last good checkpoint ({self.checkpoint}) is kept" if self.checkpoint is not None else ""
-            raise FloatingPointError(f"non-finite training loss ({float(loss.detach())}) at {where}{last}")
-
     def _step(self, loss: Tensor, where: str) -> None:
-        self._check_finite(loss, where)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
         self.scaler.step(self.optimizer)
@@ -463,3 +506,61 @@ def _loader_generators(loader: Any) -> list[tuple[str, torch.Generator]]:
             found.append((name, g))
     return found
 
+
+
+def _previous(path: Path) -> Path:
+    return path.with_name(path.name + ".prev")
+
+
+def checkpoint_digest(obj: Any) -> str:
+    """sha256 of a checkpoint's content: every tensor's dtype, shape and bytes and every other value, in a fixed
+    order (so a flipped bit anywhere changes it)."""
+    h = hashlib.sha256()
+
+    def walk(o: Any) -> None:
+        if isinstance(o, Tensor):
+            t = o.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(o, Mapping):
+            h.update(b"{")
+            for k in sorted(o, key=str):
+                h.update(repr(k).encode())
+                walk(o[k])
+            h.update(b"}")
+        elif isinstance(o, (list, tuple)):
+            h.update(b"[")
+            for v in o:
+                walk(v)
+            h.update(b"]")
+        else:
+            h.update(repr(o).encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The state in a checkpoint the trainer wrote, its checksum verified. Loading never runs code
+    (``weights_only=True``); a damaged, truncated or foreign file gets an error naming it and what to do."""
+    p = Path(path)
+    prev = _previous(p)
+    keep = (f"; the previous epoch's checkpoint is kept as {prev}: rename it to {p.name} to resume from it"
+            if prev.is_file() else "")
+    what = f"checkpoint {p} is damaged (truncated or changed) or is not a checkpoint advfeat wrote"
+    try:
+        signed = torch.load(p, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint: no file at {p}") from None
+    except Exception as e:  # truncated, empty, random bytes, a pickle with code: all are "not ours"
+        raise ValueError(f"{what} ({type(e).__name__}); delete it to start afresh{keep}") from None
+    if isinstance(signed, dict) and {"fingerprint", "epoch", "model", "rng"} <= set(signed):
+        legacy: dict[str, Any] = signed  # written by advfeat 0.1, before checksums: read as it is
+        return legacy
+    if not isinstance(signed, dict) or "state" not in signed or "sha256" not in signed:
+        raise ValueError(f"{what} (no advfeat checksum: written by another program); delete it to start "
+                         f"afresh{keep}")
+    if checkpoint_digest(signed["state"]) != signed["sha256"]:
+        raise ValueError(f"{what}: its content does not match its checksum; delete it to start afresh{keep}")
+    state: dict[str, Any] = signed["state"]
+    return state

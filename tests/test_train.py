@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import advfeat as af
+from advfeat.train import read_checkpoint
 
 WORKER = Path(__file__).parent / "workers" / "train_worker.py"
 
@@ -157,9 +158,11 @@ def _run(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           timeout=HANG_GUARD_S)
 
 
-@pytest.mark.parametrize("method", ["pgd", "free", "custom"])
+@pytest.mark.parametrize("method", ["standard", "pgd", "fgsm-rs", "free", "trades", "mart", "custom"])
 def test_resume_after_sigkill_gives_the_same_weights(tmp_path, method):
-    """Built-in methods and a user's (tests/workers/train_worker.py: Smoothed) resume alike."""
+    """Every built-in method and a user's (tests/workers/train_worker.py: Smoothed) resume bitwise; FGSM-RS with
+    its guard's held batch, best accuracy and best weights in the checkpoint (before 0.2 it restored another
+    "best epoch" after a resume)."""
     full, crashed = tmp_path / "full", tmp_path / "crashed"
     full.mkdir()
     crashed.mkdir()
@@ -167,10 +170,10 @@ def test_resume_after_sigkill_gives_the_same_weights(tmp_path, method):
     # 256 images / 32 = 8 batches per epoch: die in the middle of epoch 2, then in the middle of epoch 3
     r = _run(crashed, "--kill-after", "11", "--method", method)
     assert r.returncode == -9, r.stderr
-    assert torch.load(crashed / "ckpt.pt", weights_only=True)["epoch"] == 1
+    assert read_checkpoint(crashed / "ckpt.pt")["epoch"] == 1
     r = _run(crashed, "--kill-after", "12", "--method", method)
     assert r.returncode == -9, r.stderr
-    assert torch.load(crashed / "ckpt.pt", weights_only=True)["epoch"] == 2
+    assert read_checkpoint(crashed / "ckpt.pt")["epoch"] == 2
     r = _run(crashed, "--method", method)
     assert r.returncode == 0, r.stderr
     a, b = torch.load(full / "final.pt"), torch.load(crashed / "final.pt")
@@ -279,4 +282,4 @@ def test_non_finite_loss_stops_with_epoch_and_batch_and_keeps_the_checkpoint(tmp
     ck = tmp_path / "ck.pt"
     with pytest.raises(FloatingPointError, match="epoch 2, batch 2.*last good checkpoint"):
         af.adversarial_train(Breaks(), loader, method="standard", epochs=3, checkpoint=ck, progress=False)
-    assert torch.load(ck, weights_only=True)["epoch"] == 1
+    assert read_checkpoint(ck)["epoch"] == 1

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 import advfeat as af
-import advfeat.construct
+import advfeat.builder
 import advfeat.store
 
 finished = 0
@@ -56,7 +56,7 @@ def main() -> None:
         torch.distributed.init_process_group("gloo", init_method=Path(rendezvous).resolve().as_uri(),
                                              rank=int(rank), world_size=int(world))
 
-    real_bar = advfeat.construct.progress_bar
+    real_bar = advfeat.builder.progress_bar
 
     class Counting:
         def __init__(self, bar: Any) -> None:
@@ -82,7 +82,7 @@ def main() -> None:
         def __exit__(self, *exc: Any) -> Any:
             return self.cm.__exit__(*exc)
 
-    advfeat.construct.progress_bar = CountingBar  # type: ignore[assignment]
+    advfeat.builder.progress_bar = CountingBar  # type: ignore[assignment]
 
     real_write = advfeat.store.atomic_write
     writes = 0

@@ -1,0 +1,264 @@
+"""The machinery every construction runs on: the source read in order, the targets of a relabelling, the
+sharded, resumable build, and the fingerprints that tie a folder to its model and data.
+
+``advfeat.construct`` (robustify, nonrobustify) and ``advfeat.controls`` (the critics' constructions) describe
+*what* one batch becomes (a ``work(idx, x, y) -> (images, labels, meta)`` function); ``build`` runs it over the
+source shard by shard, in memory or streamed to a folder (``advfeat.store``), resuming after a crash and split
+across ``torch.distributed`` ranks. Package-internal: users call the constructions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset, SequentialSampler, default_collate
+
+from ._checks import check_batch, check_device, check_labels, check_logits, check_positive_int
+from ._dist import barrier, rank_world
+from ._io import TMP_SUFFIX
+from ._lock import exclusive_for_job, folder_lock
+from .adapters import batch_xy, check_keys, classifier
+from .attacks import frozen_model
+from .progress import interrupted, progress_bar
+from .store import (
+    FORMAT,
+    ConstructedDataset,
+    check_directory,
+    finished_shards,
+    prepare_directory,
+    shard_count,
+    write_shard,
+)
+
+__all__ = ["Source", "Targets", "Work", "build", "classes", "device_of", "model_fingerprint", "prepare"]
+
+Work = Callable[[Tensor, Tensor, Tensor], "tuple[Tensor, Tensor, dict[str, Tensor]]"]
+"""What one batch becomes: ``work(idx, x, y) -> (images, labels, meta)``, ``idx`` the samples' positions."""
+
+
+class Source:
+    """Random access to the source samples in order, batched like the caller's loader."""
+
+    def __init__(self, data: Any, batch_size: int | None, lower: float, upper: float,
+                 keys: tuple[str, str] | None = None) -> None:
+        self.lower, self.upper, self.keys = lower, upper, check_keys(keys)
+        if isinstance(data, DataLoader):
+            if not isinstance(data.sampler, SequentialSampler) or getattr(data.batch_sampler, "drop_last", False):
+                raise ValueError("loader must not shuffle, sample or drop samples: order matters for resume and "
+                                 "for the (seed, index) randomness; pass DataLoader(dataset, shuffle=False) or the "
+                                 "Dataset itself")
+            self.dataset: Any = data.dataset
+            self.collate: Callable[[list[Any]], Any] = data.collate_fn
+            self.batch_size = batch_size if batch_size is not None else (data.batch_size or 128)
+        elif (hasattr(data, "__getitem__") and hasattr(data, "__len__")
+              and not isinstance(data, (IterableDataset, Tensor))):  # map-style: a torch or a datasets Dataset
+            self.dataset, self.collate = data, default_collate
+            self.batch_size = batch_size if batch_size is not None else 128
+        else:
+            raise TypeError(f"loader must be a non-shuffling DataLoader or a map-style Dataset (len and [i]), got "
+                            f"{type(data).__name__}")
+        check_positive_int("batch_size", self.batch_size)
+        try:
+            self.n = len(self.dataset)
+        except TypeError:
+            raise TypeError("loader's dataset must have a length (a map-style Dataset)") from None
+        if self.n < 1:
+            raise ValueError("loader's dataset is empty")
+
+    def get(self, idx: Tensor, what: str = "loader") -> tuple[Tensor, Tensor]:
+        ids = idx.tolist()
+        getitems = getattr(self.dataset, "__getitems__", None)
+        items = getitems(ids) if getitems is not None else [self.dataset[i] for i in ids]
+        batch = self.collate(items) if isinstance(items, list) else items
+        x, y = batch_xy(batch, self.keys, f"{what}, samples {ids[0]}..{ids[-1]}")
+        try:
+            return check_batch(x, y, self.lower, self.upper)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{what}, samples {ids[0]}..{ids[-1]}: {e}") from None
+
+    def labels(self) -> Tensor | None:
+        """All labels, when the dataset exposes them cheaply (else None: checked batch by batch)."""
+        ds = self.dataset
+        for attr in ("labels", "targets"):
+            v = getattr(ds, attr, None)
+            if isinstance(v, (Tensor, np.ndarray, list)):
+                return torch.as_tensor(v)
+        tensors = getattr(ds, "tensors", None)
+        if isinstance(tensors, tuple) and len(tensors) == 2 and isinstance(tensors[1], Tensor):
+            return tensors[1]
+        return None
+
+    def fingerprint(self) -> str:
+        """sha256 of the size and of up to 64 evenly spaced samples (images and labels), in order."""
+        h = hashlib.sha256(str(self.n).encode())
+        picks = torch.linspace(0, self.n - 1, min(64, self.n)).round().long()
+        x, y = self.get(picks)
+        h.update(x.detach().float().cpu().contiguous().numpy().tobytes())
+        h.update(y.cpu().numpy().astype(np.int64).tobytes())
+        return h.hexdigest()[:16]
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    h = hashlib.sha256(type(model).__name__.encode())
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def build(
+    source: Source,
+    config: dict[str, Any],
+    fields: list[str],
+    work: Work,
+    *,
+    out: str | Path | None,
+    shard_size: int,
+    storage: str,
+    device: torch.device,
+    progress: bool,
+    desc: str,
+) -> ConstructedDataset:
+    """Run ``work(idx, x, y) -> (images, labels, meta)`` over the source, shard by shard.
+
+    With ``out``, the folder is checked (nothing written) and then held by this job for the whole build
+    (``advfeat._lock``): a second writer stops at once with an error naming the holder.
+    """
+    if out is None:
+        parts: dict[int, dict[str, np.ndarray]] = {}
+        interrupted(f"{desc}: interrupted; built in memory, nothing was kept (pass out=folder to keep finished "
+                    "shards and resume)", _run_shards, source, list(range(shard_count(source.n, shard_size))), work,
+                    parts.__setitem__,
+                    shard_size=shard_size, storage=storage, device=device, progress=progress, desc=desc,
+                    classes=config.get("classes"))
+        order = sorted(parts)
+        return ConstructedDataset([torch.from_numpy(parts[s]["images"]) for s in order],
+                                  [parts[s]["labels"] for s in order],
+                                  {f: [parts[s][f] for s in order] for f in fields}, config)
+    from . import __version__
+
+    root = Path(out)
+    n_shards = shard_count(source.n, shard_size)
+    rank, world = rank_world()
+    manifest = {"format": FORMAT, "library": f"advfeat {__version__}", "config": config,
+                "shards": n_shards, "fields": fields}
+    check_directory(root, manifest)  # refuse a foreign folder before the lock file is created in it
+    with exclusive_for_job(folder_lock(root), f"out={str(root)!r}"):
+        if rank == 0:
+            prepare_directory(root, manifest)
+            for pattern in (f".shard-*{TMP_SUFFIX}", f".manifest.json.*{TMP_SUFFIX}"):  # writes killed half-way
+                for tmp in root.glob(pattern):
+                    tmp.unlink(missing_ok=True)
+        barrier()
+        if rank != 0:
+            prepare_directory(root, manifest)
+        done = set(finished_shards(root, verify=True))
+        todo = [s for s in range(n_shards) if s % world == rank and s not in done]
+        interrupted(f"{desc}: interrupted; the finished shards are kept in {root}: call again with the same "
+                    f"settings and out={str(root)!r} to resume", _run_shards, source, todo, work,
+                    lambda s, shard: write_shard(root, s, s * shard_size, shard),
+                    shard_size=shard_size, storage=storage, device=device, progress=progress and rank == 0,
+                    desc=desc, classes=config.get("classes"))
+        barrier()
+    return ConstructedDataset.load(root)
+
+
+def _run_shards(
+    source: Source,
+    todo: list[int],
+    work: Work,
+    finish: Callable[[int, dict[str, np.ndarray]], None],
+    *,
+    shard_size: int,
+    storage: str,
+    device: torch.device,
+    progress: bool,
+    desc: str,
+    classes: int | None,
+) -> None:
+    """Build the shards ``todo`` in order, batch by batch, handing each finished shard to ``finish``."""
+    total = sum(min(shard_size, source.n - s * shard_size) for s in todo)
+    written: list[int] = []
+    with progress_bar(None, desc=desc, enabled=progress, total=total, unit="img") as bar:
+        for s in todo:
+            start, stop = s * shard_size, min(source.n, (s + 1) * shard_size)
+            arrays: dict[str, list[np.ndarray]] = {}
+            for b0 in range(start, stop, source.batch_size):
+                idx = torch.arange(b0, min(stop, b0 + source.batch_size))
+                x, y = source.get(idx)
+                if classes is not None:  # a dataset without .labels: checked as it streams, on the CPU copy
+                    kept = f"{len(written)} finished shards are kept" if written else "nothing was written"
+                    check_labels(y, classes, f"loader's labels, samples {b0}..{int(idx[-1])} ({kept}: fix the "
+                                 "labels and call again to resume)")
+                images, labels, meta = work(idx, x.to(device), y.to(device))
+                stored = images.detach().float().cpu()
+                if not bool(torch.isfinite(stored).all()):  # nothing non-finite is ever written
+                    raise FloatingPointError(
+                        f"{desc}: samples {int(idx[0])}..{int(idx[-1])} (shard {s}) came out non-finite (NaN or inf): "
+                        "the model's output or gradient is not finite there; nothing of this shard was written "
+                        "(finished shards are kept)")
+                if storage == "uint8":
+                    stored = stored.mul(255).round_().clamp_(0, 255).to(torch.uint8)
+                for k, v in {"images": stored, "labels": labels.detach().cpu().long(), **meta}.items():
+                    arrays.setdefault(k, []).append(v.detach().cpu().numpy())
+                bar.update(len(idx))
+            finish(s, {k: np.concatenate(v) for k, v in arrays.items()})
+            written.append(s)
+
+
+def classes(model: nn.Module, source: Source, device: torch.device) -> int:
+    x, y = source.get(torch.arange(min(2, source.n)))
+    with torch.no_grad(), frozen_model(model):
+        logits = classifier(model)(x.to(device))
+    c = check_logits(logits, y.to(device))
+    labels = source.labels()
+    if labels is not None:  # all labels up front when the dataset exposes them, before anything is written
+        check_labels(labels, c, "loader's labels")
+    return c
+
+
+class Targets:
+    """The new label of sample ``i``: ``(y + 1) mod C`` (det), or ``y`` plus an offset in [1, C) drawn for the
+    whole dataset from ``seed`` (rand). Shared by every construction that relabels (nonrobustify, the controls)."""
+
+    def __init__(self, mode: str, classes: int, n: int, seed: int) -> None:
+        self.mode, self.classes = mode, classes
+        self.offsets = torch.randint(1, classes, (n,), generator=torch.Generator().manual_seed(seed))
+
+    def __call__(self, idx: Tensor, y: Tensor) -> Tensor:
+        shift = 1 if self.mode == "det" else self.offsets[idx].to(y.device)
+        return (y + shift) % self.classes
+
+
+def device_of(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    """``device``, or where ``model``'s parameters (or buffers) are; the CPU for a model without either."""
+    if device is not None:
+        return check_device("device", device)
+    params = list(model.parameters()) + list(model.buffers())
+    return params[0].device if params else torch.device("cpu")
+
+
+def prepare(model: nn.Module, loader: Any, *, mode: str | None, seed: int, batch_size: int | None, lower: float,
+            upper: float, device: str | torch.device | None, keys: tuple[str, str] | None
+            ) -> tuple[Source, torch.device, int, Targets | None, str]:
+    """What every construction starts with, checked before anything is written: the source, the device, the
+    number of classes (every label checked against it when the dataset exposes them), the targets of a relabelling
+    (``mode`` ``"det"`` / ``"rand"``, else None) and the model's fingerprint."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if mode is not None and mode not in ("det", "rand"):
+        raise ValueError(f"mode must be 'det' (t = y + 1 mod C) or 'rand' (t uniform over the other classes); "
+                         f"got {mode!r}")
+    dev = device_of(model, device)
+    source = Source(loader, batch_size, lower, upper, keys)
+    c = classes(model, source, dev)
+    if mode is not None and c < 2:
+        raise ValueError(f"mode={mode!r} needs a model with at least 2 classes, got {c}")
+    targets = Targets(mode, c, source.n, seed) if mode is not None else None
+    return source, dev, c, targets, model_fingerprint(model)
