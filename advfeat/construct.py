@@ -38,6 +38,7 @@ Examples:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -57,7 +58,7 @@ from .steps import Cosine, RelativeToStart, StepRule
 from .store import ConstructedDataset
 from .threat import Box
 
-__all__ = ["robustify", "nonrobustify", "ROBUSTIFY_RULE", "NONROBUSTIFY_RULE"]
+__all__ = ["robustify", "nonrobustify", "ROBUSTIFY_RULE", "NONROBUSTIFY_RULE", "LOW_TARGETS", "LowTargetsWarning"]
 
 ROBUSTIFY_RULE: StepRule = RelativeToStart(Cosine())
 """robustify's default step rule: normalised-gradient steps, cosine-decayed from a fraction (``step_size``, default
@@ -285,8 +286,24 @@ def nonrobustify(
         norm = (x_adv.float() - x.float()).flatten(1).norm(dim=1)
         return x_adv, t, {"target_reached": reached, "perturbation_norm": norm, "original_label": y}
 
-    return build(source, config, ["target_reached", "perturbation_norm", "original_label"], work, out=out,
-                  shard_size=shard_size, storage=storage, device=dev, progress=progress, desc=f"nonrobustify {mode}")
+    ds = build(source, config, ["target_reached", "perturbation_norm", "original_label"], work, out=out,
+               shard_size=shard_size, storage=storage, device=dev, progress=progress, desc=f"nonrobustify {mode}")
+    reached = float(ds.meta["target_reached"].double().mean())
+    ds.config["targets_reached"] = reached  # in memory; ConstructedDataset.load recomputes it from the shards
+    if reached < LOW_TARGETS:
+        warnings.warn(f"nonrobustify reached only {reached:.1%} of its targets (mode={mode!r}, eps={eps:g}, "
+                      f"steps={steps}, step_size={step_size:g}, rule={rule!r}): most images keep their own class's "
+                      "features under the new label, so the set tests little; raise eps (the budget) or steps",
+                      LowTargetsWarning, stacklevel=2)
+    return ds
+
+
+class LowTargetsWarning(UserWarning):
+    """``nonrobustify`` reached fewer than ``LOW_TARGETS`` of its targets."""
+
+
+LOW_TARGETS = 0.5
+"""Below this share of targets reached, ``nonrobustify`` warns (``LowTargetsWarning``)."""
 
 
 

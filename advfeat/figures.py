@@ -37,7 +37,8 @@ from ._io import atomic_write
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["results_bars", "image_grid", "transfer_scatter", "quality_per_pass", "generalisation_map", "save",
+__all__ = ["results_bars", "image_grid", "transfer_scatter", "quality_per_pass", "generalisation_map", "map_axes",
+           "save",
            "require"]
 
 _EXTRA = 'advfeat\'s figures need matplotlib: pip install "advfeat[report]"'
@@ -231,5 +232,37 @@ def generalisation_map(cells: Sequence[Mapping[str, Any]], *, chance: float = 0.
         ax.set_title(f"trained on {mode}", fontsize=9)
     if image is not None:
         fig.colorbar(image, ax=list(axes), label="real test accuracy (%); below: targets reached", shrink=0.9)
+    fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def map_axes(cells: Sequence[Mapping[str, Any]], axes: Sequence[str], *, chance: float = 0.1,
+             title: str = "One axis at a time from the base point") -> Figure:
+    """The ``axes`` design of the generalisation map: one panel per axis in ``axes``, and in it, for each value of
+    that axis (the others at the base point, ``cells[0]``), the real-test accuracy of the model trained on the
+    relabelled set beside the leakage probe's (a linear classifier on a robust model's logits trained on the same
+    set); a dashed line at ``chance``. Cells are mappings with the axes, ``mode``, ``test_accuracy`` and
+    ``leakage`` (fractions)."""
+    base = cells[0]
+    fig = _figure(1.2 + 2.3 * max(1, len(axes)), 3.0)
+    panels = fig.subplots(1, max(1, len(axes)), squeeze=False)[0]
+    for ax, axis in zip(panels, axes, strict=False):
+        row = [c for c in cells if all(c[k] == base[k] for k in base if k not in (axis, "test_accuracy", "leakage")
+                                       and k in ("mode", "eps", "n", "learner", "source_epochs", "rule",
+                                                 "learner_epochs", "seed"))]
+        row = sorted(row, key=lambda c: (str(type(c[axis])), c[axis]))
+        xs = range(len(row))
+        ax.bar([x - 0.2 for x in xs], [100 * float(c["test_accuracy"]) for c in row], 0.4, label="real test")
+        ax.bar([x + 0.2 for x in xs], [100 * float(c["leakage"]) for c in row], 0.4, label="leakage probe")
+        ax.axhline(100 * chance, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_xticks(list(xs), [f"{c[axis]:g}" if isinstance(c[axis], float) else str(c[axis]) for c in row],
+                     fontsize=7)
+        ax.set_xlabel(axis.replace("_", " "))
+        ax.set_ylim(0, 100)
+        for x, c in zip(xs, row, strict=True):
+            if c is base:
+                ax.annotate("base", (x, 100 * float(c["test_accuracy"]) + 2), ha="center", fontsize=6)
+    panels[0].set_ylabel("accuracy (%)")
+    panels[0].legend(fontsize=6, loc="upper left")
     fig.suptitle(title, fontsize=9)
     return fig

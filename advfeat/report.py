@@ -17,7 +17,7 @@ from . import data as afdata
 from . import figures
 from .store import ConstructedDataset
 
-__all__ = ["PAPER", "ROWS", "SHORT", "CONTROLS", "render_report", "draw"]
+__all__ = ["PAPER", "ROWS", "SHORT", "CONTROLS", "render_report", "headline_table", "draw"]
 
 PAPER = {  # CIFAR-10, ResNet-50: clean / under L2 eps 0.25 (docs/paper.md)
     "standard": (95, 4), "robust": (91, 82), "d_r": (84, 48), "d_nr": (88, 0), "d_rand": (63, 0),
@@ -73,6 +73,27 @@ def draw(out: Path, summary: dict[str, Any], train: Dataset[Any], built: dict[st
             else:
                 fig = figures.image_grid(x, y, names, title=title)
             figures.save(fig, out / "grids" / f"{name.upper()}.png")
+
+
+HEADLINE = {"standard": "standard training on D", "robust": "adversarial training on D",
+            "d_r": "standard training on D_R", "d_nr": "standard training on D_NR",
+            "d_rand": "standard training on D_rand", "d_det": "standard training on D_det"}
+
+
+def headline_table(summary: dict[str, Any], eps: str) -> str:
+    """The table README.md and docs/results.md publish for a run: clean and robust accuracy (%) under L2 ``eps``
+    for the six experiments and the control, beside the paper's. ``scripts/publish_tables.py`` writes it from a
+    ``results.json``; the suite checks the published planted one against its own run."""
+    rows = summary["rows"]
+    n = summary["settings"]["n_construct"]
+    lines = [f"| experiment | clean | L2 eps {eps} | paper (CIFAR-10, eps 0.25) |", "|---|---|---|---|"]
+    for key, label in [*HEADLINE.items(), ("control", "control: standard training on " + (
+            "all of D (row 1)" if rows["control"].get("same_as") else f"{n:,} real images (D_R's size and recipe)"))]:
+        r, p = rows[key], PAPER[key]
+        robust = "" if key in ("d_rand", "d_det") else _pct(r["robust"].get(eps))
+        paper = "" if p[0] is None else (f"{p[0]}" if key in ("d_rand", "d_det") else f"{p[0]} / {p[1]}")
+        lines.append(f"| {label} | {_pct(r['clean'])} | {robust} | {paper} |")
+    return "\n".join(lines) + "\n"
 
 
 def _pct(v: float | None) -> str:

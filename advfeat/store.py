@@ -134,7 +134,10 @@ class ConstructedDataset(Dataset[tuple[Tensor, Tensor]]):
             labels.append(np.load(root / info["files"]["labels"], allow_pickle=False))
             for f in fields:
                 meta.setdefault(f, []).append(np.load(root / info["files"][f], allow_pickle=False))
-        return cls(images, labels, meta, manifest["config"], path=root)
+        ds = cls(images, labels, meta, manifest["config"], path=root)
+        if "target_reached" in ds.meta:  # a relabelling: the share of targets reached, as its constructor says
+            ds.config["targets_reached"] = float(ds.meta["target_reached"].double().mean())
+        return ds
 
 
 def shard_name(i: int) -> str:

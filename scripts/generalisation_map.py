@@ -256,7 +256,12 @@ def build_cells(out: str | Path, cells: Sequence[Mapping[str, Any]], *, source: 
         atomic_write(outdir / "map.json", lambda f: f.write(json.dumps(result, indent=1).encode()))
         markdown = render(result)
         atomic_write(outdir / "map.md", lambda f: f.write(markdown.encode()))
-        figures.save(figures.generalisation_map(results), outdir / "map.png")
+        varying = [a for a in AXES if len({json.dumps(c[a]) for c in results}) > 1]
+        if set(varying) <= {"mode", "eps", "n", "learner"}:  # a grid over the first map's axes: the heat map
+            fig = figures.generalisation_map([{**c, "mode": f"D_{c['mode']}"} for c in results])
+        else:
+            fig = figures.map_axes(results, varying)
+        figures.save(fig, outdir / "map.png")
         log(markdown)
         return result
 

@@ -363,3 +363,10 @@ def test_stale_temporaries_of_a_killed_write_are_removed(tmp_path):
     ck_tmp.write_bytes(b"half")
     _train(tmp_path)
     assert not ck_tmp.exists()
+
+
+def test_nonrobustify_warns_when_it_reaches_few_targets():
+    says = r"reached only \d+\.\d% of its targets .*eps=0.001.*raise eps"
+    with pytest.warns(af.construct.LowTargetsWarning, match=says):
+        d = af.nonrobustify(_model(), _data(), mode="det", eps=0.001, steps=1, progress=False)
+    assert d.config["targets_reached"] < 0.5

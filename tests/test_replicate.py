@@ -172,17 +172,19 @@ def test_the_generalisation_map_shows_budget_and_size(run, tmp_path, capsys):
                            progress=False, log=lambda line: None)
     at = {(c["mode"], c["eps"], c["n"]): c for c in res["cells"]}
     assert len(at) == len(res["cells"]) == 8
-    assert at["D_rand", 0.5, 5000]["test_accuracy"] >= 0.9 and at["D_det", 0.5, 5000]["test_accuracy"] >= 0.25
-    for mode in ("D_rand", "D_det"):
+    assert at["rand", 0.5, 5000]["test_accuracy"] >= 0.9 and at["det", 0.5, 5000]["test_accuracy"] >= 0.25
+    for mode in ("rand", "det"):
         assert at[mode, 0.5, 5000]["targets_reached"] >= 0.99 and at[mode, 0.2, 5000]["targets_reached"] <= 0.2
         assert at[mode, 0.2, 5000]["test_accuracy"] <= 0.15 and at[mode, 0.5, 1000]["test_accuracy"] <= 0.15
-    reached = af.ConstructedDataset.load(out / "datasets" / "det_eps0.2").meta["target_reached"]
-    assert at["D_det", 0.2, 1000]["targets_reached"] == pytest.approx(float(reached[:1000].double().mean()))
-    assert at["D_rand", 0.5, 5000]["fit"] >= 0.9  # it fit its set: the real test accuracy is generalisation
+    reached = af.ConstructedDataset.load(out / "datasets" / "det_eps0.2_n5000").meta["target_reached"]
+    assert at["det", 0.2, 1000]["targets_reached"] == pytest.approx(float(reached[:1000].double().mean()))
+    assert at["rand", 0.5, 5000]["fit"] >= 0.9  # it fit its set: the real test accuracy is generalisation
     assert all(0.0 <= c["fit"] <= 1.0 for c in res["cells"])
-    assert not (out / "datasets" / "det_eps0.5").exists()  # the replication's own D_det, reused
+    assert not (out / "datasets" / "det_eps0.5_n5000").exists()  # the replication's own D_det, reused
     assert {p.name for p in out.iterdir()} >= {"map.json", "map.md", "map.png"}
-    assert "how well each learner fit it" in (out / "map.md").read_text()
+    assert "fit (accuracy on the set's own labels)" in (out / "map.md").read_text()
+    assert all(0.0 <= c["leakage"] <= 1.0 for c in res["cells"])
+    assert at["det", 0.5, 5000]["predicts_shift"] is not None and at["rand", 0.5, 5000]["predicts_shift"] is None
     assert json.loads((out / "map.json").read_text())["cells"] == res["cells"]
     lines: list[str] = []
     again = mapper.build_map(run[0], out, eps=[0.2, 0.5], sizes=[1000, 5000], learner_names=["mlp"],

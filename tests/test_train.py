@@ -283,3 +283,15 @@ def test_non_finite_loss_stops_with_epoch_and_batch_and_keeps_the_checkpoint(tmp
     with pytest.raises(FloatingPointError, match="epoch 2, batch 2.*last good checkpoint"):
         af.adversarial_train(Breaks(), loader, method="standard", epochs=3, checkpoint=ck, progress=False)
     assert read_checkpoint(ck)["epoch"] == 1
+
+
+@pytest.mark.parametrize("method", ["trades", "mart"])
+def test_methods_that_attack_after_a_clean_forward_train_a_batchnorm_model(method):
+    """The attack's model guard used to write every buffer back, bumping the version of BatchNorm's running
+    statistics that autograd holds for the clean forward's backward: TRADES failed on any BatchNorm model."""
+    data = TensorDataset(torch.rand(32, 3, 32, 32), torch.randint(0, 10, (32,)))
+    torch.manual_seed(0)
+    model = af.models.SmallResNet()
+    history = af.adversarial_train(model, DataLoader(data, batch_size=16), method=method,
+                                   attack=af.L2PGD(0.5, steps=2), epochs=1, progress=False)
+    assert len(history) == 1 and history[0]["train_loss"] == history[0]["train_loss"]
