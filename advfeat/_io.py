@@ -14,9 +14,9 @@ import secrets
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-__all__ = ["atomic_write", "append_text", "open_regular", "sha256_file", "TMP_SUFFIX", "LinkRefused"]
+__all__ = ["atomic_write", "append_text", "load_tensors", "open_regular", "sha256_file", "TMP_SUFFIX", "LinkRefused"]
 
 TMP_SUFFIX = ".tmp"
 
@@ -133,6 +133,25 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def load_tensors(path: str | Path, what: str, fix: str, map_location: Any = "cpu", argument: str = "path") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers, no code from the file ever runs. A
+    missing file is a FileNotFoundError and anything else that fails (truncated, empty, random bytes, a pickle
+    with code) a ValueError naming the file, what it should be and ``fix``: never torch's advice to load it
+    unsafely."""
+    import torch
+
+    p = Path(path)
+    if p.is_symlink() and not p.exists():
+        raise FileNotFoundError(f"{argument}: {p} is a broken symbolic link")
+    if not p.is_file():
+        raise FileNotFoundError(f"{argument}: no {what} at {p}")
+    try:
+        return torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every failure means the same thing: not a file we can read safely
+        raise ValueError(f"{argument}: {p} is not {what} advfeat can read safely (tensors only, no code), or it "
+                         f"is damaged or truncated ({type(e).__name__}); {fix}") from None
 
 
 def sha256_file(path: str | Path) -> str:

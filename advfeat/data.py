@@ -209,7 +209,7 @@ def from_release(folder: str | Path) -> ImageDataset:
     ``folder`` holds ``CIFAR_ims`` and ``CIFAR_lab``, each a list of tensors written with ``torch.save``; the
     parts are concatenated. Read with ``torch.load(..., weights_only=True)``: no code from the files runs.
     """
-    import pickle
+    from ._io import load_tensors
 
     root = Path(folder)
     parts: list[Tensor] = []
@@ -218,11 +218,8 @@ def from_release(folder: str | Path) -> ImageDataset:
         if not f.exists():
             hint = f" (the release's folders: {', '.join(RELEASE_FOLDERS)})" if root.name not in RELEASE_FOLDERS else ""
             raise FileNotFoundError(f"folder: {f} not found; a released dataset holds CIFAR_ims and CIFAR_lab{hint}")
-        try:
-            loaded = torch.load(f, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-            raise ValueError(f"{f} is not a list of tensors advfeat can read safely (torch.load with "
-                             f"weights_only=True): {str(e).splitlines()[0]}") from None
+        loaded = load_tensors(f, "a list of tensors of the authors' release", "download the release again",
+                              argument="folder")
         chunks = loaded if isinstance(loaded, (list, tuple)) else [loaded]
         if not chunks or not all(isinstance(c, Tensor) for c in chunks):
             raise ValueError(f"{f}: expected a list of tensors, got {type(loaded).__name__}")

@@ -259,20 +259,16 @@ def from_robustness(
     ``width`` (the stem's channels, 64 in the library) name; a checkpoint of another is refused with a message
     naming what differs and what the checkpoint seems to hold.
     """
-    import pickle
 
     if arch not in ROBUSTNESS_ARCHS:
         raise ValueError(f"arch must be one of {', '.join(ROBUSTNESS_ARCHS)}, got {arch!r}")
     blocks, bottleneck = ROBUSTNESS_ARCHS[arch]
 
+    from ._io import load_tensors
+
     p = Path(path)
-    try:
-        checkpoint = torch.load(p, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"path: no checkpoint at {p}") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise ValueError(f"{p} is not a checkpoint advfeat can read safely (torch.load with weights_only=True: tensors "
-                         f"and plain containers only): {str(e).splitlines()[0]}") from None
+    checkpoint = load_tensors(p, "a robustness-library checkpoint", "download it again from the authors' release",
+                              map_location)
     state = checkpoint.get("model", checkpoint.get("state_dict")) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not state:
         keys = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from . import data as afdata
 from . import figures, models, report
 from ._checks import check_device
-from ._io import atomic_write
+from ._io import atomic_write, load_tensors
 from ._lock import exclusive, folder_lock
 from .attacks import L2PGD
 from .construct import NONROBUSTIFY_RULE, ROBUSTIFY_RULE, nonrobustify, robustify
@@ -202,7 +202,9 @@ class _Run:
         if name in self.given:
             return self.given[name]
         m = (make or (lambda: _model(self.s)))()
-        m.load_state_dict(torch.load(self.out / "models" / f"{name}.pt", map_location="cpu", weights_only=True))
+        m.load_state_dict(load_tensors(self.out / "models" / f"{name}.pt", f"the {name} model of this run",
+                                       f"delete it and stages/{name}.json in {self.out} to train it again",
+                                       argument="--out"))
         return m.to(self.device).eval()
 
 

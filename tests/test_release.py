@@ -95,13 +95,13 @@ def test_a_checkpoint_that_would_run_code_is_refused_unread(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
         pickle.dump({"model": _Boom()}, f)
-    with pytest.raises(ValueError, match="not a checkpoint advfeat can read safely"):
+    with pytest.raises(ValueError, match="is not a robustness-library checkpoint advfeat can read safely"):
         af.models.from_robustness(path)
     (tmp_path / "d").mkdir()
     with open(tmp_path / "d" / "CIFAR_ims", "wb") as f:
         pickle.dump([_Boom()], f)
     torch.save([torch.zeros(1, dtype=torch.long)], tmp_path / "d" / "CIFAR_lab")
-    with pytest.raises(ValueError, match="not a list of tensors advfeat can read safely"):
+    with pytest.raises(ValueError, match="is not a list of tensors of the authors. release advfeat can read safely"):
         af.data.from_release(tmp_path / "d")
 
 

@@ -370,3 +370,18 @@ def test_nonrobustify_warns_when_it_reaches_few_targets():
     with pytest.warns(af.construct.LowTargetsWarning, match=says):
         d = af.nonrobustify(_model(), _data(), mode="det", eps=0.001, steps=1, progress=False)
     assert d.config["targets_reached"] < 0.5
+
+
+@pytest.mark.parametrize("damage", [b"", b"\x00" * 10, os.urandom(2048)], ids=["empty", "zeros", "random"])
+def test_damaged_release_files_name_the_file_and_never_advise_unsafe_loading(tmp_path, damage):
+    ck = tmp_path / "cifar_l2_0_5.pt"
+    ck.write_bytes(damage)
+    with pytest.raises(ValueError, match=rf"path: {ck} is not a robustness-library checkpoint") as e:
+        af.models.from_robustness(ck)
+    folder = tmp_path / "d_robust_CIFAR"
+    folder.mkdir()
+    (folder / "CIFAR_ims").write_bytes(damage)
+    (folder / "CIFAR_lab").write_bytes(damage)
+    with pytest.raises(ValueError, match=r"folder: .*CIFAR_ims is not a list of tensors") as f:
+        af.data.from_release(folder)
+    assert "weights_only=False" not in str(e.value) + str(f.value)
