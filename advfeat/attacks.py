@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -43,7 +43,7 @@ from typing_extensions import final
 from ._checks import check_batch, check_logits, check_positive_float, check_positive_int
 from ._config import Config
 from .adapters import classifier
-from .engine import optimize
+from .engine import optimize, working_dtype
 from .steps import APGDStep, Constant, StepRule
 from .threat import ThreatModel, ball, column
 
@@ -321,12 +321,17 @@ class EnginePGD(Attack):
         return eps * rel
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None) -> Tensor:
+        return self.run_from(model, x, y, generator, None)
+
+    def run_from(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None,
+                 start: Tensor | None) -> Tensor:
+        """``run``, from ``start`` (projected first) instead of the attack's own start when one is given."""
         threat = self.threat_model()
         objective = _Classification(model, y, self.loss or cross_entropy, self.targeted)
         return optimize(
             objective, x, threat, steps=self.steps, step_size=self.step_length(threat),
-            maximize=not self.targeted, random_start=self.random_start, keep_best=self.keep_best,
-            early_stop=self.early_stop, generator=generator, rule=self.rule,
+            maximize=not self.targeted, random_start=self.random_start and start is None, start=start,
+            keep_best=self.keep_best, early_stop=self.early_stop, generator=generator, rule=self.rule,
         ).x
 
     def for_evaluation(self, early_stop: bool) -> Attack:
@@ -532,16 +537,26 @@ class _TowardsTarget:
 @dataclass(frozen=True, eq=False)
 class Restarts(Attack):
     """Run ``attack`` ``n`` times and keep, per sample, the worst case: success first, then the highest
-    score. Each run draws fresh random starts from the same generator (``generator=`` or ``seed``)."""
+    score. Each run draws fresh random starts from the same generator (``generator=`` or ``seed``).
+
+    ``batched=True`` runs the restarts of a PGD-family attack with random starts as one batch of ``n x N`` samples
+    (at most ``max_batch`` samples per engine call; more runs are split into several calls): the starts are drawn
+    exactly as the runs one after another draw them, so the result equals the sequential one sample for sample up to
+    float rounding (a larger batch can take other kernels). Fewer, larger passes: faster on a GPU. Other attacks
+    run one after another."""
 
     attack: Attack
     n: int
     seed: int | None = None
+    batched: bool = field(default=False, kw_only=True, repr=False)
+    max_batch: int | None = field(default=None, kw_only=True, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.attack, Attack):
             raise TypeError(f"attack must be an advfeat Attack, got {self.attack!r}")
         check_positive_int("n", self.n)
+        if self.max_batch is not None:
+            check_positive_int("max_batch", self.max_batch)
 
     @property
     def targeted(self) -> bool:  # type: ignore[override]
@@ -559,7 +574,25 @@ class Restarts(Attack):
         return self.attack.outcome(model, x_adv, y)
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None) -> Tensor:
-        return _worst_case(model, x, y, [self.attack] * self.n, self.attack, generator)
+        a = self.attack
+        if (self.batched and self.n > 1 and isinstance(a, EnginePGD) and a.random_start
+                and not isinstance(getattr(a.threat_model(), "eps", None), Tensor)):
+            return _keep_worst(model, x, y, self._batched(a, model, x, y, generator), a)
+        return _worst_case(model, x, y, [a] * self.n, a, generator)
+
+    def _batched(self, a: EnginePGD, model: nn.Module, x: Tensor, y: Tensor,
+                 generator: torch.Generator | None) -> Iterator[Tensor]:
+        """The ``n`` runs' results, in order, computed ``per_call`` runs at a time as one batch each."""
+        threat = a.threat_model()
+        xw = x.detach().to(working_dtype(x.dtype))
+        bounds = threat.bounds(xw)
+        starts = [threat.init(xw, bounds, generator) for _ in range(self.n)]  # the sequential runs' draws, in order
+        per_call = self.n if self.max_batch is None else max(1, self.max_batch // max(1, x.shape[0]))
+        for i in range(0, self.n, per_call):
+            k = min(per_call, self.n - i)
+            xs = x.repeat(k, *([1] * (x.ndim - 1)))
+            out = a.run_from(model, xs, y.repeat(k), generator, torch.cat(starts[i:i + k]))
+            yield from out.detach().to(x.dtype).chunk(k)
 
     def for_evaluation(self, early_stop: bool) -> Attack:
         return dataclasses.replace(self, attack=self.attack.for_evaluation(early_stop))
@@ -631,10 +664,14 @@ def _worst_case(
     generator: torch.Generator | None,
 ) -> Tensor:
     """Run each part (inside the caller's guard) and keep, per sample, the candidate ``judge`` rates worst."""
+    return _keep_worst(model, x, y, (part.run(model, x, y, generator).detach().to(x.dtype) for part in parts), judge)
+
+
+def _keep_worst(model: nn.Module, x: Tensor, y: Tensor, candidates: Iterable[Tensor], judge: Attack) -> Tensor:
+    """Per sample, the candidate ``judge`` rates worst (success first, then the score), the first on a tie."""
     best: Tensor | None = None
     best_outcome: Outcome | None = None
-    for part in parts:
-        cand = part.run(model, x, y, generator).detach().to(x.dtype)
+    for cand in candidates:
         out = judge.outcome(model, cand, y)
         if best is None or best_outcome is None:
             best, best_outcome = cand, out

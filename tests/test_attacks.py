@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import bf16_supported, make_model, same_state, snapshot
 from hypothesis import given
+from torch import nn
 
 import advfeat as af
 
@@ -397,3 +398,19 @@ def test_cuda_matches_cpu(cuda):
         with torch.autocast("cuda", dtype=dtype):
             out = af.LinfPGD(0.03, steps=5, random_start=True, seed=0)(model.to(cuda), x.to(cuda), y.to(cuda))
         assert out.dtype == torch.float32 and ((out - x.to(cuda)).abs().amax() <= 0.03 + 1e-6)
+
+
+@pytest.mark.parametrize("make", [lambda: af.L2PGD(0.5, steps=6, random_start=True),
+                                  lambda: af.LinfPGD(0.05, steps=6, random_start=True),
+                                  lambda: af.L2PGD(0.5, steps=6, random_start=True).for_evaluation(True)],
+                         ids=["l2", "linf", "l2-early-stop"])
+@pytest.mark.parametrize("max_batch", [None, 40])
+def test_batched_restarts_equal_sequential_ones_sample_for_sample(make, max_batch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    seq = af.Restarts(make(), 5)(model, x, y, generator=torch.Generator().manual_seed(3))
+    bat = af.Restarts(make(), 5, batched=True, max_batch=max_batch)(model, x, y,
+                                                                     generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(seq, bat, atol=1e-5)
+    assert torch.equal(model(seq).argmax(1) != y, model(bat).argmax(1) != y)
