@@ -94,6 +94,12 @@ class Source:
             return tensors[1]
         return None
 
+    @staticmethod
+    def hash(digest: Any, x: Tensor, y: Tensor) -> None:
+        """Add a batch's samples (images as float32, labels as int64) to ``digest``."""
+        digest.update(x.detach().float().cpu().contiguous().numpy().tobytes())
+        digest.update(y.detach().cpu().numpy().astype(np.int64).tobytes())
+
     def fingerprint(self) -> str:
         """sha256 of the size and of up to 64 evenly spaced samples (images and labels), in order."""
         h = hashlib.sha256(str(self.n).encode())
@@ -134,7 +140,7 @@ def build(
         parts: dict[int, dict[str, np.ndarray]] = {}
         interrupted(f"{desc}: interrupted; built in memory, nothing was kept (pass out=folder to keep finished "
                     "shards and resume)", _run_shards, source, list(range(shard_count(source.n, shard_size))), work,
-                    parts.__setitem__,
+                    lambda s, shard, _digest: parts.__setitem__(s, shard),
                     shard_size=shard_size, storage=storage, device=device, progress=progress, desc=desc,
                     classes=config.get("classes"))
         order = sorted(parts)
@@ -158,11 +164,13 @@ def build(
         barrier()
         if rank != 0:
             prepare_directory(root, manifest)
-        done = set(finished_shards(root, verify=True))
+        records = finished_shards(root, verify=True)
+        done = set(records)
+        _same_source(source, {s: r for s, r in records.items() if s % world == rank}, root)
         todo = [s for s in range(n_shards) if s % world == rank and s not in done]
         interrupted(f"{desc}: interrupted; the finished shards are kept in {root}: call again with the same "
                     f"settings and out={str(root)!r} to resume", _run_shards, source, todo, work,
-                    lambda s, shard: write_shard(root, s, s * shard_size, shard),
+                    lambda s, shard, digest: write_shard(root, s, s * shard_size, shard, digest),
                     shard_size=shard_size, storage=storage, device=device, progress=progress and rank == 0,
                     desc=desc, classes=config.get("classes"))
         barrier()
@@ -173,7 +181,7 @@ def _run_shards(
     source: Source,
     todo: list[int],
     work: Work,
-    finish: Callable[[int, dict[str, np.ndarray]], None],
+    finish: Callable[[int, dict[str, np.ndarray], str], None],
     *,
     shard_size: int,
     storage: str,
@@ -189,9 +197,11 @@ def _run_shards(
         for s in todo:
             start, stop = s * shard_size, min(source.n, (s + 1) * shard_size)
             arrays: dict[str, list[np.ndarray]] = {}
+            digest = hashlib.sha256()  # every source sample's bytes, as they stream: no extra pass
             for b0 in range(start, stop, source.batch_size):
                 idx = torch.arange(b0, min(stop, b0 + source.batch_size))
                 x, y = source.get(idx)
+                source.hash(digest, x, y)
                 if classes is not None:  # a dataset without .labels: checked as it streams, on the CPU copy
                     kept = f"{len(written)} finished shards are kept" if written else "nothing was written"
                     check_labels(y, classes, f"loader's labels, samples {b0}..{int(idx[-1])} ({kept}: fix the "
@@ -208,7 +218,7 @@ def _run_shards(
                 for k, v in {"images": stored, "labels": labels.detach().cpu().long(), **meta}.items():
                     arrays.setdefault(k, []).append(v.detach().cpu().numpy())
                 bar.update(len(idx))
-            finish(s, {k: np.concatenate(v) for k, v in arrays.items()})
+            finish(s, {k: np.concatenate(v) for k, v in arrays.items()}, digest.hexdigest())
             written.append(s)
 
 
@@ -234,6 +244,23 @@ class Targets:
     def __call__(self, idx: Tensor, y: Tensor) -> Tensor:
         shift = 1 if self.mode == "det" else self.offsets[idx].to(y.device)
         return (y + shift) % self.classes
+
+
+def _same_source(source: Source, records: dict[int, dict[str, Any]], root: Path) -> None:
+    """On resume: the samples of every finished shard must be those it was built from (re-read and hashed, no
+    model runs); a shard written before advfeat 0.2 has no source hash and is taken as it is."""
+    for s, record in sorted(records.items()):
+        expected = record.get("source_sha256")
+        if expected is None:
+            continue
+        digest = hashlib.sha256()
+        for b0 in range(int(record["start"]), int(record["stop"]), source.batch_size):
+            idx = torch.arange(b0, min(int(record["stop"]), b0 + source.batch_size))
+            Source.hash(digest, *source.get(idx))
+        if digest.hexdigest() != expected:
+            raise ValueError(f"out={str(root)!r}: the source's samples {record['start']}..{int(record['stop']) - 1} "
+                             f"are not those shard {s} was built from (the data changed since): resume with the "
+                             "original data, or use another out= to build from this data")
 
 
 def device_of(model: nn.Module, device: str | torch.device | None) -> torch.device:

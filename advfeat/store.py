@@ -222,15 +222,18 @@ def _own_file(name: object, i: int, key: object) -> bool:
         and Path(name).name == name
 
 
-def write_shard(root: Path, i: int, start: int, arrays: Mapping[str, np.ndarray]) -> None:
-    """Write a shard's arrays, then its record (the commit point), each atomically."""
+def write_shard(root: Path, i: int, start: int, arrays: Mapping[str, np.ndarray], source: str | None = None) -> None:
+    """Write a shard's arrays, then its record (the commit point), each atomically. ``source``: the sha256 of the
+    source samples the shard was built from (checked when a build resumes)."""
     files, sums = {}, {}
     for key, arr in arrays.items():
         name = f"{shard_name(i)}.{key}.npy"
         _save_npy(root / name, arr)
         files[key], sums[key] = name, sha256_file(root / name)
     n = len(arrays["labels"])
-    record = {"index": i, "start": start, "stop": start + n, "files": files, "sha256": sums}
+    record: dict[str, Any] = {"index": i, "start": start, "stop": start + n, "files": files, "sha256": sums}
+    if source is not None:
+        record["source_sha256"] = source
     atomic_write(root / f"{shard_name(i)}.json", lambda f: f.write(json.dumps(record, indent=1).encode()))
 
 

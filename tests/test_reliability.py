@@ -385,3 +385,19 @@ def test_damaged_release_files_name_the_file_and_never_advise_unsafe_loading(tmp
     with pytest.raises(ValueError, match=r"folder: .*CIFAR_ims is not a list of tensors") as f:
         af.data.from_release(folder)
     assert "weights_only=False" not in str(e.value) + str(f.value)
+
+
+def test_a_sample_changed_between_a_crash_and_a_resume_is_found(tmp_path):
+    """The 64 fingerprinted samples miss most of a large source: every shard's record also holds the sha256 of
+    all its source samples, streamed as they were read; a resume re-reads the finished shards and compares."""
+    x, y = torch.rand(200, 1, 16, 16), torch.arange(200) % 10
+    kw = dict(mode="det", eps=0.5, steps=1, shard_size=50, out=tmp_path / "d", progress=False)
+    af.nonrobustify(_model(), TensorDataset(x, y), **kw)
+    (tmp_path / "d" / "shard-00003.json").unlink()  # as if killed in the last shard
+    changed = x.clone()
+    changed[7, 0, 3, 3] = 1 - changed[7, 0, 3, 3]  # one pixel of a sample no fingerprint looks at
+    picks = torch.linspace(0, 199, 64).round().long().tolist()
+    assert 7 not in picks
+    with pytest.raises(ValueError, match=r"samples 0..49 are not those shard 0 was built from"):
+        af.nonrobustify(_model(), TensorDataset(changed, y), **kw)
+    assert len(af.nonrobustify(_model(), TensorDataset(x, y), **kw)) == 200  # the original data resumes
