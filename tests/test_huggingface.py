@@ -133,19 +133,3 @@ def test_a_killed_build_resumes_to_the_same_bytes(tmp_path):
     resumed = af.nonrobustify(model, data, mode="det", eps=1.0, steps=2, batch_size=8, shard_size=8,
                               out=tmp_path / "part", progress=False)
     assert _digest(resumed) == _digest(whole)
-
-
-def test_other_outputs_name_the_accepted_forms():
-    class Pair(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(16, 10)
-
-        def forward(self, x):
-            return self.fc(x.flatten(1)), x
-
-    with pytest.raises(TypeError, match=r"mapping with 'logits'.*\.logits tensor.*got tuple of 2"):
-        af.L2PGD(0.5, steps=1)(Pair(), torch.rand(2, 1, 4, 4), torch.zeros(2, dtype=torch.long))
-    with pytest.raises(TypeError, match=r"mapping with 'logits'"):
-        af.adversarial_train(Pair(), [(torch.rand(2, 1, 4, 4), torch.zeros(2, dtype=torch.long))], method="trades",
-                             attack=af.L2PGD(0.5, steps=1), epochs=1, progress=False)

@@ -122,16 +122,32 @@ def test_a_full_disk_names_the_folder(tmp_path):
 
 # -- model outputs ---------------------------------------------------------------------------------------------
 
+class _Pair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)), x
+
+
+class _Nan(nn.Module):  # NaN from the representation on: logits, loss and gradient
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(256, 10)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1) * float("nan"))
+
+
+def test_an_attack_names_the_accepted_output_forms():
+    with pytest.raises(TypeError, match=r"mapping with 'logits'.*\.logits tensor.*got tuple of 2"):
+        af.L2PGD(0.5, steps=1)(_Pair(), torch.rand(2, 1, 4, 4), torch.zeros(2, dtype=torch.long))
+
+
 @pytest.mark.parametrize("method", ["standard", "pgd", "trades", "mart", "fgsm-rs", "free"])
 def test_every_method_names_a_tuple_output(method):
-    class Pair(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(16, 10)
-
-        def forward(self, x):
-            return self.fc(x.flatten(1)), x
-
+    Pair = _Pair
     with pytest.raises(TypeError, match=r"must return logits of shape \(N, C\).*got tuple of 2"):
         af.adversarial_train(Pair(), [(torch.rand(2, 1, 4, 4), torch.zeros(2, dtype=torch.long))], method=method,
                              attack=None if method == "standard" else af.L2PGD(0.5, steps=1), epochs=1,
@@ -192,14 +208,7 @@ def test_a_loader_that_changes_its_length_is_refused(tmp_path):
 
 
 def test_a_non_finite_loss_stops_training_without_a_per_step_sync(tmp_path):
-    class Nan(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(256, 10)
-
-        def forward(self, x):
-            return self.fc(x.flatten(1)) * float("nan")
-
+    Nan = _Nan
     loader = [(torch.rand(4, 1, 16, 16), torch.arange(4))] * 3
     with pytest.raises(FloatingPointError, match="non-finite training loss at epoch 1, batch 1"):
         af.adversarial_train(Nan(), loader, method="standard", epochs=1, progress=False,
@@ -208,18 +217,11 @@ def test_a_non_finite_loss_stops_training_without_a_per_step_sync(tmp_path):
 
 
 def test_non_finite_models_are_refused_by_attacks_evaluate_and_constructors(tmp_path):
-    class Nan(nn.Module):  # NaN from the representation on: logits, loss and gradient
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(256, 10)
-
-        def forward(self, x):
-            return self.fc(x.flatten(1) * float("nan"))
-
+    Nan = _Nan
     x, y = torch.rand(4, 1, 16, 16), torch.zeros(4, dtype=torch.long)
     with pytest.raises(FloatingPointError, match="non-finite logits .* batch 0"):
         af.evaluate(Nan(), [(x, y)], progress=False)
-    with pytest.raises(FloatingPointError, match="L2PGD on Nan: .*non-finite"):
+    with pytest.raises(FloatingPointError, match="L2PGD on _Nan: .*non-finite"):
         af.L2PGD(0.5, steps=2)(Nan(), x, y)
     with pytest.raises(FloatingPointError, match="samples 0..3 .*non-finite"):
         af.robustify(Nan(), TensorDataset(x, y), steps=2, out=tmp_path / "r", progress=False)
