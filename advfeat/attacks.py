@@ -114,7 +114,7 @@ def frozen_model(model: nn.Module, *, eval_mode: bool = True) -> Iterator[nn.Mod
     """
     modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    buffers = [(b, b.detach().clone(), b._version) for b in model.buffers()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
     try:
         if eval_mode:
             model.eval()
@@ -127,9 +127,8 @@ def frozen_model(model: nn.Module, *, eval_mode: bool = True) -> Iterator[nn.Mod
         for p, requires_grad in flags:
             p.requires_grad_(requires_grad)
         with torch.no_grad():
-            for b, saved, version in buffers:
-                if b._version != version:  # written inside: put back (an untouched buffer is left alone, since
-                    b.copy_(saved)         # autograd may hold it for a backward still to come: BatchNorm in TRADES)
+            for b, saved in buffers:  # through .data: the values return without bumping the version counter that
+                b.data.copy_(saved)   # autograd checks for a backward still to come (BatchNorm's, in TRADES)
 
 
 _validating: contextvars.ContextVar[bool] = contextvars.ContextVar("advfeat_validating", default=True)
