@@ -298,6 +298,10 @@ class EnginePGD(Attack):
         if self.loss is not None and not callable(self.loss):
             raise TypeError(f"loss must be a callable (logits, y) -> per-sample loss, got {self.loss!r}")
         threat = self.threat_model()
+        eps = getattr(threat, "eps", None)
+        if eps is not None and not bool(torch.isfinite(torch.as_tensor(eps)).all()):
+            raise ValueError(f"eps must be finite for an attack, got {eps}: its steps and random start are relative "
+                             "to eps; for an attack bounded by the box alone use af.PGD(af.Box(), step_size=...)")
         if self.step_size is None and getattr(threat, "eps", None) is None:
             raise ValueError(f"step_size is required for {threat!r}, which has no eps to be relative to")
 

@@ -29,7 +29,6 @@ Examples:
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -158,17 +157,11 @@ class ThreatModel(Config, ABC):
 def _check_eps(eps: float | Tensor) -> float | Tensor:
     e = as_bound("eps", eps)
     if isinstance(e, float):  # the usual case: no tensor, no host sync
-        if not e >= 0:
+        if not e >= 0:  # inf is allowed: the box alone
             raise ValueError(f"eps must be >= 0, got {e}")
-        if not math.isfinite(e):
-            raise ValueError(f"eps must be finite, got {e}: for an attack bounded by the box alone use "
-                             "af.PGD(af.Box(), ...)")
         return e
     if not bool(torch.as_tensor(e >= 0).all()):
         raise ValueError(f"eps must be >= 0, got {e}")
-    if not bool(torch.isfinite(torch.as_tensor(e)).all()):
-        raise ValueError(f"eps must be finite, got {e}: for an attack bounded by the box alone use "
-                         "af.PGD(af.Box(), ...)")
     if isinstance(e, Tensor) and e.ndim != 1:
         raise ValueError(f"eps must be a float or a tensor of shape (N,), got shape {tuple(e.shape)}")
     return e
