@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -298,8 +299,9 @@ class EnginePGD(Attack):
         if self.loss is not None and not callable(self.loss):
             raise TypeError(f"loss must be a callable (logits, y) -> per-sample loss, got {self.loss!r}")
         threat = self.threat_model()
-        eps = getattr(threat, "eps", None)
-        if eps is not None and not bool(torch.isfinite(torch.as_tensor(eps)).all()):
+        eps = getattr(threat, "eps", 0.0)
+        finite = math.isfinite(eps) if isinstance(eps, float) else bool(torch.isfinite(torch.as_tensor(eps)).all())
+        if eps is not None and not finite:
             raise ValueError(f"eps must be finite for an attack, got {eps}: its steps and random start are relative "
                              "to eps; for an attack bounded by the box alone use af.PGD(af.Box(), step_size=...)")
         if self.step_size is None and getattr(threat, "eps", None) is None:
