@@ -10,14 +10,15 @@ across ``torch.distributed`` ranks. Package-internal: users call the constructio
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, IterableDataset, SequentialSampler, default_collate
+from torch.utils.data import DataLoader, IterableDataset, Sampler, SequentialSampler, default_collate
 
 from ._checks import check_batch, check_device, check_labels, check_logits, check_positive_int
 from ._dist import barrier, rank_world
@@ -42,8 +43,38 @@ Work = Callable[[Tensor, Tensor, Tensor], "tuple[Tensor, Tensor, dict[str, Tenso
 """What one batch becomes: ``work(idx, x, y) -> (images, labels, meta)``, ``idx`` the samples' positions."""
 
 
+class _Collate:
+    """The caller's collate function, except for a dataset whose ``__getitems__`` already returns a batch."""
+
+    def __init__(self, collate: Callable[[list[Any]], Any]) -> None:
+        self.collate = collate
+
+    def __call__(self, items: Any) -> Any:
+        return self.collate(items) if isinstance(items, list) else items
+
+
+class _Ranges(Sampler[list[int]]):
+    """Batches of consecutive indices: ``batch_size`` at a time within each ``(start, stop)`` range, in order."""
+
+    def __init__(self, ranges: Sequence[tuple[int, int]], batch_size: int) -> None:
+        self.ranges, self.batch_size = list(ranges), batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for start, stop in self.ranges:
+            for b0 in range(start, stop, self.batch_size):
+                yield list(range(b0, min(stop, b0 + self.batch_size)))
+
+    def __len__(self) -> int:
+        return sum(-(-(stop - start) // self.batch_size) for start, stop in self.ranges)
+
+
 class Source:
-    """Random access to the source samples in order, batched like the caller's loader."""
+    """The source samples in order, batched like the caller's loader.
+
+    Streaming (``batches``) goes through a DataLoader with the caller's workers, pinning, collate function and
+    worker settings over a sequential index range, so a dataset that decodes images feeds the device from worker
+    processes; random access (``get``: a fingerprint, robustify's starting images) reads in this process.
+    """
 
     def __init__(self, data: Any, batch_size: int | None, lower: float, upper: float,
                  keys: tuple[str, str] | None = None) -> None:
@@ -56,10 +87,19 @@ class Source:
             self.dataset: Any = data.dataset
             self.collate: Callable[[list[Any]], Any] = data.collate_fn
             self.batch_size = batch_size if batch_size is not None else (data.batch_size or 128)
+            workers = int(data.num_workers)
+            self.options: dict[str, Any] = {
+                "num_workers": workers, "pin_memory": bool(data.pin_memory), "timeout": data.timeout,
+                "worker_init_fn": data.worker_init_fn, "multiprocessing_context": data.multiprocessing_context,
+                "pin_memory_device": getattr(data, "pin_memory_device", ""),
+            }
+            if workers > 0:
+                self.options.update(prefetch_factor=data.prefetch_factor, persistent_workers=False)
         elif (hasattr(data, "__getitem__") and hasattr(data, "__len__")
               and not isinstance(data, (IterableDataset, Tensor))):  # map-style: a torch or a datasets Dataset
             self.dataset, self.collate = data, default_collate
             self.batch_size = batch_size if batch_size is not None else 128
+            self.options = {}
         else:
             raise TypeError(f"loader must be a non-shuffling DataLoader or a map-style Dataset (len and [i]), got "
                             f"{type(data).__name__}")
@@ -72,15 +112,31 @@ class Source:
             raise ValueError("loader's dataset is empty")
 
     def get(self, idx: Tensor, what: str = "loader") -> tuple[Tensor, Tensor]:
+        """The samples ``idx``, read in this process."""
         ids = idx.tolist()
         getitems = getattr(self.dataset, "__getitems__", None)
         items = getitems(ids) if getitems is not None else [self.dataset[i] for i in ids]
-        batch = self.collate(items) if isinstance(items, list) else items
-        x, y = batch_xy(batch, self.keys, f"{what}, samples {ids[0]}..{ids[-1]}")
+        return self._checked(_Collate(self.collate)(items), ids[0], ids[-1], what)
+
+    def batches(self, ranges: Sequence[tuple[int, int]]) -> Generator[tuple[Tensor, Tensor, Tensor], None, None]:
+        """``(idx, x, y)`` for the samples of each ``(start, stop)`` range in order, ``batch_size`` at a time (a
+        batch never crosses a range's end), read through the caller's workers, pinning and collate function."""
+        sampler = _Ranges(ranges, self.batch_size)
+        if len(sampler) == 0:
+            return
+        loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=_Collate(self.collate), **self.options)
+        ids = iter(sampler)
+        for batch in loader:
+            idx = next(ids)
+            x, y = self._checked(batch, idx[0], idx[-1], "loader")
+            yield torch.tensor(idx), x, y
+
+    def _checked(self, batch: Any, first: int, last: int, what: str) -> tuple[Tensor, Tensor]:
+        x, y = batch_xy(batch, self.keys, f"{what}, samples {first}..{last}")
         try:
             return check_batch(x, y, self.lower, self.upper)
         except (TypeError, ValueError) as e:
-            raise type(e)(f"{what}, samples {ids[0]}..{ids[-1]}: {e}") from None
+            raise type(e)(f"{what}, samples {first}..{last}: {e}") from None
 
     def labels(self) -> Tensor | None:
         """All labels, when the dataset exposes them cheaply (else None: checked batch by batch)."""
@@ -191,22 +247,23 @@ def _run_shards(
     classes: int | None,
 ) -> None:
     """Build the shards ``todo`` in order, batch by batch, handing each finished shard to ``finish``."""
-    total = sum(min(shard_size, source.n - s * shard_size) for s in todo)
+    ranges = [(s * shard_size, min(source.n, (s + 1) * shard_size)) for s in todo]
+    total = sum(stop - start for start, stop in ranges)
     written: list[int] = []
-    with progress_bar(None, desc=desc, enabled=progress, total=total, unit="img") as bar:
-        for s in todo:
-            start, stop = s * shard_size, min(source.n, (s + 1) * shard_size)
+    with (closing(source.batches(ranges)) as batches,  # one loader for all: the caller's workers stay up
+          progress_bar(None, desc=desc, enabled=progress, total=total, unit="img") as bar):
+        for s, (start, stop) in zip(todo, ranges, strict=True):
             arrays: dict[str, list[np.ndarray]] = {}
             digest = hashlib.sha256()  # every source sample's bytes, as they stream: no extra pass
-            for b0 in range(start, stop, source.batch_size):
-                idx = torch.arange(b0, min(stop, b0 + source.batch_size))
-                x, y = source.get(idx)
+            for _ in range(start, stop, source.batch_size):
+                idx, x, y = next(batches)
                 source.hash(digest, x, y)
                 if classes is not None:  # a dataset without .labels: checked as it streams, on the CPU copy
                     kept = f"{len(written)} finished shards are kept" if written else "nothing was written"
-                    check_labels(y, classes, f"loader's labels, samples {b0}..{int(idx[-1])} ({kept}: fix the "
-                                 "labels and call again to resume)")
-                images, labels, meta = work(idx, x.to(device), y.to(device))
+                    check_labels(y, classes, f"loader's labels, samples {int(idx[0])}..{int(idx[-1])} ({kept}: fix "
+                                 "the labels and call again to resume)")
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # pinned by the loader
+                images, labels, meta = work(idx, x, y)
                 stored = images.detach().float().cpu()
                 if not bool(torch.isfinite(stored).all()):  # nothing non-finite is ever written
                     raise FloatingPointError(
@@ -249,18 +306,18 @@ class Targets:
 def _same_source(source: Source, records: dict[int, dict[str, Any]], root: Path) -> None:
     """On resume: the samples of every finished shard must be those it was built from (re-read and hashed, no
     model runs); a shard written before advfeat 0.2 has no source hash and is taken as it is."""
-    for s, record in sorted(records.items()):
-        expected = record.get("source_sha256")
-        if expected is None:
-            continue
-        digest = hashlib.sha256()
-        for b0 in range(int(record["start"]), int(record["stop"]), source.batch_size):
-            idx = torch.arange(b0, min(int(record["stop"]), b0 + source.batch_size))
-            Source.hash(digest, *source.get(idx))
-        if digest.hexdigest() != expected:
-            raise ValueError(f"out={str(root)!r}: the source's samples {record['start']}..{int(record['stop']) - 1} "
-                             f"are not those shard {s} was built from (the data changed since): resume with the "
-                             "original data, or use another out= to build from this data")
+    checked = [(s, r) for s, r in sorted(records.items()) if r.get("source_sha256") is not None]
+    ranges = [(int(r["start"]), int(r["stop"])) for _, r in checked]
+    with closing(source.batches(ranges)) as batches:  # one loader for every shard, as the build reads them
+        for (s, record), (start, stop) in zip(checked, ranges, strict=True):
+            digest = hashlib.sha256()
+            for _ in range(start, stop, source.batch_size):
+                _, x, y = next(batches)
+                Source.hash(digest, x, y)
+            if digest.hexdigest() != record["source_sha256"]:
+                raise ValueError(f"out={str(root)!r}: the source's samples {start}..{stop - 1} are not those shard "
+                                 f"{s} was built from (the data changed since): resume with the original data, or "
+                                 "use another out= to build from this data")
 
 
 def device_of(model: nn.Module, device: str | torch.device | None) -> torch.device:

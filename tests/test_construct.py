@@ -103,6 +103,63 @@ def test_randomness_depends_only_on_seed_and_index():
     assert (n1.meta["start_index"] == -1).all()
 
 
+class _Decoded(torch.utils.data.Dataset):
+    """Dict samples, as a decoding dataset gives them; ``fail_at`` raises there when a worker reads it (a crash
+    placed by index; the fingerprint's reads in the main process pass)."""
+
+    def __init__(self, data: TensorDataset, fail_at: int | None = None) -> None:
+        self.data, self.fail_at = data, fail_at
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, object]:
+        if i == self.fail_at and torch.utils.data.get_worker_info() is not None:
+            raise RuntimeError(f"cannot decode sample {i}")
+        x, y = self.data[i]
+        return {"pixels": x.numpy(), "label": int(y)}
+
+
+def _collate(items: list[dict[str, object]]) -> dict[str, torch.Tensor]:
+    return {"pixels": torch.from_numpy(np.stack([it["pixels"] for it in items])),
+            "label": torch.tensor([it["label"] for it in items])}
+
+
+def _mark_worker(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    assert info is not None
+    Path(info.dataset.marks, f"worker{worker_id}").touch()  # type: ignore[attr-defined]
+
+
+@pytest.mark.filterwarnings("ignore::advfeat.construct.LowTargetsWarning")  # 2 steps: the reading is tested
+def test_the_callers_loader_feeds_the_build_with_its_workers_collate_and_pinning(tmp_path):
+    """A DataLoader's workers, collate function and worker_init_fn read the source; the set is bitwise the one
+    built from the dataset in this process, and so is a build that crashed in a worker and was resumed."""
+    data = af.data.planted(90, 8, seed=3).train
+    torch.manual_seed(0)
+    model = af.models.PlantedNet(hidden=16)
+    keys = ("pixels", "label")
+
+    def loader(ds: _Decoded, workers: int) -> DataLoader:
+        ds.marks = str(tmp_path)  # type: ignore[attr-defined]
+        return DataLoader(ds, batch_size=8, collate_fn=_collate, num_workers=workers, pin_memory=False,
+                          worker_init_fn=_mark_worker if workers else None)
+
+    for build in (af.nonrobustify, af.robustify):
+        ref = build(model, loader(_Decoded(data), 0), steps=2, shard_size=20, keys=keys, progress=False, seed=1)
+        fed = build(model, loader(_Decoded(data), 2), steps=2, shard_size=20, keys=keys, progress=False, seed=1)
+        _same(ref, fed)
+    assert sorted(p.name for p in tmp_path.glob("worker*")) == ["worker0", "worker1"]
+    out = tmp_path / "set"
+    with pytest.raises(RuntimeError, match="cannot decode sample 47"):
+        af.nonrobustify(model, loader(_Decoded(data, fail_at=47), 2), steps=2, shard_size=20, keys=keys,
+                        progress=False, seed=1, out=out)
+    assert len(list(out.glob("shard-*.json"))) == 2  # samples 0..39 were finished and kept
+    resumed = af.nonrobustify(model, loader(_Decoded(data), 2), steps=2, shard_size=20, keys=keys, progress=False,
+                              seed=1, out=out)
+    _same(af.nonrobustify(model, data, steps=2, shard_size=20, progress=False, seed=1, batch_size=8), resumed)
+
+
 def _worker(out: Path, kind: str, *extra: str, stdin: int | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, str(WORKER), str(out), kind, *extra], stdin=stdin,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
