@@ -53,7 +53,7 @@ from .adapters import classifier
 from .attacks import L2PGD, cross_entropy, frozen_model
 from .builder import build, device_of, model_fingerprint, prepare
 from .engine import optimize
-from .models import last_linear
+from .models import last_linear, penultimate
 from .steps import Cosine, RelativeToStart, StepRule
 from .store import ConstructedDataset
 from .threat import Box
@@ -78,26 +78,8 @@ def _penultimate(model: nn.Module, representation: Representation | None) -> Ite
     if representation is not None:
         yield representation
         return
-    layer = last_linear(model)
-    captured: list[Tensor] = []
-
-    def hook(_m: nn.Module, args: tuple[Tensor, ...]) -> None:
-        captured.append(args[0])
-
-    handle = layer.register_forward_pre_hook(hook)
-
-    def g(x: Tensor) -> Tensor:
-        captured.clear()
-        model(x)
-        if not captured:
-            raise ValueError(f"the last nn.Linear of {type(model).__name__} did not run in forward; pass "
-                             "representation=callable")
-        return captured[-1]
-
-    try:
-        yield g
-    finally:
-        handle.remove()
+    with penultimate(model) as run:
+        yield lambda x: run(x)[0]
 
 
 def _common(model: nn.Module, steps: int, step_size: float, rule: StepRule, shard_size: int, storage: str,

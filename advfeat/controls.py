@@ -32,6 +32,7 @@ Examples:
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ from ._checks import check_positive_float, check_positive_int
 from .adapters import batch_xy, classifier, logits_of
 from .attacks import frozen_model
 from .builder import build, device_of, model_fingerprint, prepare
-from .models import last_linear
+from .models import penultimate
 from .progress import progress_bar
 from .store import ConstructedDataset
 
@@ -54,21 +55,19 @@ __all__ = ["leakage_probe", "shortcut", "wrong_labels"]
 def _features(model: nn.Module, data: Iterable[Any], which: str, device: torch.device) -> tuple[Tensor, Tensor]:
     """The model's ``"logits"`` or ``"penultimate"`` representation (the input of its last nn.Linear) of every
     image, and the labels."""
-    captured: list[Tensor] = []
-    handle = last_linear(model).register_forward_pre_hook(lambda _m, a: captured.append(a[0])) \
-        if which == "penultimate" else None
     feats, labels = [], []
-    try:
-        with torch.no_grad(), frozen_model(model):
-            for batch in data:
-                x, y = batch_xy(batch)
-                captured.clear()
-                out = logits_of(model(x.to(device)))
-                feats.append((captured[-1] if handle is not None else out).flatten(1).float().cpu())
-                labels.append(torch.as_tensor(y).long().cpu())
-    finally:
-        if handle is not None:
-            handle.remove()
+    with ExitStack() as stack:
+        run = stack.enter_context(penultimate(model)) if which == "penultimate" else None
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(frozen_model(model))
+        for batch in data:
+            x, y = batch_xy(batch)
+            if run is not None:
+                feat = run(x.to(device))[0]
+            else:
+                feat = logits_of(model(x.to(device)))
+            feats.append(feat.flatten(1).float().cpu())
+            labels.append(torch.as_tensor(y).long().cpu())
     return torch.cat(feats), torch.cat(labels)
 
 

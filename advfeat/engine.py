@@ -16,8 +16,8 @@ The objective is any callable ``objective(x, index) -> (loss, success)``:
 
 Work inside the loop is whole-batch tensor ops; there is no host synchronisation in a step, except, with
 ``early_stop``, at the steps where finished samples are dropped from the batch: every step on CPU (where
-a host sync costs nothing), steps 1, 2, 4, 8, ... on accelerators. The step rule's per-sample state is
-dropped with its samples.
+a host sync costs nothing), steps 1, 2, 4, 8, ... on accelerators, where the batch shrinks to powers of two only
+(a compiled model sees few shapes). The step rule's per-sample state is dropped with its samples.
 
 Examples:
     Push a point of a linear score as high as the L2 ball allows:
@@ -65,10 +65,23 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _is_check_step(t: int, device: torch.device) -> bool:
-    """Early stopping compacts the batch after every step on CPU (a host sync is free there), after steps
-    1, 2, 4, 8, ... elsewhere (log2(steps) host syncs in all)."""
-    return device.type == "cpu" or t & (t - 1) == 0
+def _accelerated(device: torch.device) -> bool:
+    """Whether early stopping follows the accelerator schedule on ``device`` (everything but the CPU).
+
+    On the CPU the batch is compacted to exactly its unfinished samples after every step (a host sync is free
+    there). On an accelerator it is compacted after steps 1, 2, 4, 8, ... only (log2(steps) host syncs in all),
+    and only to a power of two (the unfinished samples, then as many finished ones, frozen, as fill it), so a
+    compiled model (``torch.compile``, CUDA graphs) sees at most log2(N) + 2 batch sizes whatever the pattern
+    in which samples finish.
+    """
+    return device.type != "cpu"
+
+
+def _compacted_size(active: int, size: int, accelerated: bool) -> int:
+    """The batch size to compact ``size`` samples of which ``active`` are unfinished to."""
+    if not accelerated or active == 0:
+        return active
+    return min(size, 1 << (active - 1).bit_length())
 
 
 def optimize(
@@ -100,8 +113,8 @@ def optimize(
         keep_best: return, per sample, the best iterate seen (the start and the final iterate included;
             one extra forward pass): a successful iterate first, then the highest (or lowest) loss.
         early_stop: stop updating a sample once ``success`` is True for it and drop finished samples from
-            the batch (after every step on CPU; at steps 1, 2, 4, 8, ... on accelerators). A finished
-            sample keeps its first successful iterate.
+            the batch (after every step on CPU; at steps 1, 2, 4, 8, ... on accelerators, to a power of two).
+            A finished sample keeps its first successful iterate.
         generator: the random source of ``random_start``.
         rule: the step rule (``advfeat.steps``); default ``advfeat.steps.Constant``.
     """
@@ -151,6 +164,7 @@ def optimize(
         best_loss = torch.where(better, loss, best_loss)
         best_z = torch.where(column(better, z.ndim), z, best_z)
 
+    accelerated = _accelerated(xc.device)
     with torch.enable_grad():
         for t in range(steps):
             z.requires_grad_(True)
@@ -176,11 +190,13 @@ def optimize(
                 z = torch.where(column(done, z.ndim), before, z)
             threat.project_(z, xc, bounds)
 
-            if early_stop and _is_check_step(t + 1, xc.device) and t + 1 < steps:
+            if early_stop and (not accelerated or (t + 1) & t == 0) and t + 1 < steps:
                 assert done is not None
-                keep = (~done).nonzero().squeeze(1)  # the one host sync of a check step
-                if keep.shape[0] == z.shape[0]:
+                size = _compacted_size(int((~done).sum()), z.shape[0], accelerated)  # the check's one host sync
+                if size == z.shape[0]:
                     continue
+                # the unfinished samples in order, then (accelerated) finished ones to fill a power of two
+                keep = torch.argsort(done.to(torch.uint8), stable=True)[:size]
                 current = best_z if best_z is not None else z
                 if index is None:
                     out, index = current.clone(), keep
@@ -198,7 +214,7 @@ def optimize(
                     assert best_loss is not None and best_ok is not None
                     best_z, best_score = best_z.index_select(0, keep), best_score.index_select(0, keep)
                     best_loss, best_ok = best_loss.index_select(0, keep), best_ok.index_select(0, keep)
-                if keep.shape[0] == 0:
+                if size == 0:
                     break
 
     if keep_best and z.shape[0] > 0:

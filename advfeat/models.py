@@ -16,8 +16,10 @@ Examples:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -102,6 +104,46 @@ def last_linear(model: nn.Module) -> nn.Linear:
         raise ValueError(f"model ({type(model).__name__}) has no nn.Linear: pass representation=callable to say "
                          "which representation g(x) to use")
     return found[-1]
+
+
+_INPUTS: list[Tensor] = []  # what penultimate()'s hook captured
+
+
+def _keep_input(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
+    _INPUTS.append(args[0])
+
+
+@contextmanager
+def penultimate(model: nn.Module) -> Iterator[Callable[[Tensor], tuple[Tensor, Any]]]:
+    """``run(x) -> (g(x), model(x))`` while the context is open: ``g(x)`` is the input of the model's last
+    ``nn.Linear`` (``last_linear``), captured by a forward pre-hook removed on exit.
+
+    A model holding ``torch.compile``d modules runs eagerly here (``torch.compiler.set_stance("force_eager")``):
+    dynamo does not guard on hooks added after a graph was compiled, so a compiled graph would skip the hook
+    (or run an earlier one). To compile this path, pass ``representation=`` a compiled callable of your own.
+    """
+    layer = last_linear(model)
+    handle = layer.register_forward_pre_hook(_keep_input)
+    compiled = any(type(m).__name__ == "OptimizedModule" for m in model.modules())
+    stance = getattr(torch.compiler, "set_stance", None)
+
+    def run(x: Tensor) -> tuple[Tensor, Any]:
+        _INPUTS.clear()
+        if compiled and stance is not None:
+            with stance("force_eager"):
+                out = model(x)
+        else:
+            out = model(x)
+        if not _INPUTS:
+            raise ValueError(f"the last nn.Linear of {type(model).__name__} did not run in forward; pass "
+                             "representation=callable")
+        return _INPUTS[-1], out
+
+    try:
+        yield run
+    finally:
+        handle.remove()
+        _INPUTS.clear()
 
 
 class SmallCNN(nn.Module):

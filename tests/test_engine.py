@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import Tensor
 
 import advfeat as af
@@ -58,7 +62,7 @@ def test_keep_best_prefers_success_then_loss():
 @pytest.mark.parametrize("schedule", ["cpu", "accelerator"])
 def test_early_stop_freezes_finished_samples_and_matches_full_run(schedule, monkeypatch):
     if schedule == "accelerator":  # the power-of-two compaction schedule used off CPU
-        monkeypatch.setattr(af.engine, "_is_check_step", lambda t, device: t & (t - 1) == 0)
+        monkeypatch.setattr(af.engine, "_accelerated", lambda device: True)
     torch.manual_seed(0)
     n = 40
     w = torch.randn(n, 6)
@@ -123,3 +127,36 @@ def test_working_precision_is_float32_for_half_inputs():
 
     res = optimize(objective, x, af.L2Ball(0.1), steps=2, step_size=0.05)
     assert seen == [torch.bfloat16, torch.bfloat16] and res.x.dtype == torch.float32
+
+
+@given(n=st.integers(1, 70), finish=st.data())
+def test_accelerator_compaction_uses_powers_of_two_and_changes_no_result(n, finish):
+    """Whatever step each sample finishes at, the accelerator schedule hands the objective only N or powers of
+    two (at most log2(N) + 2 sizes), and every sample's result is the CPU schedule's (exact compaction)."""
+    steps = 20
+    at = torch.tensor(finish.draw(st.lists(st.integers(1, steps + 2), min_size=n, max_size=n)))  # > steps: never
+    x = torch.rand(n, 3, generator=torch.Generator().manual_seed(n))
+    w = torch.randn(n, 3, generator=torch.Generator().manual_seed(n + 1))
+
+    def run(accelerated: bool) -> tuple[Tensor, set[int]]:
+        sizes: set[int] = set()
+        count = torch.zeros(n, dtype=torch.long)
+
+        def objective(z: Tensor, index: Tensor | None) -> tuple[Tensor, Tensor]:
+            i = torch.arange(n) if index is None else index
+            sizes.add(z.shape[0])
+            count[i] += 1  # calls seen by each sample: it succeeds at its own call number
+            return ((z - x[i]) * w[i]).sum(1), count[i] >= at[i]
+
+        original = af.engine._accelerated
+        af.engine._accelerated = lambda device: accelerated
+        try:
+            return optimize(objective, x, af.L2Ball(0.5), steps=steps, step_size=0.05, early_stop=True).x, sizes
+        finally:
+            af.engine._accelerated = original
+
+    exact, _ = run(False)
+    bucketed, sizes = run(True)
+    assert sizes <= {n} | {2**k for k in range(7)}, sizes
+    assert len(sizes) <= math.log2(n) + 2, sizes
+    assert torch.allclose(bucketed, exact, atol=1e-6)

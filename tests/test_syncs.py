@@ -41,7 +41,7 @@ def counting(monkeypatch):
     with monkeypatch.context() as m:
         for n in SYNCS:
             m.setattr(torch.Tensor, n, wrap(n, saved[n]))
-        m.setattr(engine, "_is_check_step", lambda t, device: t & (t - 1) == 0)  # the accelerator schedule
+        m.setattr(engine, "_accelerated", lambda device: True)  # the accelerator schedule
         yield sites
 
 
