@@ -414,3 +414,33 @@ def test_batched_restarts_equal_sequential_ones_sample_for_sample(make, max_batc
                                                                      generator=torch.Generator().manual_seed(3))
     assert torch.allclose(seq, bat, atol=1e-5)
     assert torch.equal(model(seq).argmax(1) != y, model(bat).argmax(1) != y)
+
+
+@pytest.mark.parametrize("max_batch", [None, 48])  # 48 = 3 x 16: the five targets in two calls
+@pytest.mark.parametrize("early_stop", [False, True])
+def test_apgd_t_with_its_targets_in_one_batch_equals_the_sequential_run(max_batch, early_stop):
+    """Every target's start is drawn for the whole batch in both; the batched run keeps each sample's first
+    breaking target, else the best, as the sequential run does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    a = af.APGD(0.4, norm="l2", steps=8, loss=af.dlr, n_target_classes=5, early_stop=early_stop)
+    seq = a(model, x, y, generator=torch.Generator().manual_seed(3))
+    bat = dataclasses.replace(a, batched=True, max_batch=max_batch)(model, x, y,
+                                                                       generator=torch.Generator().manual_seed(3))
+    broken = model(seq).argmax(1) != y
+    assert 0 < int(broken.sum()) < 16  # some targets break samples, some samples resist every one
+    assert torch.allclose(seq, bat, atol=1e-5)
+    assert torch.equal(broken, model(bat).argmax(1) != y)
+
+
+def test_batched_restarts_of_apgd_t_run_apgd_t():
+    """Restarts(batched=True) runs one batch through run_from, which APGD-T's target loop is not: it falls back to
+    the runs one after another (it ran plain APGD-DLR before session 8)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+    x, y = torch.rand(12, 1, 8, 8), torch.randint(0, 10, (12,))
+    t = af.APGD(0.4, norm="l2", steps=5, loss=af.dlr, n_target_classes=3)
+    seq = af.Restarts(t, 2)(model, x, y, generator=torch.Generator().manual_seed(1))
+    bat = af.Restarts(t, 2, batched=True)(model, x, y, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(seq, bat)

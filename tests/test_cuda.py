@@ -43,6 +43,7 @@ ATTACKS = {
     "apgd-ce": af.APGD(0.5, norm="l2", steps=5, random_start=False),  # CPU and CUDA generators differ: no draws
     "apgd-dlr": af.APGD(0.03, steps=5, loss=af.dlr, random_start=False),
     "apgd-t": af.APGD(0.5, norm="l2", steps=5, n_target_classes=3, random_start=False),
+    "apgd-t-batched": af.APGD(0.5, norm="l2", steps=5, n_target_classes=3, random_start=False, batched=True),
     "restarts": af.Restarts(af.L2PGD(0.5, steps=5), 2),
     "restarts-batched": af.Restarts(af.L2PGD(0.5, steps=5), 2, batched=True),
     "worst-of": af.WorstOf(af.L2PGD(0.5, steps=5), af.LinfPGD(0.03, steps=5)),
