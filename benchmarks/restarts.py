@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -37,14 +38,17 @@ def main() -> None:
     model = af.models.SmallCNN().to(dev).eval()
     x, y = torch.rand(128, 1, 28, 28, device=dev), torch.randint(0, 10, (128,), device=dev)
     steps = 10
-    print("| n | sequential us / image-pass | batched us / image-pass | batched / sequential |")
-    print("|---|---|---|---|")
-    for n in (2, 5, 10):
+    seen = [0]  # image-forwards, counted by a hook
+    model.register_forward_hook(lambda m, a, out: seen.__setitem__(0, seen[0] + a[0].shape[0]))
+
+    def compare(make: Callable[[bool], af.Attack]) -> tuple[dict[bool, float], dict[bool, int]]:
+        """Median seconds per call and image-forwards, sequential (False) and batched (True), interleaved."""
         times: dict[bool, list[float]] = {False: [], True: []}
+        forwards: dict[bool, int] = {}
         results = {}
         for _ in range(args.repeats):
             for batched in (False, True):
-                attack = af.Restarts(af.L2PGD(0.5, steps=steps, random_start=True), n, batched=batched)
+                attack, seen[0] = make(batched), 0
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
@@ -52,37 +56,26 @@ def main() -> None:
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 times[batched].append(time.perf_counter() - t0)
+                forwards[batched] = seen[0]
         assert torch.allclose(results[False], results[True], atol=1e-4)
-        per = {b: 1e6 * statistics.median(t) / (n * steps * len(x)) for b, t in times.items()}
+        return {b: statistics.median(t) for b, t in times.items()}, forwards
+
+    print("| n | sequential us / image-pass | batched us / image-pass | batched / sequential |")
+    print("|---|---|---|---|")
+    for n in (2, 5, 10):
+        call, _ = compare(lambda b, n=n: af.Restarts(af.L2PGD(0.5, steps=steps, random_start=True), n, batched=b))
+        per = {b: 1e6 * t / (n * steps * len(x)) for b, t in call.items()}
         print(f"| {n} | {per[False]:.2f} | {per[True]:.2f} | {per[True] / per[False]:.2f} |")
     print()
     print("| APGD-T targets | sequential us / image-forward | batched us / image-forward | batched / sequential "
           "per forward | image-forwards batched / sequential | call time batched / sequential |")
     print("|---|---|---|---|---|---|")
-    seen = [0]
-    model.register_forward_hook(lambda m, a, out: seen.__setitem__(0, seen[0] + a[0].shape[0]))
     for k in (3, 9):
-        ttimes: dict[bool, list[float]] = {False: [], True: []}
-        forwards: dict[bool, int] = {}
-        outs = {}
-        for _ in range(args.repeats):
-            for batched in (False, True):
-                attack = af.APGD(0.5, norm="l2", loss=af.dlr, n_target_classes=k, steps=steps, batched=batched)
-                seen[0] = 0
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                outs[batched] = attack(model, x, y, generator=torch.Generator(dev).manual_seed(1))
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                ttimes[batched].append(time.perf_counter() - t0)
-                forwards[batched] = seen[0]
-        assert torch.allclose(outs[False], outs[True], atol=1e-4)
-        call = {b: statistics.median(t) for b, t in ttimes.items()}
+        call, forwards = compare(lambda b, k=k: af.APGD(0.5, norm="l2", loss=af.dlr, n_target_classes=k, steps=steps,
+                                                        batched=b))
         per = {b: 1e6 * call[b] / forwards[b] for b in call}
         print(f"| {k} | {per[False]:.2f} | {per[True]:.2f} | {per[True] / per[False]:.2f} | "
               f"{forwards[True] / forwards[False]:.2f} | {call[True] / call[False]:.2f} |")
-
 
 if __name__ == "__main__":
     main()
