@@ -1,6 +1,7 @@
 """Quality per forward+backward pass of every step rule, in one run: robustify, nonrobustify and evaluation.
 
-Run:  python benchmarks/quality_per_pass.py [--datasets planted,fashion-mnist] [--parts robustify,nonrobustify,evaluate]
+Run:  python benchmarks/quality_per_pass.py [--datasets planted,fashion-mnist] [--parts robustify,nonrobustify,evaluate,
+                                             downstream_det] [--seeds 0,1,2]
                                             [--budgets 10,25,50,100,200,1000] [--rules NAME,...] [--cache DIR]
                                             [--out DIR] [--threads T] [--device cpu|cuda]
 
@@ -16,6 +17,9 @@ when installed: SmallCNN, PGD-AT at L2 eps 1.0), trained by this script with the
   accuracy clean and under L2 PGD;
 * nonrobustify (det, the quick scale's eps, through the standard model): the share of targets reached and the
   median target margin z_t - max_{j != t} z_j (budgets up to 200);
+* downstream_det (``--parts downstream_det``): D_det built with each rule and budget of ``DDET_RUNS`` from
+  replicate's source images, a learner trained on it per ``--seeds`` as replicate trains row 6, and its accuracy
+  on the real test set, beside the passes per image and the targets reached: the quality a D_det exists for;
 * evaluation (the robust model): accuracy under PGD (1 and 5 restarts) and APGD (CE, DLR, targeted over the 9
   other classes) in L2 and Linf, per budget of steps; the passes each attack actually spent per image are
   counted (early stopping and APGD-T's targets included). When ``torchattacks`` is importable, its APGD and
@@ -53,6 +57,7 @@ class Rule:
     name: str
     rule: StepRule
     step: Callable[[float], float]  # the step size, given the problem's scale (1 for robustify, eps otherwise)
+    keep_best: bool = False  # nonrobustify's keep_best (Kumano et al.'s recipe)
 
 
 ROBUSTIFY_RULES = [
@@ -72,6 +77,13 @@ NONROBUST_RULES = [
     Rule("cosine from eps/2", Cosine(), lambda eps: eps / 2),
     Rule("momentum 0.75, cosine from eps/2", Cosine(Momentum(0.75)), lambda eps: eps / 2),
     Rule("apgd from 2 eps", APGDStep(), lambda eps: 2 * eps),
+]
+DDET_RUNS = [  # (rule, passes) of the downstream D_det part: what a learner trained on the set learns
+    *[(NONROBUST_RULES[2], b) for b in (10, 25, 50, 100)],  # the default, cosine from eps
+    *[(NONROBUST_RULES[0], b) for b in (25, 50, 100)],  # the paper's fixed 0.1
+    *[(NONROBUST_RULES[1], b) for b in (25, 50)],
+    *[(NONROBUST_RULES[3], b) for b in (25, 50)],
+    (Rule("fixed eps/5, keep best (Kumano et al.)", Constant(), lambda eps: eps / 5, keep_best=True), 100),
 ]
 
 
@@ -183,6 +195,51 @@ def part_nonrobustify(model: nn.Module, train: Any, n: int, eps: float, budgets:
                          "median_margin": float(margin.median()), "seconds": time.perf_counter() - t0})
             print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def part_downstream_det(model: nn.Module, train: Any, test: Any, seeds: list[int], device: torch.device,
+                        dataset: str, keep: Callable[[list[Rule]], list[Rule]]) -> list[dict[str, Any]]:
+    """D_det built with each (rule, passes) of ``DDET_RUNS`` from replicate's source images through the standard
+    model, a learner trained on it as replicate trains row 6 (one per seed: its init and shuffling), and its
+    accuracy on the real test set: what a D_det is for. Also the targets reached, the passes each image cost
+    (counted) and, on planted data, the share of test images predicted y + 1 (the shifted robust feature)."""
+    s = settings_for(dataset, "quick")
+    src = Subset(train, range(s.n_construct or len(train)))
+    names = {r.name for r in keep([r for r, _ in DDET_RUNS])}
+    rows = []
+    for r, b in DDET_RUNS:
+        if r.name not in names:
+            continue
+        t0 = time.perf_counter()
+        counter = PassCounter(model)
+        ds = af.nonrobustify(model, src, mode="det", eps=s.nonrobust_eps, steps=b, step_size=r.step(s.nonrobust_eps),
+                             rule=r.rule, keep_best=r.keep_best, device=device, progress=False)
+        counter.handle.remove()
+        build_s = time.perf_counter() - t0
+        accs, shifts = [], []
+        for seed in seeds:
+            torch.manual_seed(seed)
+            m = make_model(dataset).to(device)
+            af.adversarial_train(m, DataLoader(ds, batch_size=s.batch_size, shuffle=True), method="standard",
+                                 epochs=s.constructed_epochs, lr=s.lr, device=device, progress=False)
+            pred, labels = _predictions(m.eval(), test, device)
+            accs.append(float((pred == labels).double().mean()))
+            shifts.append(float((pred == (labels + 1) % 10).double().mean()))
+        rows.append({"rule": r.name, "steps": b, "passes": counter.count / len(src), "seeds": seeds, "test": accs,
+                     "mean": sum(accs) / len(accs), "predicts_shift": sum(shifts) / len(shifts),
+                     "reached": float(ds.meta["target_reached"].double().mean()), "build_seconds": build_s,
+                     "seconds": time.perf_counter() - t0})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _predictions(model: nn.Module, test: Any, device: torch.device) -> tuple[Tensor, Tensor]:
+    preds, labels = [], []
+    with torch.no_grad():
+        for x, y in DataLoader(test, batch_size=500):
+            preds.append(model(x.to(device)).argmax(1).cpu())
+            labels.append(y)
+    return torch.cat(preds), torch.cat(labels)
 
 
 def _attacks(norm: str, eps: float, b: int) -> dict[str, af.Attack]:
@@ -353,6 +410,17 @@ def tables(results: dict[str, Any]) -> str:
                          if r["rule"] == name}
                 out.append(f"| {name} | " + " | ".join(cells.get(b, "") for b in budgets) + " |")
             out.append("")
+        if "downstream_det" in parts:
+            rows = parts["downstream_det"]
+            out += [f"### D_det built with each rule, {ds} (eps {parts['eps']:g}): a learner trained on it, accuracy % "
+                    "on the real test set (mean over seeds)", "",
+                    "| rule | steps | passes per image | targets reached % | real test % (seeds) | mean | "
+                    "predicts y+1 % |", "|---|---|---|---|---|---|---|"]
+            for r in rows:
+                each = " / ".join(f"{100 * a:.1f}" for a in r["test"])
+                out.append(f"| {r['rule']} | {r['steps']} | {r['passes']:.1f} | {100 * r['reached']:.1f} | {each} | "
+                           f"{100 * r['mean']:.1f} | {100 * r['predicts_shift']:.1f} |")
+            out.append("")
         if parts.get("timing"):
             out += [f"### time per pass, {ds}, robust model, L2, 100 steps, every step on every image (median of 3)",
                     "", "| attack | seconds | image-passes | µs per image-pass |", "|---|---|---|---|"]
@@ -414,6 +482,7 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "advfeat" / "quality_per_pass")
     ap.add_argument("--out", type=Path, default=Path("bench_out") / "quality_per_pass")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seeds", default="0,1,2", help="the learners' seeds of the downstream_det part")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned")
     ap.add_argument("--replot", action="store_true", help="only redraw tables and figures from --out/results.json")
@@ -454,6 +523,9 @@ def main() -> None:
             res["nonrobustify"] = part_nonrobustify(models["standard"], train, args.n_nonrobustify, s.nonrobust_eps,
                                                     [b for b in budgets if b <= 200], chosen(NONROBUST_RULES),
                                                     device)
+        if "downstream_det" in parts:
+            res["downstream_det"] = part_downstream_det(models["standard"], train, test,
+                                                        [int(v) for v in args.seeds.split(",")], device, ds, chosen)
         if "evaluate" in parts:
             threats = [("l2", s.eps), ("linf", 0.1 if ds == "fashion-mnist" else 0.03)]
             res["evaluate"] = part_evaluate(models["robust"], test, args.n_eval, threats,
