@@ -100,19 +100,14 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
-def render_report(summary: dict[str, Any]) -> str:
-    """report.md from the results.json content (so the two always agree)."""
-    s = summary["settings"]
-    rows = summary["rows"]
+def results_table(summary: dict[str, Any]) -> str:
+    """The six experiments and the control: clean and robust accuracy (%) at every evaluation eps, the paper's
+    numbers and each row's time."""
+    s, rows = summary["settings"], summary["rows"]
     eps_keys = [f"{e:g}" for e in s["eval_eps"]]
     head = " | ".join(f"L2 eps {k}" for k in eps_keys)
-    lines = [
-        f"# advfeat replication: {s['dataset']} ({s['scale']})", "",
-        f"Accuracy (%) on the real test set ({rows['standard']['n_test']} images): clean and under L2 PGD "
-        f"({s['eval_steps']} steps, step eps/5, worst iterate). Paper: CIFAR-10, ResNet-50, L2 eps 0.25.", "",
-        f"| experiment | trained on | clean | {head} | paper clean / adv | time (s) |",
-        "|---|---|---|" + "---|" * len(eps_keys) + "---|---|",
-    ]
+    lines = [f"| experiment | trained on | clean | {head} | paper clean / adv | time (s) |",
+             "|---|---|---|" + "---|" * len(eps_keys) + "---|---|"]
     for key, label, on in ROWS:
         r = rows[key]
         rob = " | ".join(_pct(r["robust"][k]) for k in eps_keys)
@@ -121,36 +116,75 @@ def render_report(summary: dict[str, Any]) -> str:
         if r.get("same_as"):  # built from all of D: the control is that row's model, not trained again
             on = f"all of D: row {[k for k, _, _ in ROWS].index(r['same_as']) + 1}, not trained again"
         lines.append(f"| {label} | {on} | {_pct(r['clean'])} | {rob} | {paper} | {r['seconds']:.1f} |")
-    lines += ["", "## Constructions", "", "| dataset | n | measure | value |", "|---|---|---|---|"]
+    return "\n".join(lines) + "\n"
+
+
+def constructions_table(summary: dict[str, Any]) -> str:
+    """What each constructed set measured (distances, targets reached, y+1 predicted)."""
+    rows = summary["rows"]
+    lines = ["| dataset | n | measure | value |", "|---|---|---|---|"]
     for key in ("d_r", "d_nr", "d_rand", "d_det"):
         for m, v in rows[key]["construction"].items():
             lines.append(f"| {key} | {rows[key]['n']} | {m} | {v:.3f} |")
     if "predicts_y_plus_1" in rows["d_det"]:
         lines.append(f"| d_det | - | model predicts y+1 on the test set | {rows['d_det']['predicts_y_plus_1']:.3f} |")
-    if any(k in rows for k, _, _ in CONTROLS):
-        lines += ["", "## The critics' controls", "",
+    return "\n".join(lines) + "\n"
+
+
+def controls_table(summary: dict[str, Any]) -> str:
+    """The critics' controls (a run with ``--controls``) beside their CIFAR-10 numbers; empty without them."""
+    rows = summary["rows"]
+    if not any(k in rows for k, _, _ in CONTROLS):
+        return ""
+    lines = ["| control | what | real test accuracy | targets reached | transfer rate | critics (CIFAR-10) |",
+             "|---|---|---|---|---|---|"]
+    for key, what, theirs in CONTROLS:
+        if key in rows:
+            r = rows[key]
+            lines.append(f"| {key} | {what} | {_pct(r['clean'])} | {_pct(r.get('targets_reached'))} | "
+                         f"{_pct(r.get('transfer_rate'))} | {theirs} |")
+    return "\n".join(lines) + "\n"
+
+
+def transfer_table(summary: dict[str, Any]) -> str:
+    """The paper's Figure 3 as a table (a run with ``--transfer``); empty without it."""
+    if "transfer" not in summary:
+        return ""
+    lines = ["| # | architecture | test accuracy | transfer rate |", "|---|---|---|---|"]
+    for k, t in enumerate(summary["transfer"], 1):
+        lines.append(f"| {k} | {t['architecture']} | {_pct(t['test_accuracy'])} | {_pct(t['transfer_rate'])} |")
+    return "\n".join(lines) + "\n"
+
+
+TABLES = {"headline": None, "results": results_table, "constructions": constructions_table,
+          "controls": controls_table, "transfer": transfer_table}
+"""The tables a run's ``results.json`` renders (``scripts/publish_tables.py`` publishes them by these names;
+``headline`` is ``headline_table`` at the run's eps)."""
+
+
+def render_report(summary: dict[str, Any]) -> str:
+    """report.md from the results.json content (so the two always agree)."""
+    s = summary["settings"]
+    rows = summary["rows"]
+    lines = [
+        f"# advfeat replication: {s['dataset']} ({s['scale']})", "",
+        f"Accuracy (%) on the real test set ({rows['standard']['n_test']} images): clean and under L2 PGD "
+        f"({s['eval_steps']} steps, step eps/5, worst iterate). Paper: CIFAR-10, ResNet-50, L2 eps 0.25.", "",
+        results_table(summary), "## Constructions", "", constructions_table(summary)]
+    if controls_table(summary):
+        lines += ["## The critics' controls", "",
                   "Accuracy (%) of each control on the real test set (a linear probe's for the leakage rows), beside "
                   "the critics' CIFAR-10 numbers (docs/paper.md). Targets reached: on the standard model; "
                   "transfer rate: "
                   "the share a fresh, independently trained standard model classifies as the new label "
-                  f"(plain D_det: {_pct(rows['d_det'].get('transfer_rate'))}%).", "",
-                  "| control | what | real test accuracy | targets reached | transfer rate | critics (CIFAR-10) |",
-                  "|---|---|---|---|---|---|"]
-        for key, what, theirs in CONTROLS:
-            if key in rows:
-                r = rows[key]
-                lines.append(f"| {key} | {what} | {_pct(r['clean'])} | {_pct(r.get('targets_reached'))} | "
-                             f"{_pct(r.get('transfer_rate'))} | {theirs} |")
-    if "transfer" in summary:
-        lines += ["", "## Transfer (the paper's Figure 3)", "",
+                  f"(plain D_det: {_pct(rows['d_det'].get('transfer_rate'))}%).", "", controls_table(summary)]
+    if transfer_table(summary):
+        lines += ["## Transfer (the paper's Figure 3)", "",
                   "Architectures trained on D_det: accuracy on the real test set, and the rate at which L2 PGD "
                   f"examples (eps {s['eps']:g}) of the standard model on D transfer to each (among test samples "
                   "the target gets right and the source is fooled by). Figure: grids/transfer.png (each point named by "
-                  "its architecture, with a least-squares line).", "",
-                  "| # | architecture | test accuracy | transfer rate |", "|---|---|---|---|"]
-        for k, t in enumerate(summary["transfer"], 1):
-            lines.append(f"| {k} | {t['architecture']} | {_pct(t['test_accuracy'])} | {_pct(t['transfer_rate'])} |")
-    lines += ["", "## Settings", "",
+                  "its architecture, with a least-squares line).", "", transfer_table(summary)]
+    lines += ["## Settings", "",
               f"Learning rate {s['lr']} (SGD, momentum 0.9, wd 5e-4, one-cycle) everywhere except on D_NR and "
               f"D_rand ({s['lr_nr']}), following the authors' recipe (0.1 on D_R / D_det, 0.01 on D_NR / D_rand). "
               "The control uses D_R's recipe on the real images D_R was built from.", "",

@@ -4,9 +4,11 @@ what a run wrote (no number is typed by hand).
     python3 -m advfeat replicate --out replication          # the README's main command
     python3 scripts/publish_tables.py planted-quick replication/results.json
 
-A table lives between ``<!-- advfeat:table NAME -->`` and ``<!-- /advfeat:table -->`` in README.md and
-docs/results.md; every region with that NAME is replaced by ``advfeat.report.headline_table`` of the run (at the
-eps given by ``--eps``, default the settings' ``eps``), with a line naming the command's settings and time.
+A table lives between ``<!-- advfeat:table NAME -->`` (or ``<!-- advfeat:table NAME/KIND -->``) and
+``<!-- /advfeat:table -->`` in README.md and docs/results.md. Every region of that NAME is replaced from the run:
+``NAME`` alone by ``advfeat.report.headline_table`` (at the eps given by ``--eps``, default the settings' ``eps``)
+with a line naming the run's settings and time; ``NAME/KIND`` by the table ``advfeat.report.TABLES[KIND]``
+(``results``, ``constructions``, ``controls``, ``transfer``) of the same run. One results.json, every table of it.
 """
 
 from __future__ import annotations
@@ -18,18 +20,24 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from advfeat.report import headline_table
+from advfeat.report import TABLES, headline_table
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "docs" / "results.md"]
 
 
-def region(name: str) -> re.Pattern[str]:
-    return re.compile(rf"(<!-- advfeat:table {re.escape(name)} -->\n)(.*?)(<!-- /advfeat:table -->)", re.S)
+def region(name: str, kind: str | None = None) -> re.Pattern[str]:
+    """The regions of ``name`` (``kind`` None: the headline), or of ``name/kind`` (``kind="*"``: any kind)."""
+    tag = re.escape(name) + ("" if kind is None else "/" + (r"(\w+)" if kind == "*" else re.escape(kind)))
+    return re.compile(rf"(<!-- advfeat:table {tag} -->\n)(.*?)(<!-- /advfeat:table -->)", re.S)
 
 
-def render(summary: dict, eps: str | None = None) -> str:
+def render(summary: dict, eps: str | None = None, kind: str = "headline") -> str:
     s = summary["settings"]
+    if kind != "headline":
+        table = TABLES[kind]
+        assert table is not None
+        return table(summary) or f"(this run has no {kind} table: run it with --{kind})\n"
     eps = eps or f"{s['eps']:g}"
     return (headline_table(summary, eps) + f"\n(seed {summary['seed']}, {s['dataset']} {s['scale']}, "
             f"{summary.get('total_seconds', 0):.0f} s on the machine that ran it; regenerate with "
@@ -37,13 +45,21 @@ def render(summary: dict, eps: str | None = None) -> str:
 
 
 def publish(name: str, results: Path, eps: str | None = None, docs: Sequence[Path] = DOCS) -> int:
-    table = render(json.loads(results.read_text()), eps)
+    """Replace every region of ``name`` (the headline and each ``name/KIND``); the number of regions found."""
+    summary = json.loads(results.read_text())
     found = 0
     for doc in docs:
         text = doc.read_text()
-        new, k = region(name).subn(lambda m: m.group(1) + table + m.group(3), text)
+        new, k = region(name).subn(lambda m: m.group(1) + render(summary, eps) + m.group(3), text)
         found += k
-        if k and new != text:
+        for kind in sorted({m.group(2) for m in region(name, "*").finditer(new)}):
+            if kind not in TABLES:
+                raise SystemExit(f"publish_tables: {doc.name} names an unknown table {name}/{kind} "
+                                 f"(known: {', '.join(TABLES)})")
+            new, k = region(name, kind).subn(lambda m, kind=kind: m.group(1) + render(summary, eps, kind)
+                                             + m.group(3), new)
+            found += k
+        if new != text:
             doc.write_text(new)
     return found
 

@@ -74,6 +74,25 @@ def test_the_published_planted_table_is_what_this_run_gives(run):
                 assert abs(float(a) - float(b)) <= (6.0 if key == "d_det" else 1.5), (key, p, o)
 
 
+def test_publish_tables_writes_every_table_of_a_run_into_its_regions(run, tmp_path):
+    """One results.json, every region of its name: the headline and each NAME/KIND, nothing else touched."""
+    out, res = run
+    publish = _script("publish_tables")
+    doc = tmp_path / "doc.md"
+    doc.write_text("intro\n<!-- advfeat:table demo -->\nold\n<!-- /advfeat:table -->\nmiddle\n"
+                   "<!-- advfeat:table demo/results -->\nold\n<!-- /advfeat:table -->\n"
+                   "<!-- advfeat:table demo/constructions -->\nold\n<!-- /advfeat:table -->\n"
+                   "<!-- advfeat:table other -->\nkept\n<!-- /advfeat:table -->\nend\n")
+    assert publish.publish("demo", out / "results.json", docs=[doc]) == 3
+    text = doc.read_text()
+    assert "old" not in text and "kept" in text and text.startswith("intro\n") and text.endswith("end\n")
+    assert af.report.results_table(res) in text and af.report.constructions_table(res) in text
+    assert af.report.headline_table(res, f"{res['settings']['eps']:g}") in text
+    doc.write_text("<!-- advfeat:table demo/nonsense -->\nx\n<!-- /advfeat:table -->\n")
+    with pytest.raises(SystemExit, match="unknown table demo/nonsense"):
+        publish.publish("demo", out / "results.json", docs=[doc])
+
+
 def test_outputs_exist_and_the_report_agrees_with_the_json(run):
     out, res = run
     for png in ["results.png"] + [f"grids/{name}.png" for name in ("D", "D_R", "D_NR", "D_RAND", "D_DET")]:
