@@ -156,8 +156,29 @@ def transfer_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def features_table(summary: dict[str, Any]) -> str:
+    """Planted data only: which planted feature each constructed set carries (measured with the planted
+    directions), beside each construction's own measure; empty on other data."""
+    rows = summary["rows"]
+    if "robust_feature_says_y" not in rows["d_r"]["construction"]:
+        return ""
+    lines = ["| dataset | robust feature says y | non-robust feature says y | non-robust feature says the new label | "
+             "construction |", "|---|---|---|---|---|"]
+    for key, name in (("d_r", "D_R"), ("d_nr", "D_NR"), ("d_rand", "D_rand"), ("d_det", "D_det")):
+        c = rows[key]["construction"]
+        if "targets_reached" in c:
+            what = f"{_pct(c['targets_reached'])}% of targets reached"
+            if key == "d_det" and "predicts_y_plus_1" in rows[key]:
+                what += f"; the model predicts y+1 for {_pct(rows[key]['predicts_y_plus_1'])}% of test images"
+        else:
+            what = f"median relative distance {c['rel_distance_median']:.3f} (p90 {c['rel_distance_p90']:.3f})"
+        lines.append(f"| {name} | {_pct(c['robust_feature_says_y'])}% | {_pct(c['nonrobust_feature_says_y'])}% | "
+                     f"{_pct(c['nonrobust_feature_says_label'])}% | {what} |")
+    return "\n".join(lines) + "\n"
+
+
 TABLES = {"headline": None, "results": results_table, "constructions": constructions_table,
-          "controls": controls_table, "transfer": transfer_table}
+          "features": features_table, "controls": controls_table, "transfer": transfer_table}
 """The tables a run's ``results.json`` renders (``scripts/publish_tables.py`` publishes them by these names;
 ``headline`` is ``headline_table`` at the run's eps)."""
 

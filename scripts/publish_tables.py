@@ -8,7 +8,8 @@ A table lives between ``<!-- advfeat:table NAME -->`` (or ``<!-- advfeat:table N
 ``<!-- /advfeat:table -->`` in README.md and docs/results.md. Every region of that NAME is replaced from the run:
 ``NAME`` alone by ``advfeat.report.headline_table`` (at the eps given by ``--eps``, default the settings' ``eps``)
 with a line naming the run's settings and time; ``NAME/KIND`` by the table ``advfeat.report.TABLES[KIND]``
-(``results``, ``constructions``, ``controls``, ``transfer``) of the same run. One results.json, every table of it.
+(``results``, ``constructions``, ``features``, ``controls``, ``transfer``) of the same run. One results.json,
+every table of it.
 """
 
 from __future__ import annotations
