@@ -39,8 +39,9 @@ from .store import (
 
 __all__ = ["Source", "Targets", "Work", "build", "classes", "device_of", "model_fingerprint", "prepare"]
 
-Work = Callable[[Tensor, Tensor, Tensor], "tuple[Tensor, Tensor, dict[str, Tensor]]"]
-"""What one batch becomes: ``work(idx, x, y) -> (images, labels, meta)``, ``idx`` the samples' positions."""
+Work = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], "tuple[Tensor, Tensor, dict[str, Tensor]]"]
+"""What one batch becomes: ``work(idx, x, y, other) -> (images, labels, meta)``, ``idx`` the samples' positions,
+``other`` the images of their companion samples (``build(companion=)``: robustify's starting images), else None."""
 
 
 class _Collate:
@@ -54,15 +55,18 @@ class _Collate:
 
 
 class _Ranges(Sampler[list[int]]):
-    """Batches of consecutive indices: ``batch_size`` at a time within each ``(start, stop)`` range, in order."""
+    """Batches of consecutive indices: ``batch_size`` at a time within each ``(start, stop)`` range, in order;
+    with ``through``, each index ``i`` is replaced by ``through[i]`` (the companion samples of the same batches)."""
 
-    def __init__(self, ranges: Sequence[tuple[int, int]], batch_size: int) -> None:
+    def __init__(self, ranges: Sequence[tuple[int, int]], batch_size: int, through: Tensor | None = None) -> None:
         self.ranges, self.batch_size = list(ranges), batch_size
+        self.through = None if through is None else through.tolist()
 
     def __iter__(self) -> Iterator[list[int]]:
         for start, stop in self.ranges:
             for b0 in range(start, stop, self.batch_size):
-                yield list(range(b0, min(stop, b0 + self.batch_size)))
+                ids = range(b0, min(stop, b0 + self.batch_size))
+                yield list(ids) if self.through is None else [self.through[i] for i in ids]
 
     def __len__(self) -> int:
         return sum(-(-(stop - start) // self.batch_size) for start, stop in self.ranges)
@@ -118,10 +122,12 @@ class Source:
         items = getitems(ids) if getitems is not None else [self.dataset[i] for i in ids]
         return self._checked(_Collate(self.collate)(items), ids[0], ids[-1], what)
 
-    def batches(self, ranges: Sequence[tuple[int, int]]) -> Generator[tuple[Tensor, Tensor, Tensor], None, None]:
+    def batches(self, ranges: Sequence[tuple[int, int]], through: Tensor | None = None
+                ) -> Generator[tuple[Tensor, Tensor, Tensor], None, None]:
         """``(idx, x, y)`` for the samples of each ``(start, stop)`` range in order, ``batch_size`` at a time (a
-        batch never crosses a range's end), read through the caller's workers, pinning and collate function."""
-        sampler = _Ranges(ranges, self.batch_size)
+        batch never crosses a range's end), read through the caller's workers, pinning and collate function.
+        With ``through`` (one index per sample), the samples read are ``through[idx]`` instead."""
+        sampler = _Ranges(ranges, self.batch_size, through)
         if len(sampler) == 0:
             return
         loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=_Collate(self.collate), **self.options)
@@ -186,11 +192,14 @@ def build(
     device: torch.device,
     progress: bool,
     desc: str,
+    companion: Tensor | None = None,
 ) -> ConstructedDataset:
-    """Run ``work(idx, x, y) -> (images, labels, meta)`` over the source, shard by shard.
+    """Run ``work(idx, x, y, other) -> (images, labels, meta)`` over the source, shard by shard.
 
-    With ``out``, the folder is checked (nothing written) and then held by this job for the whole build
-    (``advfeat._lock``): a second writer stops at once with an error naming the holder.
+    ``companion`` (one source index per sample): the images of those samples stream beside each batch through a
+    second loader with the same settings, as ``other``. With ``out``, the folder is checked (nothing written) and
+    then held by this job for the whole build (``advfeat._lock``): a second writer stops at once with an error
+    naming the holder.
     """
     if out is None:
         parts: dict[int, dict[str, np.ndarray]] = {}
@@ -198,7 +207,7 @@ def build(
                     "shards and resume)", _run_shards, source, list(range(shard_count(source.n, shard_size))), work,
                     lambda s, shard, _digest: parts.__setitem__(s, shard),
                     shard_size=shard_size, storage=storage, device=device, progress=progress, desc=desc,
-                    classes=config.get("classes"))
+                    classes=config.get("classes"), companion=companion)
         order = sorted(parts)
         return ConstructedDataset([torch.from_numpy(parts[s]["images"]) for s in order],
                                   [parts[s]["labels"] for s in order],
@@ -228,7 +237,7 @@ def build(
                     f"settings and out={str(root)!r} to resume", _run_shards, source, todo, work,
                     lambda s, shard, digest: write_shard(root, s, s * shard_size, shard, digest),
                     shard_size=shard_size, storage=storage, device=device, progress=progress and rank == 0,
-                    desc=desc, classes=config.get("classes"))
+                    desc=desc, classes=config.get("classes"), companion=companion)
         barrier()
     return ConstructedDataset.load(root)
 
@@ -245,12 +254,14 @@ def _run_shards(
     progress: bool,
     desc: str,
     classes: int | None,
+    companion: Tensor | None = None,
 ) -> None:
     """Build the shards ``todo`` in order, batch by batch, handing each finished shard to ``finish``."""
     ranges = [(s * shard_size, min(source.n, (s + 1) * shard_size)) for s in todo]
     total = sum(stop - start for start, stop in ranges)
     written: list[int] = []
     with (closing(source.batches(ranges)) as batches,  # one loader for all: the caller's workers stay up
+          closing(source.batches(ranges if companion is not None else [], companion)) as others,
           progress_bar(None, desc=desc, enabled=progress, total=total, unit="img") as bar):
         for s, (start, stop) in zip(todo, ranges, strict=True):
             arrays: dict[str, list[np.ndarray]] = {}
@@ -263,7 +274,8 @@ def _run_shards(
                     check_labels(y, classes, f"loader's labels, samples {int(idx[0])}..{int(idx[-1])} ({kept}: fix "
                                  "the labels and call again to resume)")
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # pinned by the loader
-                images, labels, meta = work(idx, x, y)
+                other = next(others)[1].to(device, x.dtype, non_blocking=True) if companion is not None else None
+                images, labels, meta = work(idx, x, y, other)
                 stored = images.detach().float().cpu()
                 if not bool(torch.isfinite(stored).all()):  # nothing non-finite is ever written
                     raise FloatingPointError(

@@ -166,10 +166,10 @@ def robustify(
     model = classifier(model)
     box = Box(lower=lower, upper=upper)
 
-    def work(idx: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        if init == "other":
-            start = source.get(other[idx])[0].to(x.device, x.dtype)
-            start_index = other[idx]
+    def work(idx: Tensor, x: Tensor, y: Tensor, images: Tensor | None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        if init == "other":  # the images of other[idx], streamed beside the batch by build(companion=other)
+            assert images is not None
+            start, start_index = images, other[idx]
         else:
             start = torch.stack([
                 torch.rand(x.shape[1:], generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)))
@@ -193,7 +193,8 @@ def robustify(
         return z, y, {"rel_distance": final.float(), "start_index": start_index}
 
     return build(source, config, ["rel_distance", "start_index"], work, out=out, shard_size=shard_size,
-                  storage=storage, device=dev, progress=progress, desc="robustify")
+                 storage=storage, device=dev, progress=progress, desc="robustify",
+                 companion=other if init == "other" else None)
 
 
 # -- nonrobustify ---------------------------------------------------------------------------------------------
@@ -257,7 +258,7 @@ def nonrobustify(
     attack = L2PGD(eps, steps=steps, step_size=step_size, targeted=True, lower=lower, upper=upper, rule=rule,
                    keep_best=keep_best)
 
-    def work(idx: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    def work(idx: Tensor, x: Tensor, y: Tensor, _: Tensor | None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         t = targets(idx, y)
         if keep:
             x_adv = _not_transferring(model, keep, x, y, t, attack)

@@ -155,7 +155,7 @@ def shortcut(
               "n": source.n, "classes": c, "shard_size": shard_size, "batch_size": source.batch_size,
               "storage": "float32", "model": fingerprint, "data": source.fingerprint()}
 
-    def work(idx: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    def work(idx: Tensor, x: Tensor, y: Tensor, _: Tensor | None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         t = targets(idx, y)
         with torch.no_grad(), frozen_model(model):
             already = model(x).argmax(1) == t
