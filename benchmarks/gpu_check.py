@@ -11,8 +11,10 @@ in the table, so the whole check ends in time whatever the GPU):
    (the ratio is what the library adds; 1.0 is free), for SmallCNN (28x28), SmallResNet and a ResNet-18 (32x32),
    at batch 128 and 1024, fp32 and bf16 autocast, eager and ``torch.compile``d; beside torchattacks 3.5.1's
    ``PGDL2`` where it is installed.
-3. ``constructors``: robustify and nonrobustify throughput (images per second, 25 steps) on random images.
-4. ``trainer``: one epoch of each training method with AMP (bf16), images per second.
+3. ``batched``: ``Restarts(L2PGD, 5)`` and APGD-T (9 targets) with ``batched=True`` against one after another:
+   the call's time, batched over sequential.
+4. ``constructors``: robustify and nonrobustify throughput (images per second, 25 steps) on random images.
+5. ``trainer``: one epoch of each training method with AMP (bf16), images per second.
 
 Writes ``gpu_check.md`` (one markdown table per part, headed by the device's name, ready to paste into
 docs/benchmarks.md) and ``gpu_check.json``. Sizing (published figures, none ours): a small CIFAR-10 net trains at
@@ -132,6 +134,35 @@ def part_attacks(device: torch.device, tiny: bool, budget: Budget) -> list[dict[
     return rows
 
 
+def part_batched(device: torch.device, tiny: bool, budget: Budget) -> list[dict[str, Any]]:
+    """Restarts and APGD-T's targets one after another against ``batched=True`` (one large batch), on the
+    SmallResNet: the call's time, batched over sequential (below 1: the batch pays off on this device)."""
+    rows: list[dict[str, Any]] = []
+    make, shape = models(tiny)["SmallResNet"]
+    torch.manual_seed(0)
+    model = make().to(device).eval()
+    b, steps = (8, 2) if tiny else (128, 10)
+    x, y = torch.rand(b, *shape, device=device), torch.randint(0, 10, (b,), device=device)
+    cases: dict[str, Callable[[bool], af.Attack]] = {
+        "Restarts(L2PGD, 5)": lambda batched: af.Restarts(af.L2PGD(0.5, steps=steps, random_start=True), 5,
+                                                          batched=batched),
+        "APGD-T, 9 targets": lambda batched: af.APGD(0.5, norm="l2", loss=af.dlr, n_target_classes=9, steps=steps,
+                                                     batched=batched),
+    }
+    for name, make_attack in cases.items():
+        if not budget.ok():
+            rows.append({"attack": name, "note": "skipped: time box"})
+            continue
+        seconds = {}
+        for batched in (False, True):
+            attack = make_attack(batched)
+            seconds[batched] = timed(lambda a=attack: a(model, x, y, generator=torch.Generator(device).manual_seed(0)),
+                                     device, 1 if tiny else 3)
+        rows.append({"attack": name, "batch": b, "sequential_s": seconds[False], "batched_s": seconds[True],
+                     "batched_over_sequential": seconds[True] / seconds[False]})
+    return rows
+
+
 def part_constructors(device: torch.device, tiny: bool, budget: Budget) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     n = 16 if tiny else 4096
@@ -208,10 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     af.allocator.tune()
     start = time.perf_counter()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
-    shares = {"cuda tests": 0.3, "attacks": 0.35, "constructors": 0.15, "trainer": 0.2}
+    shares = {"cuda tests": 0.3, "attacks": 0.3, "batched": 0.05, "constructors": 0.15, "trainer": 0.2}
     result: dict[str, Any] = {"device": name, "torch": torch.__version__, "tiny": args.tiny}
     result["cuda tests"] = part_cuda_tests(device, args.budget_s * shares["cuda tests"])
-    for part, fn in (("attacks", part_attacks), ("constructors", part_constructors), ("trainer", part_trainer)):
+    for part, fn in (("attacks", part_attacks), ("batched", part_batched), ("constructors", part_constructors),
+                     ("trainer", part_trainer)):
         left = args.budget_s - (time.perf_counter() - start)
         share = shares[part] / sum(shares[p] for p in shares if p not in result)
         result[part] = fn(device, args.tiny, Budget(max(0.0, left * share)))
@@ -224,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
           f"CUDA tests: {tests.get('summary') or tests.get('note')}", "",
           "Attacks: one L2 PGD step over the floor of one forward + backward pass (`ours_ratio`; torchattacks' "
           "PGDL2 beside it where installed):", "", *table(result["attacks"]), "",
+          "Restarts and APGD-T's targets in one batch (`batched=True`) against one after another, SmallResNet:", "",
+          *table(result["batched"]), "",
           f"Constructors ({2 if args.tiny else 25} steps), images per second:", "", *table(result["constructors"]), "",
           "Trainer, one epoch per method (SmallResNet, PGD-7 where it attacks), images per second:", "",
           *table(result["trainer"]), ""]

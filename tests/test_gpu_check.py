@@ -20,6 +20,8 @@ def test_the_gpu_check_runs_on_the_cpu_at_tiny_sizes(tmp_path):
     attacks = [r for r in result["attacks"] if "ours_ratio" in r]
     assert {r["model"] for r in attacks} == {"SmallCNN", "SmallResNet", "ResNet-18"}
     assert all(r["ours_ratio"] > 0 and r["floor_ms"] > 0 for r in attacks)
+    assert [r["attack"] for r in result["batched"]] == ["Restarts(L2PGD, 5)", "APGD-T, 9 targets"]
+    assert all(r["batched_over_sequential"] > 0 for r in result["batched"])
     assert {(r["construction"]) for r in result["constructors"]} == {"robustify", "nonrobustify"}
     assert [r["method"] for r in result["trainer"]] == ["standard", "pgd", "fgsm-rs", "free", "trades", "mart"]
     md = (tmp_path / "gpu_check.md").read_text()
