@@ -549,15 +549,11 @@ class APGD(_BallPGD):
                          attack: Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]) -> Tensor:
         """APGD-T with its target classes as one batch (``max_batch`` samples per engine call at most): every
         sample is attacked towards every target, and keeps the first target that broke it, else the best."""
-        n, targets = x.shape[0], self.n_target_classes
-        starts = [start() for _ in range(targets)]  # drawn as the sequential run draws them
-        per_call = targets if self.max_batch is None else max(1, self.max_batch // max(1, n))
+        starts = [start() for _ in range(self.n_target_classes)]  # drawn as the sequential run draws them
         out, best = x.clone(), None
-        for i in range(0, targets, per_call):
-            k = min(per_call, targets - i)
-            z0s = starts[i:i + k]
-            cands = attack(x.repeat(k, *([1] * (x.ndim - 1))), y.repeat(k), ranked[:, i:i + k].T.reshape(-1),
-                           None if z0s[0] is None else torch.cat([z for z in z0s if z is not None]))
+        for i, k in _calls(self.n_target_classes, x.shape[0], self.max_batch):
+            z0 = None if starts[i] is None else torch.cat([z for z in starts[i:i + k] if z is not None])
+            cands = attack(_tile(x, k), _tile(y, k), ranked[:, i:i + k].T.reshape(-1), z0)
             for cand in cands.chunk(k):
                 o = self.outcome(model, cand, y)
                 take = torch.ones_like(o.success) if best is None else ~best.success & o.better_than(best)
@@ -635,11 +631,8 @@ class Restarts(Attack):
         xw = x.detach().to(working_dtype(x.dtype))
         bounds = threat.bounds(xw)
         starts = [threat.init(xw, bounds, generator) for _ in range(self.n)]  # the sequential runs' draws, in order
-        per_call = self.n if self.max_batch is None else max(1, self.max_batch // max(1, x.shape[0]))
-        for i in range(0, self.n, per_call):
-            k = min(per_call, self.n - i)
-            xs = x.repeat(k, *([1] * (x.ndim - 1)))
-            out = a.run_from(model, xs, y.repeat(k), generator, torch.cat(starts[i:i + k]))
+        for i, k in _calls(self.n, x.shape[0], self.max_batch):
+            out = a.run_from(model, _tile(x, k), _tile(y, k), generator, torch.cat(starts[i:i + k]))
             yield from out.detach().to(x.dtype).chunk(k)
 
     def for_evaluation(self, early_stop: bool) -> Attack:
@@ -713,6 +706,19 @@ def _worst_case(
 ) -> Tensor:
     """Run each part (inside the caller's guard) and keep, per sample, the candidate ``judge`` rates worst."""
     return _keep_worst(model, x, y, (part.run(model, x, y, generator).detach().to(x.dtype) for part in parts), judge)
+
+
+def _calls(runs: int, n: int, max_batch: int | None) -> Iterator[tuple[int, int]]:
+    """``(first, count)`` of the runs each engine call takes when ``runs`` runs of ``n`` samples go as one batch
+    of at most ``max_batch`` samples (at least one run per call)."""
+    per_call = runs if max_batch is None else max(1, max_batch // max(1, n))
+    for i in range(0, runs, per_call):
+        yield i, min(per_call, runs - i)
+
+
+def _tile(t: Tensor, k: int) -> Tensor:
+    """``k`` copies of a batch, one after another along the batch dimension."""
+    return t.repeat(k, *([1] * (t.ndim - 1)))
 
 
 def _keep_worst(model: nn.Module, x: Tensor, y: Tensor, candidates: Iterable[Tensor], judge: Attack) -> Tensor:

@@ -76,8 +76,9 @@ class Source:
     """The source samples in order, batched like the caller's loader.
 
     Streaming (``batches``) goes through a DataLoader with the caller's workers, pinning, collate function and
-    worker settings over a sequential index range, so a dataset that decodes images feeds the device from worker
-    processes; random access (``get``: a fingerprint, robustify's starting images) reads in this process.
+    worker settings over a sequential index range (robustify's starting images through a second such loader), so
+    a dataset that decodes images feeds the device from worker processes; random access (``get``: the fingerprint,
+    the class probe) reads in this process.
     """
 
     def __init__(self, data: Any, batch_size: int | None, lower: float, upper: float,
@@ -126,7 +127,7 @@ class Source:
                 ) -> Generator[tuple[Tensor, Tensor, Tensor], None, None]:
         """``(idx, x, y)`` for the samples of each ``(start, stop)`` range in order, ``batch_size`` at a time (a
         batch never crosses a range's end), read through the caller's workers, pinning and collate function.
-        With ``through`` (one index per sample), the samples read are ``through[idx]`` instead."""
+        With ``through`` (one index per sample), the samples read, and the ``idx`` yielded, are ``through[idx]``."""
         sampler = _Ranges(ranges, self.batch_size, through)
         if len(sampler) == 0:
             return
@@ -166,9 +167,7 @@ class Source:
         """sha256 of the size and of up to 64 evenly spaced samples (images and labels), in order."""
         h = hashlib.sha256(str(self.n).encode())
         picks = torch.linspace(0, self.n - 1, min(64, self.n)).round().long()
-        x, y = self.get(picks)
-        h.update(x.detach().float().cpu().contiguous().numpy().tobytes())
-        h.update(y.cpu().numpy().astype(np.int64).tobytes())
+        self.hash(h, *self.get(picks))
         return h.hexdigest()[:16]
 
 

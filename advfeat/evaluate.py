@@ -27,13 +27,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
 from ._checks import check_batch, check_device, check_logits
 from .adapters import batch_xy, check_keys, classifier
 from .attacks import Attack, frozen_model
 from .progress import progress_bar
 
-__all__ = ["evaluate", "EvalResult"]
+__all__ = ["evaluate", "EvalResult", "shifted_accuracy"]
 
 
 @dataclass
@@ -98,6 +99,32 @@ def _named(attacks: Attack | Sequence[Attack] | Mapping[str, Attack] | None) -> 
         if a.targeted:
             raise ValueError(f"attacks: evaluate measures untargeted robustness; {name!r} is targeted")
     return named
+
+
+def shifted_accuracy(model: nn.Module, data: Any, shift: int = 0, device: str | torch.device | None = None) -> float:
+    """The share of samples the model predicts as ``(y + shift) mod C``: the accuracy (``shift=0``), or how often
+    a model trained on D_det follows the shifted robust features (``shift=1``). ``data``: a Dataset of
+    ``(x, y)`` (read in batches of 500) or any iterable of batches.
+
+    Examples:
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> from advfeat.evaluate import shifted_accuracy
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+        >>> data = TensorDataset(torch.rand(6, 1, 2, 2), torch.zeros(6, dtype=torch.long))
+        >>> sum(shifted_accuracy(model, data, shift=k) for k in range(3))
+        1.0
+    """
+    dev = _device_of(model) if device is None else check_device("device", device)
+    batches = DataLoader(data, batch_size=500) if isinstance(data, Dataset) else data
+    hits = total = 0
+    with torch.no_grad(), frozen_model(model):
+        for batch in batches:
+            x, y = batch_xy(batch)
+            logits = classifier(model)(x.to(dev))
+            hits += int((logits.argmax(1).cpu() == (y.cpu() + shift) % logits.shape[1]).sum())
+            total += len(y)
+    return hits / max(1, total)
 
 
 def _device_of(model: nn.Module) -> torch.device:

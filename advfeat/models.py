@@ -17,7 +17,7 @@ Examples:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -106,13 +106,6 @@ def last_linear(model: nn.Module) -> nn.Linear:
     return found[-1]
 
 
-_INPUTS: list[Tensor] = []  # what penultimate()'s hook captured
-
-
-def _keep_input(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
-    _INPUTS.append(args[0])
-
-
 @contextmanager
 def penultimate(model: nn.Module) -> Iterator[Callable[[Tensor], tuple[Tensor, Any]]]:
     """``run(x) -> (g(x), model(x))`` while the context is open: ``g(x)`` is the input of the model's last
@@ -122,28 +115,24 @@ def penultimate(model: nn.Module) -> Iterator[Callable[[Tensor], tuple[Tensor, A
     dynamo does not guard on hooks added after a graph was compiled, so a compiled graph would skip the hook
     (or run an earlier one). To compile this path, pass ``representation=`` a compiled callable of your own.
     """
-    layer = last_linear(model)
-    handle = layer.register_forward_pre_hook(_keep_input)
+    captured: list[Tensor] = []
+    handle = last_linear(model).register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
     compiled = any(type(m).__name__ == "OptimizedModule" for m in model.modules())
     stance = getattr(torch.compiler, "set_stance", None)
 
     def run(x: Tensor) -> tuple[Tensor, Any]:
-        _INPUTS.clear()
-        if compiled and stance is not None:
-            with stance("force_eager"):
-                out = model(x)
-        else:
+        captured.clear()
+        with stance("force_eager") if compiled and stance is not None else nullcontext():
             out = model(x)
-        if not _INPUTS:
+        if not captured:
             raise ValueError(f"the last nn.Linear of {type(model).__name__} did not run in forward; pass "
                              "representation=callable")
-        return _INPUTS[-1], out
+        return captured[-1], out
 
     try:
         yield run
     finally:
         handle.remove()
-        _INPUTS.clear()
 
 
 class SmallCNN(nn.Module):

@@ -36,7 +36,7 @@ from ._lock import exclusive, folder_lock
 from .attacks import L2PGD
 from .construct import NONROBUSTIFY_RULE, ROBUSTIFY_RULE, nonrobustify, robustify
 from .controls import leakage_probe, shortcut, wrong_labels
-from .evaluate import evaluate
+from .evaluate import evaluate, shifted_accuracy
 from .store import ConstructedDataset
 from .train import adversarial_train
 from .transfer import transfer_rates
@@ -463,13 +463,4 @@ def _transfer(run: _Run, arch: str, make: Callable[[], nn.Module], d_det: Datase
 
 def _shift(run: _Run, test: Dataset[Any]) -> dict[str, Any]:
     """How often the D_det model predicts y + 1 on the real test set (the shifted robust features)."""
-    model = run.load_model("d_det")
-    hits = total = 0
-    c = None
-    with torch.no_grad():
-        for x, y in DataLoader(test, batch_size=500):
-            logits = model(x.to(run.device))
-            c = logits.shape[1]
-            hits += int((logits.argmax(1).cpu() == (y + 1) % c).sum())
-            total += len(y)
-    return {"value": hits / max(1, total)}
+    return {"value": shifted_accuracy(run.load_model("d_det"), test, shift=1, device=run.device)}

@@ -192,19 +192,20 @@ def render_report(summary: dict[str, Any]) -> str:
         f"Accuracy (%) on the real test set ({rows['standard']['n_test']} images): clean and under L2 PGD "
         f"({s['eval_steps']} steps, step eps/5, worst iterate). Paper: CIFAR-10, ResNet-50, L2 eps 0.25.", "",
         results_table(summary), "## Constructions", "", constructions_table(summary)]
-    if controls_table(summary):
+    controls, transfer = controls_table(summary), transfer_table(summary)
+    if controls:
         lines += ["## The critics' controls", "",
                   "Accuracy (%) of each control on the real test set (a linear probe's for the leakage rows), beside "
                   "the critics' CIFAR-10 numbers (docs/paper.md). Targets reached: on the standard model; "
                   "transfer rate: "
                   "the share a fresh, independently trained standard model classifies as the new label "
-                  f"(plain D_det: {_pct(rows['d_det'].get('transfer_rate'))}%).", "", controls_table(summary)]
-    if transfer_table(summary):
+                  f"(plain D_det: {_pct(rows['d_det'].get('transfer_rate'))}%).", "", controls]
+    if transfer:
         lines += ["## Transfer (the paper's Figure 3)", "",
                   "Architectures trained on D_det: accuracy on the real test set, and the rate at which L2 PGD "
                   f"examples (eps {s['eps']:g}) of the standard model on D transfer to each (among test samples "
                   "the target gets right and the source is fooled by). Figure: grids/transfer.png (each point named by "
-                  "its architecture, with a least-squares line).", "", transfer_table(summary)]
+                  "its architecture, with a least-squares line).", "", transfer]
     lines += ["## Settings", "",
               f"Learning rate {s['lr']} (SGD, momentum 0.9, wd 5e-4, one-cycle) everywhere except on D_NR and "
               f"D_rand ({s['lr_nr']}), following the authors' recipe (0.1 on D_R / D_det, 0.01 on D_NR / D_rand). "

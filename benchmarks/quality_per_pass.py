@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 import advfeat as af
+from advfeat.evaluate import shifted_accuracy
 from advfeat.replicate import settings_for
 from advfeat.steps import Adam, APGDStep, Constant, Cosine, Momentum, RelativeToStart, StepRule
 
@@ -222,24 +223,14 @@ def part_downstream_det(model: nn.Module, train: Any, test: Any, seeds: list[int
             m = make_model(dataset).to(device)
             af.adversarial_train(m, DataLoader(ds, batch_size=s.batch_size, shuffle=True), method="standard",
                                  epochs=s.constructed_epochs, lr=s.lr, device=device, progress=False)
-            pred, labels = _predictions(m.eval(), test, device)
-            accs.append(float((pred == labels).double().mean()))
-            shifts.append(float((pred == (labels + 1) % 10).double().mean()))
+            accs.append(shifted_accuracy(m.eval(), test, device=device))
+            shifts.append(shifted_accuracy(m, test, shift=1, device=device))
         rows.append({"rule": r.name, "steps": b, "passes": counter.count / len(src), "seeds": seeds, "test": accs,
                      "mean": sum(accs) / len(accs), "predicts_shift": sum(shifts) / len(shifts),
                      "reached": float(ds.meta["target_reached"].double().mean()), "build_seconds": build_s,
                      "seconds": time.perf_counter() - t0})
         print(json.dumps(rows[-1]), flush=True)
     return rows
-
-
-def _predictions(model: nn.Module, test: Any, device: torch.device) -> tuple[Tensor, Tensor]:
-    preds, labels = [], []
-    with torch.no_grad():
-        for x, y in DataLoader(test, batch_size=500):
-            preds.append(model(x.to(device)).argmax(1).cpu())
-            labels.append(y)
-    return torch.cat(preds), torch.cat(labels)
 
 
 def _attacks(norm: str, eps: float, b: int) -> dict[str, af.Attack]:

@@ -53,6 +53,7 @@ from advfeat import replicate as rep
 from advfeat._io import atomic_write
 from advfeat._lock import exclusive, folder_lock
 from advfeat.construct import NONROBUSTIFY_RULE
+from advfeat.evaluate import shifted_accuracy
 
 LEARNERS = ("cnn", "mlp", "resnet")
 AXES = ("mode", "eps", "n", "learner", "source_epochs", "rule", "learner_epochs", "seed")
@@ -212,15 +213,6 @@ def build_cells(out: str | Path, cells: Sequence[Mapping[str, Any]], *, source: 
             stage(f"build_{name}_n{n_max}", build)
             return af.ConstructedDataset.load(folder)
 
-        def accuracy(model: nn.Module, d: Dataset[Any], shift: int = 0) -> float:
-            hits = total = 0
-            with torch.no_grad():
-                for x, y in DataLoader(d, batch_size=500):
-                    logits = model(x)
-                    hits += int((logits.argmax(1) == (y + shift) % logits.shape[1]).sum())
-                    total += len(y)
-            return hits / max(1, total)
-
         set_key = ("mode", "eps", "source_epochs", "rule", "seed")
         sizes: dict[tuple[Any, ...], int] = {}
         for c in full:
@@ -243,8 +235,8 @@ def build_cells(out: str | Path, cells: Sequence[Mapping[str, Any]], *, source: 
                 lr = s.lr_nr if c["mode"] == "rand" else s.lr
                 model = trained(name, prefix, make[c["learner"]], "standard", c["learner_epochs"], lr, seed)
                 train_s = time.perf_counter() - t0
-                return {"test_accuracy": accuracy(model, test), "fit": accuracy(model, prefix),
-                        "predicts_shift": accuracy(model, test, shift=1) if c["mode"] == "det" else None,
+                return {"test_accuracy": shifted_accuracy(model, test), "fit": shifted_accuracy(model, prefix),
+                        "predicts_shift": shifted_accuracy(model, test, shift=1) if c["mode"] == "det" else None,
                         "targets_reached": float(ds.meta["target_reached"][:n].double().mean()),
                         "leakage": af.controls.leakage_probe(robust_model(seed), prefix, test, seed=seed),
                         "train_seconds": round(train_s, 2)}
