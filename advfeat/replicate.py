@@ -4,7 +4,9 @@
 
 1. train a standard model and an adversarially trained (L2 PGD) model on D;
 2. build D_R = robustify(robust), D_NR = robustify(standard), D_rand and D_det = nonrobustify(standard)
-   from the first ``n_construct`` training images (all of them at ``scale="full"``);
+   from the first ``n_construct`` training images (all of them at ``scale="full"``); with
+   ``Settings.nonrobust_source_epochs``, D_rand and D_det attack a standard model of that training length instead
+   (stage ``source``; the step rule is ``Settings.nonrobust_kwargs()``);
 3. train a fresh standard model on each, and on the same number of real images (the control);
 4. evaluate every model's clean accuracy on the real test set and its accuracy under L2 PGD.
 
@@ -37,6 +39,7 @@ from .attacks import L2PGD
 from .construct import NONROBUSTIFY_RULE, ROBUSTIFY_RULE, nonrobustify, robustify
 from .controls import leakage_probe, shortcut, wrong_labels
 from .evaluate import evaluate, shifted_accuracy
+from .steps import Constant
 from .store import ConstructedDataset
 from .train import adversarial_train
 from .transfer import transfer_rates
@@ -67,11 +70,27 @@ class Settings:
     robustify_step: float = 0.15  # the rule's first step, a fraction of each sample's distance from its start
     nonrobust_eps: float
     nonrobust_steps: int = 25  # af.nonrobustify's default rule (cosine from eps); the paper: 100 fixed steps of 0.1
+    nonrobust_step: float | None = None  # None: the default rule; a number: constant L2 steps of it (the paper: 0.1)
+    nonrobust_keep_best: bool = False  # keep each image's best iterate (Kumano et al.: eps/5 x 100, keep best)
+    nonrobust_source_epochs: int | None = None  # D_rand and D_det attack a standard model trained this many epochs
+    # (its own stage "source", trained as row 1 is); None: row 1's standard model itself
     eval_steps: int = 20
     batch_size: int = 128
     controls_eps: float = 1.0  # the critics' controls (--controls): the bugs' L2 budget (Nakkiran: 5x D_det's)
     controls_ensemble: int = 10  # the independently trained models the bugs must not fool (Nakkiran: 10)
     weak_epochs: int = 1  # the weakly trained teacher of the distillation control
+
+    def nonrobust_kwargs(self) -> dict[str, Any]:
+        """``nonrobustify``'s step-rule arguments (D_rand, D_det and the bugs control), from the ``nonrobust_*``
+        fields.
+
+        >>> replace(settings_for("fashion-mnist", "quick"), nonrobust_step=0.2, nonrobust_steps=50).nonrobust_kwargs()
+        {'rule': Constant(), 'step_size': 0.2, 'steps': 50, 'keep_best': False}
+        """
+        if self.nonrobust_step is None:
+            return {"steps": self.nonrobust_steps, "keep_best": self.nonrobust_keep_best}
+        return {"rule": Constant(), "step_size": self.nonrobust_step, "steps": self.nonrobust_steps,
+                "keep_best": self.nonrobust_keep_best}
 
 
 _PLANTED = Settings(  # the non-robust feature has norm 0.3 (a swap needs 0.42 < eps 0.5); the robust one 2.5
@@ -169,6 +188,9 @@ class _Run:
         self.s, self.out, self.device, self.seed, self.progress, self.log = s, out, device, seed, progress, log
         self.given: dict[str, nn.Module] = {}  # models read from the authors' checkpoints instead of trained
         self.started: Callable[[], None] = lambda: None  # records the settings once the data is loaded
+        # the model that nonrobustify (D_rand, D_det, the bugs, the shortcut control) and the transfer rates attack
+        self.source = "standard" if s.nonrobust_source_epochs is None else "source"
+        self.extra: dict[str, Any] = {}  # results.json's keys beside the rows (the source model's evaluation)
         for sub in ("models", "datasets", "stages", "checkpoints", "grids"):
             (out / sub).mkdir(parents=True, exist_ok=True)
 
@@ -305,6 +327,9 @@ def _replicate(run: _Run, root: str | None, transfer: bool, controls: bool, sour
         else:
             results[name] = run.stage(name, lambda name=name, method=method, epochs=epochs: run.train(  # type: ignore[misc]
                 name, train, test, method, epochs))
+    if run.source != "standard":  # a standard model trained nonrobust_source_epochs: the one the attacks relabel by
+        run.extra["source"] = run.stage("source", lambda: run.train(
+            "source", train, test, "standard", s.nonrobust_source_epochs))  # type: ignore[arg-type]
     built: dict[str, ConstructedDataset] = {}
 
     def construct(name: str) -> dict[str, Any]:
@@ -316,8 +341,8 @@ def _replicate(run: _Run, root: str | None, transfer: bool, controls: bool, sour
             d = ds.meta["rel_distance"]
             info = {"rel_distance_median": float(d.median()), "rel_distance_p90": float(d.quantile(0.9))}
         else:
-            ds = nonrobustify(run.load_model("standard"), source, mode=name[2:], eps=s.nonrobust_eps,
-                              steps=s.nonrobust_steps, **common)
+            ds = nonrobustify(run.load_model(run.source), source, mode=name[2:], eps=s.nonrobust_eps,
+                              **s.nonrobust_kwargs(), **common)
             info = {"targets_reached": float(ds.meta["target_reached"].double().mean())}
         if planted is not None:
             x, _ = ds.tensors()
@@ -346,7 +371,8 @@ def _replicate(run: _Run, root: str | None, transfer: bool, controls: bool, sour
     if controls:
         results.update(_controls(run, train, test, source, built, results))
     summary: dict[str, Any] = {"settings": _settings_record(s), "seed": seed, "device": str(dev),
-                               "rows": results, "labels": {k: report.SHORT[k] for k in results}, "paper": report.PAPER}
+                               "rows": results, "labels": {k: report.SHORT[k] for k in results}, "paper": report.PAPER,
+                               **run.extra}
     if transfer:
         summary["transfer"] = [run.stage(f"transfer_{arch}", lambda arch=arch, make=make: _transfer(  # type: ignore[misc]
             run, arch, make, built["d_det"], test)) for arch, make in _architectures(s).items()]
@@ -380,7 +406,7 @@ def _controls(run: _Run, train: Dataset[Any], test: Dataset[Any], source: Datase
             name, train, test, "standard", s.std_epochs, seed=model_seed))
     ensemble = [run.load_model(n) for n in seeds if n.startswith("ensemble_")]
     fresh = run.load_model("transfer_probe")
-    standard = run.load_model("standard")
+    standard = run.load_model(run.source)
 
     def transfer(ds: ConstructedDataset) -> float:
         """The share of a relabelled set that the fresh model classifies as the new label."""
@@ -390,7 +416,7 @@ def _controls(run: _Run, train: Dataset[Any], test: Dataset[Any], source: Datase
         return float((pred == t).double().mean())
 
     def build_bugs() -> dict[str, Any]:
-        ds = nonrobustify(standard, source, mode="det", eps=s.controls_eps, steps=s.nonrobust_steps,
+        ds = nonrobustify(standard, source, mode="det", eps=s.controls_eps, **s.nonrobust_kwargs(),
                           keep_correct=ensemble, out=out / "datasets" / "d_det_bugs", device=run.device,
                           progress=run.progress, seed=seed, batch_size=s.batch_size, shard_size=1024)
         return {"targets_reached": float(ds.meta["target_reached"].double().mean()), "transfer_rate": transfer(ds),
@@ -456,7 +482,7 @@ def _transfer(run: _Run, arch: str, make: Callable[[], nn.Module], d_det: Datase
     acc = run.train(name, d_det, test, "standard", s.constructed_epochs, s.lr, make=make)["clean"]
     target = run.load_model(name, make)
     torch.manual_seed(run.seed)
-    rate = transfer_rates(run.load_model("standard"), {arch: target}, DataLoader(test, batch_size=500),
+    rate = transfer_rates(run.load_model(run.source), {arch: target}, DataLoader(test, batch_size=500),
                           L2PGD(s.eps, steps=s.eval_steps, rel_step_size=0.2), device=run.device)[arch]
     return {"architecture": arch, "test_accuracy": acc, "transfer_rate": rate}
 

@@ -192,6 +192,11 @@ def render_report(summary: dict[str, Any]) -> str:
         f"Accuracy (%) on the real test set ({rows['standard']['n_test']} images): clean and under L2 PGD "
         f"({s['eval_steps']} steps, step eps/5, worst iterate). Paper: CIFAR-10, ResNet-50, L2 eps 0.25.", "",
         results_table(summary), "## Constructions", "", constructions_table(summary)]
+    if "source" in summary:
+        src = summary["source"]
+        lines += ["", f"D_rand, D_det and the bugs were built through a standard model trained "
+                  f"{s['nonrobust_source_epochs']} epochs (not row 1's {s['std_epochs']}): {_pct(src['clean'])}% "
+                  "clean on the real test set.", ""]
     controls, transfer = controls_table(summary), transfer_table(summary)
     if controls:
         lines += ["## The critics' controls", "",

@@ -40,6 +40,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,6 @@ from advfeat import figures, models
 from advfeat import replicate as rep
 from advfeat._io import atomic_write
 from advfeat._lock import exclusive, folder_lock
-from advfeat.construct import NONROBUSTIFY_RULE
 from advfeat.evaluate import shifted_accuracy
 
 LEARNERS = ("cnn", "mlp", "resnet")
@@ -60,11 +60,17 @@ AXES = ("mode", "eps", "n", "learner", "source_epochs", "rule", "learner_epochs"
 
 
 def rules(settings: rep.Settings) -> dict[str, Callable[[float], dict[str, Any]]]:
-    """The constructions by name: each gives ``nonrobustify``'s keyword arguments for a budget ``eps``."""
+    """The constructions by name: each gives ``nonrobustify``'s keyword arguments for a budget ``eps``, as
+    ``replicate`` would with those ``Settings.nonrobust_*`` fields (``default``: nonrobustify's own, 25 cosine
+    steps from eps; ``fixed``: 50 constant steps of 0.2; ``kumano``: 100 constant steps of eps/5, keeping the best)."""
+    def recipe(step: float | None, steps: int, keep_best: bool = False) -> dict[str, Any]:
+        return replace(settings, nonrobust_step=step, nonrobust_steps=steps,
+                       nonrobust_keep_best=keep_best).nonrobust_kwargs()
+
     return {
-        "default": lambda e: dict(rule=NONROBUSTIFY_RULE, steps=settings.nonrobust_steps),
-        "fixed": lambda e: dict(rule=af.steps.Constant(), steps=50, step_size=0.2),
-        "kumano": lambda e: dict(rule=af.steps.Constant(), steps=100, step_size=e / 5, keep_best=True),
+        "default": lambda e: recipe(None, 25),
+        "fixed": lambda e: recipe(0.2, 50),
+        "kumano": lambda e: recipe(e / 5, 100, keep_best=True),
     }
 
 

@@ -193,6 +193,35 @@ def test_the_full_scale_builds_every_set_from_the_whole_training_set(tmp_path, m
     assert "all of D: row 1, not trained again" in (tmp_path / "report.md").read_text()
 
 
+@pytest.mark.filterwarnings("ignore::advfeat.construct.LowTargetsWarning")  # 200 images, 1 epoch
+def test_the_relabelled_sets_attack_the_settings_source_with_the_settings_rule(tmp_path, monkeypatch):
+    """``nonrobust_source_epochs`` trains a separate standard model (stage ``source``) that D_rand and D_det
+    attack, with ``nonrobust_kwargs()``'s rule: each set is bitwise what nonrobustify gives on that model."""
+    small = dataclasses.replace(rep.SCALES["planted", "full"], n_train=200, n_test=100, std_epochs=2,
+                                robust_epochs=1, constructed_epochs=1, robustify_steps=2, eval_steps=1,
+                                train_steps=1, nonrobust_source_epochs=1, nonrobust_step=0.2, nonrobust_steps=3,
+                                nonrobust_keep_best=True)
+    assert small.nonrobust_kwargs() == {"rule": af.steps.Constant(), "step_size": 0.2, "steps": 3,
+                                        "keep_best": True}
+    monkeypatch.setitem(rep.SCALES, ("planted", "full"), small)
+    res = rep.replicate("planted", scale="full", out=tmp_path, progress=False, log=lambda line: None)
+    assert (tmp_path / "stages" / "source.json").exists() and set(res["source"]) >= {"clean", "robust"}
+    assert "a standard model trained 1 epochs (not row 1's 2)" in (tmp_path / "report.md").read_text()
+    source = rep._model(small)
+    source.load_state_dict(torch.load(tmp_path / "models" / "source.pt", weights_only=True))
+    standard = rep._model(small)
+    standard.load_state_dict(torch.load(tmp_path / "models" / "standard.pt", weights_only=True))
+    assert any(not torch.equal(a, b) for a, b in zip(source.state_dict().values(),
+                                                      standard.state_dict().values(), strict=True))
+    train = af.data.planted(200, 100, seed=0).train
+    for mode in ("rand", "det"):
+        built = af.ConstructedDataset.load(tmp_path / "datasets" / f"d_{mode}")
+        assert built.config["rule"] == "Constant()" and built.config["keep_best"] is True
+        again = af.nonrobustify(source.eval(), train, mode=mode, eps=small.nonrobust_eps, seed=0, progress=False,
+                                batch_size=small.batch_size, **small.nonrobust_kwargs())
+        assert torch.equal(again.tensors()[0], built.tensors()[0]) and torch.equal(again.labels, built.labels)
+
+
 def _script(name: str) -> Any:
     spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
     assert spec is not None and spec.loader is not None
