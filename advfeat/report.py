@@ -17,7 +17,7 @@ from . import data as afdata
 from . import figures
 from .store import ConstructedDataset
 
-__all__ = ["PAPER", "ROWS", "SHORT", "CONTROLS", "render_report", "headline_table", "draw"]
+__all__ = ["PAPER", "ROWS", "SHORT", "CONTROLS", "MAP_AXES", "render_report", "headline_table", "map_table", "draw"]
 
 PAPER = {  # CIFAR-10, ResNet-50: clean / under L2 eps 0.25 (docs/paper.md)
     "standard": (95, 4), "robust": (91, 82), "d_r": (84, 48), "d_nr": (88, 0), "d_rand": (63, 0),
@@ -223,3 +223,36 @@ def render_report(summary: dict[str, Any]) -> str:
               "'true -> new' for the relabelled sets).",
               ""]
     return "\n".join(lines)
+
+
+MAP_AXES = ("mode", "eps", "n", "learner", "source_epochs", "rule", "learner_epochs", "seed")
+"""The axes of a generalisation map's cell (``scripts/generalisation_map.py``)."""
+
+
+def map_table(result: dict[str, Any]) -> str:
+    """A generalisation map (what its ``map.json`` holds) as Markdown: one row per cell, the axes that vary, and
+    what it measured (%)."""
+    cells = result["cells"]
+    varying = [a for a in MAP_AXES if len({json.dumps(c[a]) for c in cells}) > 1]
+    fixed = {a: cells[0][a] for a in MAP_AXES if a not in varying}
+    passes = any("passes" in c for c in cells)
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f}"
+
+    lines = [f"Real test accuracy % ({result['n_test']:,} test images, {result['dataset']}) after training on a "
+             "relabelled set; targets reached, fit (accuracy on the set's own labels), y+1 predicted on the test "
+             "set (D_det) and the leakage probe (a linear classifier on a robust model's logits trained on the same "
+             "set), all %" + ("; passes: the attack's forward+backward passes per image" if passes else "")
+             + ". Fixed: " + ", ".join(f"{a} {v}" for a, v in fixed.items()) + "."
+             + ("" if result.get("complete", True) else " (A sweep in progress: the cells finished so far.)"), "",
+             "| " + " | ".join(varying) + (" | passes" if passes else "")
+             + " | test | targets | fit | y+1 | leakage | test - leakage |",
+             "|" + "---|" * (len(varying) + 6 + passes)]
+    for c in cells:
+        lines.append("| " + " | ".join(f"{c[a]:g}" if isinstance(c[a], float) else f"{c[a]}" for a in varying)
+                     + (f" | {c.get('passes', '-')}" if passes else "")
+                     + f" | {pct(c['test_accuracy'])} | {pct(c['targets_reached'])} | {pct(c['fit'])} | "
+                     f"{pct(c['predicts_shift'])} | {pct(c['leakage'])} | "
+                     f"{100 * (c['test_accuracy'] - c['leakage']):+.1f} |")
+    return "\n".join(lines) + "\n"

@@ -49,14 +49,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import advfeat as af
-from advfeat import figures, models
+from advfeat import figures, models, report
 from advfeat import replicate as rep
 from advfeat._io import atomic_write
 from advfeat._lock import exclusive, folder_lock
 from advfeat.evaluate import shifted_accuracy
 
 LEARNERS = ("cnn", "mlp", "resnet")
-AXES = ("mode", "eps", "n", "learner", "source_epochs", "rule", "learner_epochs", "seed")
+AXES = report.MAP_AXES
+render = report.map_table
 
 
 def rules(settings: rep.Settings) -> dict[str, Callable[[float], dict[str, Any]]]:
@@ -247,20 +248,22 @@ def build_cells(out: str | Path, cells: Sequence[Mapping[str, Any]], *, source: 
                         "leakage": af.controls.leakage_probe(robust_model(seed), prefix, test, seed=seed),
                         "train_seconds": round(train_s, 2)}
 
-            results.append({**c, **stage(name, cell)})
-        result = {"from": None if src is None else str(src), "dataset": s.dataset, "settings": dataclass_record(s),
-                  "n_test": len(data(full[0]["seed"])[1]), "cells": results,  # type: ignore[arg-type]
-                  "total_seconds": round(time.perf_counter() - t_start, 2)}
-        atomic_write(outdir / "map.json", lambda f: f.write(json.dumps(result, indent=1).encode()))
-        markdown = render(result)
-        atomic_write(outdir / "map.md", lambda f: f.write(markdown.encode()))
+            passes = rules(s)[c["rule"]](c["eps"])["steps"]  # forward+backward passes per image of the attack
+            results.append({**c, **stage(name, cell), "passes": passes})
+            result = {"from": None if src is None else str(src), "dataset": s.dataset,
+                      "settings": dataclass_record(s), "n_test": len(data(full[0]["seed"])[1]),
+                      "cells": results, "complete": len(results) == len(full),  # type: ignore[arg-type]
+                      "total_seconds": round(time.perf_counter() - t_start, 2)}
+            # after every cell, so a sweep of hours can be read (and published) while it runs
+            for file, text in (("map.json", json.dumps(result, indent=1)), ("map.md", render(result))):
+                atomic_write(outdir / file, lambda f, text=text: f.write(text.encode()))  # type: ignore[misc]
         varying = [a for a in AXES if len({json.dumps(c[a]) for c in results}) > 1]
         if set(varying) <= {"mode", "eps", "n", "learner"}:  # a grid over the first map's axes: the heat map
             fig = figures.generalisation_map([{**c, "mode": f"D_{c['mode']}"} for c in results])
         else:
             fig = figures.map_axes(results, varying)
         figures.save(fig, outdir / "map.png")
-        log(markdown)
+        log(render(result))
         return result
 
 
@@ -277,29 +280,6 @@ def build_map(source: str | Path, out: str | Path, *, eps: Sequence[float] = (1.
     cells = design("grid", {"learner_epochs": epochs or 0},
                    {"eps": list(eps), "mode": ["rand", "det"], "n": list(sizes), "learner": list(learner_names)})
     return build_cells(out, cells, source=source, root=root, progress=progress, log=log)
-
-
-def render(result: dict[str, Any]) -> str:
-    """The map as Markdown: one row per cell, its axes that vary and what it measured (%)."""
-    cells = result["cells"]
-    varying = [a for a in AXES if len({json.dumps(c[a]) for c in cells}) > 1]
-    fixed = {a: cells[0][a] for a in AXES if a not in varying}
-
-    def pct(v: float | None) -> str:
-        return "-" if v is None else f"{100 * v:.1f}"
-
-    lines = [f"Real test accuracy % ({result['n_test']:,} test images, {result['dataset']}) after training on a "
-             "relabelled set; targets reached, fit (accuracy on the set's own labels), y+1 predicted on the test "
-             "set (D_det) and the leakage probe (a linear classifier on a robust model's logits trained on the same "
-             "set), all %. Fixed: " + ", ".join(f"{a} {v}" for a, v in fixed.items()) + ".", "",
-             "| " + " | ".join(varying) + " | test | targets | fit | y+1 | leakage | test - leakage |",
-             "|" + "---|" * (len(varying) + 6)]
-    for c in cells:
-        lines.append("| " + " | ".join(f"{c[a]:g}" if isinstance(c[a], float) else f"{c[a]}" for a in varying)
-                     + f" | {pct(c['test_accuracy'])} | {pct(c['targets_reached'])} | {pct(c['fit'])} | "
-                     f"{pct(c['predicts_shift'])} | {pct(c['leakage'])} | "
-                     f"{100 * (c['test_accuracy'] - c['leakage']):+.1f} |")
-    return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,7 +9,8 @@ A table lives between ``<!-- advfeat:table NAME -->`` (or ``<!-- advfeat:table N
 ``NAME`` alone by ``advfeat.report.headline_table`` (at the eps given by ``--eps``, default the settings' ``eps``)
 with a line naming the run's settings and time; ``NAME/KIND`` by the table ``advfeat.report.TABLES[KIND]``
 (``results``, ``constructions``, ``features``, ``controls``, ``transfer``) of the same run. One results.json,
-every table of it.
+every table of it. A generalisation map's ``map.json`` (``scripts/generalisation_map.py``) fills a ``NAME`` region
+with its cells (``advfeat.report.map_table``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from advfeat.report import TABLES, headline_table
+from advfeat.report import TABLES, headline_table, map_table
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "docs" / "results.md"]
@@ -34,6 +35,11 @@ def region(name: str, kind: str | None = None) -> re.Pattern[str]:
 
 
 def render(summary: dict, eps: str | None = None, kind: str = "headline") -> str:
+    if "cells" in summary:  # a generalisation map's map.json: one table, of its cells
+        if kind != "headline":
+            raise SystemExit(f"publish_tables: a map.json has one table (a region without /KIND), not {kind!r}")
+        return map_table(summary) + (f"\n({len(summary['cells'])} cells, {summary['dataset']}, "
+                                     "`scripts/generalisation_map.py`; regenerate with `scripts/publish_tables.py`)\n")
     s = summary["settings"]
     if kind != "headline":
         table = TABLES[kind]
@@ -68,7 +74,8 @@ def publish(name: str, results: Path, eps: str | None = None, docs: Sequence[Pat
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("name", help="the table's name in the docs' markers, e.g. planted-quick")
-    ap.add_argument("results", type=Path, help="a results.json written by advfeat replicate")
+    ap.add_argument("results", type=Path, help="a results.json written by advfeat replicate, or a map.json by "
+                    "scripts/generalisation_map.py")
     ap.add_argument("--eps", default=None, help="the L2 budget of the robust column (default: the run's eps)")
     args = ap.parse_args(argv)
     if publish(args.name, args.results, args.eps) == 0:

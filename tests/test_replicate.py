@@ -253,13 +253,58 @@ def test_the_generalisation_map_shows_budget_and_size(run, tmp_path, capsys):
     assert "fit (accuracy on the set's own labels)" in (out / "map.md").read_text()
     assert all(0.0 <= c["leakage"] <= 1.0 for c in res["cells"])
     assert at["det", 0.5, 5000]["predicts_shift"] is not None and at["rand", 0.5, 5000]["predicts_shift"] is None
-    assert json.loads((out / "map.json").read_text())["cells"] == res["cells"]
+    assert json.loads((out / "map.json").read_text())["cells"] == res["cells"] and res["complete"]
+    assert {c["passes"] for c in res["cells"]} == {25}  # the default rule's steps
+    doc = tmp_path / "doc.md"  # publish_tables fills a map's region from its map.json
+    doc.write_text("<!-- advfeat:table demo-map -->\nold\n<!-- /advfeat:table -->\n")
+    assert _script("publish_tables").publish("demo-map", out / "map.json", docs=[doc]) == 1
+    assert af.report.map_table(res) in doc.read_text() and "old" not in doc.read_text()
     lines: list[str] = []
     again = mapper.build_map(run[0], out, eps=[0.2, 0.5], sizes=[1000, 5000], learner_names=["mlp"],
                              progress=False, log=lines.append)
     assert again["cells"] == res["cells"] and not any("running" in line for line in lines)
     assert mapper.main(["--from", str(tmp_path / "nothing"), "--out", str(out)]) == 2
     assert "is not a replicate run" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore::advfeat.construct.LowTargetsWarning")  # 300 images, 1 epoch
+def test_the_axes_map_moves_one_axis_at_a_time_with_its_own_sources(tmp_path, monkeypatch):
+    """The self-contained map (no --from): one cell per moved axis, each rule's set built with its recipe
+    through a source trained ``source_epochs`` here (once per epochs and seed), passes recorded, map.json
+    rewritten after every cell."""
+    mapper = _script("generalisation_map")
+    base = {"mode": "det", "n": 200, "eps": 0.5, "source_epochs": 1, "rule": "fixed", "learner": "mlp",
+            "learner_epochs": 1, "seed": 0}
+    cells = mapper.design("axes", base, {"rule": ["default", "kumano", "fixed"], "mode": ["rand"]})
+    assert cells == [base, {**base, "rule": "default"}, {**base, "rule": "kumano"}, {**base, "mode": "rand"}]
+    assert len(mapper.design("grid", base, {"rule": ["default", "kumano"], "mode": ["rand", "det"]})) == 4
+    with pytest.raises(ValueError, match="unknown axes"):
+        mapper.design("axes", base, {"budget": [1]})
+    small = dataclasses.replace(rep.SCALES["planted", "quick"], n_train=300, n_test=100, robust_epochs=1,
+                                train_steps=1)
+    monkeypatch.setitem(rep.SCALES, ("planted", "quick"), small)
+    lines: list[str] = []
+    partial: list[tuple[int, bool]] = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        if line.endswith("running") and (tmp_path / "map.json").exists():
+            done = json.loads((tmp_path / "map.json").read_text())
+            partial.append((len(done["cells"]), done["complete"]))
+
+    res = mapper.build_cells(tmp_path, cells, dataset="planted", scale="quick", progress=False, log=log)
+    assert res["complete"] and [c["passes"] for c in res["cells"]] == [50, 25, 100, 50]
+    assert sum("[source_e1_s0] running" in line for line in lines) == 1
+    assert sum("[robust_s0] running" in line for line in lines) == 1
+    fixed = af.ConstructedDataset.load(tmp_path / "datasets" / "det_eps0.5_src1_fixed_s0_n200").config
+    kumano = af.ConstructedDataset.load(tmp_path / "datasets" / "det_eps0.5_src1_kumano_s0_n200").config
+    assert (fixed["rule"], fixed["step_size"], fixed["steps"], fixed.get("keep_best")) == ("Constant()", 0.2, 50, None)
+    assert (kumano["rule"], kumano["step_size"], kumano["steps"], kumano["keep_best"]) == ("Constant()", 0.1, 100,
+                                                                                           True)
+    for c in res["cells"]:
+        assert 0 <= c["leakage"] <= 1 and 0 <= c["test_accuracy"] <= 1 and c["n"] == 200
+    assert "| mode | rule | passes | test |" in (tmp_path / "map.md").read_text()
+    assert sorted(set(partial)) == [(1, False), (2, False), (3, False)]  # what map.json held as later cells ran
 
 
 def test_a_cache_with_other_settings_is_refused(tmp_path, monkeypatch):
