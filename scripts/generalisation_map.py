@@ -286,12 +286,43 @@ def build_map(source: str | Path, out: str | Path, *, eps: Sequence[float] = (1.
     return build_cells(out, cells, source=source, root=root, progress=progress, log=log)
 
 
+def choose(cells: Sequence[Mapping[str, Any]], *, n: int = 20000, seed: int = 0, leakage_max: float = 0.12,
+           targets_min: float = 0.90, tie: float = 0.01) -> tuple[Mapping[str, Any] | None, str]:
+    """The protocol of docs/replication.md, applied to a map's cells: among the D_det cells of ``n`` images and
+    ``seed`` whose leakage probe is at most ``leakage_max`` and whose targets reached is at least ``targets_min``
+    (admissible), the highest real-test accuracy; a cell within ``tie`` of it with fewer attack passes per image
+    wins (the fewest passes, then the higher accuracy). Returns the chosen cell (None when no cell is admissible)
+    and the reading, a line per candidate."""
+    pool = [c for c in cells if c["mode"] == "det" and c["n"] == n and c["seed"] == seed]
+    admissible = [c for c in pool if c["leakage"] <= leakage_max and c["targets_reached"] >= targets_min]
+    lines = []
+    for c in pool:
+        why = [f"leakage {100 * c['leakage']:.1f}% > {100 * leakage_max:.1f}%"] if c["leakage"] > leakage_max else []
+        if c["targets_reached"] < targets_min:
+            why.append(f"targets {100 * c['targets_reached']:.1f}% < {100 * targets_min:.0f}%")
+        axes = ", ".join(f"{a} {c[a]}" for a in AXES if a not in ("mode", "n", "seed"))
+        lines.append(f"- {axes}: {100 * c['test_accuracy']:.1f}%, "
+                     + ("admissible" if not why else "not admissible (" + "; ".join(why) + ")"))
+    if not admissible:
+        return None, "\n".join(lines + ["no admissible cell"])
+    best = max(c["test_accuracy"] for c in admissible)
+    near = [c for c in admissible if c["test_accuracy"] >= best - tie]
+    chosen = min(near, key=lambda c: (c.get("passes", 0), -c["test_accuracy"]))
+    axes = ", ".join(f"{a} {chosen[a]}" for a in AXES if a not in ("mode", "n", "seed"))
+    return chosen, "\n".join(lines + [f"chosen: {axes} ({100 * chosen['test_accuracy']:.1f}%; "
+                                      f"{len(admissible)} of {len(pool)} cells admissible)"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--from", dest="source", default=None, help="a finished `advfeat replicate --out` folder")
     ap.add_argument("--dataset", default="fashion-mnist", help="without --from: the settings' dataset")
     ap.add_argument("--scale", default="full", help="without --from: the settings' scale (quick or full)")
-    ap.add_argument("--out", required=True, help="where the map's sets, models and outputs are cached")
+    ap.add_argument("--out", help="where the map's sets, models and outputs are cached")
+    ap.add_argument("--choose", metavar="MAP_JSON", default=None,
+                    help="only read a map.json (also one still being filled) and print the protocol's choice "
+                         "(docs/replication.md): the admissible D_det cells of --choose-n images, seed 0")
+    ap.add_argument("--choose-n", type=int, default=20000)
     ap.add_argument("--design", default="grid", help="grid (every combination) or axes (one axis at a time)")
     ap.add_argument("--base", nargs="*", default=[], metavar="AXIS=VALUE", help=f"the base point; axes: {AXES}")
     ap.add_argument("--vary", nargs="*", default=[], metavar="AXIS=V1,V2",
@@ -300,6 +331,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--root", default=None, help="the dataset's folder, as given to replicate")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    if args.choose:
+        print(choose(json.loads(Path(args.choose).read_text())["cells"], n=args.choose_n)[1])
+        return 0
+    if not args.out:
+        ap.error("--out is required (unless --choose)")
     af.allocator.tune()
     try:
         base, vary = {}, {}

@@ -307,6 +307,31 @@ def test_the_axes_map_moves_one_axis_at_a_time_with_its_own_sources(tmp_path, mo
     assert sorted(set(partial)) == [(1, False), (2, False), (3, False)]  # what map.json held as later cells ran
 
 
+def test_the_protocol_chooses_the_best_admissible_cell_and_the_cheaper_on_a_tie(capsys, tmp_path):
+    """docs/replication.md's rule: admissible = leakage <= 12% and targets >= 90%; the best test accuracy wins,
+    and a cell within 1 point with fewer passes wins the tie; other sizes, modes and seeds never take part."""
+    mapper = _script("generalisation_map")
+    base = {"mode": "det", "eps": 3.0, "n": 20000, "learner": "cnn", "source_epochs": 5, "rule": "fixed",
+            "learner_epochs": 15, "seed": 0, "passes": 50, "test_accuracy": 0.30, "targets_reached": 0.99,
+            "leakage": 0.05}
+    cells = [base,
+             {**base, "source_epochs": 1, "test_accuracy": 0.50, "targets_reached": 0.85},  # too few targets
+             {**base, "rule": "x", "test_accuracy": 0.55, "leakage": 0.13},  # leaks
+             {**base, "n": 60000, "test_accuracy": 0.60}, {**base, "seed": 1, "test_accuracy": 0.60},
+             {**base, "mode": "rand", "test_accuracy": 0.60},  # not development cells
+             {**base, "source_epochs": 3, "test_accuracy": 0.372, "passes": 50},
+             {**base, "rule": "default", "test_accuracy": 0.365, "passes": 25}]  # within 1 point, half the passes
+    chosen, reading = mapper.choose(cells)
+    assert chosen is not None and chosen["rule"] == "default" and "3 of 5 cells admissible" in reading
+    assert "not admissible (targets 85.0% < 90%)" in reading and "not admissible (leakage 13.0% > 12.0%)" in reading
+    chosen, _ = mapper.choose(cells[:-1])
+    assert chosen is not None and chosen["source_epochs"] == 3
+    assert mapper.choose(cells[1:3])[0] is None
+    (tmp_path / "map.json").write_text(json.dumps({"cells": cells}))
+    assert mapper.main(["--choose", str(tmp_path / "map.json")]) == 0
+    assert "chosen: eps 3.0, learner cnn, source_epochs 5, rule default" in capsys.readouterr().out
+
+
 def test_a_cache_with_other_settings_is_refused(tmp_path, monkeypatch):
     out = tmp_path / "rep"
     (out / "stages").mkdir(parents=True)
