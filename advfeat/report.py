@@ -246,13 +246,13 @@ def map_table(result: dict[str, Any]) -> str:
              "set), all %" + ("; passes: the attack's forward+backward passes per image" if passes else "")
              + ". Fixed: " + ", ".join(f"{a} {v}" for a, v in fixed.items()) + "."
              + ("" if result.get("complete", True) else " (A sweep in progress: the cells finished so far.)"), "",
-             "| " + " | ".join(varying) + (" | passes" if passes else "")
-             + " | test | targets | fit | y+1 | leakage | test - leakage |",
+             "| " + "".join(f"{a} | " for a in varying) + ("passes | " if passes else "")
+             + "test | targets | fit | y+1 | leakage | test - leakage |",
              "|" + "---|" * (len(varying) + 6 + passes)]
     for c in cells:
-        lines.append("| " + " | ".join(f"{c[a]:g}" if isinstance(c[a], float) else f"{c[a]}" for a in varying)
-                     + (f" | {c.get('passes', '-')}" if passes else "")
-                     + f" | {pct(c['test_accuracy'])} | {pct(c['targets_reached'])} | {pct(c['fit'])} | "
+        lines.append("| " + "".join((f"{c[a]:g}" if isinstance(c[a], float) else f"{c[a]}") + " | " for a in varying)
+                     + (f"{c.get('passes', '-')} | " if passes else "")
+                     + f"{pct(c['test_accuracy'])} | {pct(c['targets_reached'])} | {pct(c['fit'])} | "
                      f"{pct(c['predicts_shift'])} | {pct(c['leakage'])} | "
                      f"{100 * (c['test_accuracy'] - c['leakage']):+.1f} |")
     return "\n".join(lines) + "\n"

@@ -38,7 +38,8 @@ def render(summary: dict, eps: str | None = None, kind: str = "headline") -> str
     if "cells" in summary:  # a generalisation map's map.json: one table, of its cells
         if kind != "headline":
             raise SystemExit(f"publish_tables: a map.json has one table (a region without /KIND), not {kind!r}")
-        return map_table(summary) + (f"\n({len(summary['cells'])} cells, {summary['dataset']}, "
+        k = len(summary["cells"])
+        return map_table(summary) + (f"\n({k} cell{'s' * (k != 1)}, {summary['dataset']}, "
                                      "`scripts/generalisation_map.py`; regenerate with `scripts/publish_tables.py`)\n")
     s = summary["settings"]
     if kind != "headline":

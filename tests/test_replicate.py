@@ -313,7 +313,7 @@ def test_the_protocol_chooses_the_best_admissible_cell_and_the_cheaper_on_a_tie(
     mapper = _script("generalisation_map")
     base = {"mode": "det", "eps": 3.0, "n": 20000, "learner": "cnn", "source_epochs": 5, "rule": "fixed",
             "learner_epochs": 15, "seed": 0, "passes": 50, "test_accuracy": 0.30, "targets_reached": 0.99,
-            "leakage": 0.05}
+            "leakage": 0.05, "fit": 1.0, "predicts_shift": 0.3}
     cells = [base,
              {**base, "source_epochs": 1, "test_accuracy": 0.50, "targets_reached": 0.85},  # too few targets
              {**base, "rule": "x", "test_accuracy": 0.55, "leakage": 0.13},  # leaks
@@ -324,6 +324,8 @@ def test_the_protocol_chooses_the_best_admissible_cell_and_the_cheaper_on_a_tie(
     chosen, reading = mapper.choose(cells)
     assert chosen is not None and chosen["rule"] == "default" and "3 of 5 cells admissible" in reading
     assert "not admissible (targets 85.0% < 90%)" in reading and "not admissible (leakage 13.0% > 12.0%)" in reading
+    one = af.report.map_table({"cells": [base], "n_test": 100, "dataset": "planted"})  # nothing varies
+    assert "| passes | test | targets | fit | y+1 | leakage | test - leakage |\n| 50 | 30.0 | 99.0 |" in one
     chosen, _ = mapper.choose(cells[:-1])
     assert chosen is not None and chosen["source_epochs"] == 3
     assert mapper.choose(cells[1:3])[0] is None
