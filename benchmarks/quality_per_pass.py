@@ -73,14 +73,14 @@ ROBUSTIFY_RULES = [
 ]
 NONROBUST_RULES = [
     Rule("fixed 0.1 (the paper)", Constant(), lambda eps: 0.1),
-    Rule("fixed eps/4", Constant(), lambda eps: eps / 4),
-    Rule("cosine from eps (default)", Cosine(), lambda eps: eps),
+    Rule("fixed eps/4 (default)", Constant(), lambda eps: eps / 4),
+    Rule("cosine from eps (the default until 2026-12-02)", Cosine(), lambda eps: eps),
     Rule("cosine from eps/2", Cosine(), lambda eps: eps / 2),
     Rule("momentum 0.75, cosine from eps/2", Cosine(Momentum(0.75)), lambda eps: eps / 2),
     Rule("apgd from 2 eps", APGDStep(), lambda eps: 2 * eps),
 ]
 DDET_RUNS = [  # (rule, passes) of the downstream D_det part: what a learner trained on the set learns
-    *[(NONROBUST_RULES[2], b) for b in (10, 25, 50, 100)],  # the default, cosine from eps
+    *[(NONROBUST_RULES[2], b) for b in (10, 25, 50, 100)],  # cosine from eps, the default until 2026-12-02
     *[(NONROBUST_RULES[0], b) for b in (25, 50, 100)],  # the paper's fixed 0.1
     *[(NONROBUST_RULES[1], b) for b in (25, 50)],
     *[(NONROBUST_RULES[3], b) for b in (25, 50)],

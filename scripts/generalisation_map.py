@@ -10,7 +10,8 @@ attack's step rule and how long the learner trains. A **cell** fixes every axis:
 * ``source_epochs``: how long the standard source model trains (``0``: the ``--from`` run's own standard model),
 * ``rule``: the construction (``rules()``: ``default`` is nonrobustify's default, ``fixed`` 50 constant steps of
   0.2, ``kumano`` Kumano et al.'s 100 constant steps of eps/5 keeping the best iterate, ``quarter`` 50 constant
-  steps of eps/4),
+  steps of eps/4: nonrobustify's default since 2026-12-02; ``default`` is the one before, 25 cosine steps from
+  eps, the name kept so the sweeps' caches hold),
 * ``learner_epochs``, and ``seed`` (the source model, the targets, the learner and the probe).
 
 Two designs: ``grid`` (every combination of the ``--vary`` values) and ``axes`` (the ``--base`` point, then
@@ -64,15 +65,16 @@ render = report.map_table
 
 def rules(settings: rep.Settings) -> dict[str, Callable[[float], dict[str, Any]]]:
     """The constructions by name: each gives ``nonrobustify``'s keyword arguments for a budget ``eps``, as
-    ``replicate`` would with those ``Settings.nonrobust_*`` fields (``default``: nonrobustify's own, 25 cosine
-    steps from eps; ``fixed``: 50 constant steps of 0.2; ``kumano``: 100 constant steps of eps/5, keeping the best;
-    ``quarter``: 50 constant steps of eps/4, the planted benchmark's choice)."""
+    ``replicate`` would with those ``Settings.nonrobust_*`` fields (``default``: nonrobustify's default until
+    2026-12-02, 25 cosine steps from eps; ``fixed``: 50 constant steps of 0.2; ``kumano``: 100 constant steps of
+    eps/5, keeping the best; ``quarter``: 50 constant steps of eps/4, the planted benchmark's choice and
+    nonrobustify's default since)."""
     def recipe(step: float | None, steps: int, keep_best: bool = False) -> dict[str, Any]:
         return replace(settings, nonrobust_step=step, nonrobust_steps=steps,
                        nonrobust_keep_best=keep_best).nonrobust_kwargs()
 
-    return {
-        "default": lambda e: recipe(None, 25),
+    return {  # "default": nonrobustify's default when the sweeps began (until 2026-12-02), pinned so caches hold
+        "default": lambda e: dict(rule=af.steps.Cosine(), step_size=e, steps=25, keep_best=False),
         "fixed": lambda e: recipe(0.2, 50),
         "kumano": lambda e: recipe(e / 5, 100, keep_best=True),
         "quarter": lambda e: recipe(e / 4, 50),  # the planted rule benchmark's choice (docs/benchmarks.md)
