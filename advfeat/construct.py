@@ -27,7 +27,7 @@ Examples:
     >>> import torch, advfeat as af
     >>> data = af.data.planted(64, 16, seed=0)
     >>> model = af.models.PlantedNet()
-    >>> d_det = af.nonrobustify(model, data.train, mode="det", eps=0.5, steps=5, progress=False)
+    >>> d_det = af.nonrobustify(model, data.train, mode="det", eps=2.0, steps=5, progress=False)
     >>> x, t = d_det[0]
     >>> bool(t == (data.train[0][1] + 1) % 10), sorted(d_det.meta)
     (True, ['original_label', 'perturbation_norm', 'target_reached'])
@@ -238,6 +238,8 @@ def nonrobustify(
         keep_correct: models that must keep classifying each image as its *true* label: the attack minimises
             ``CE(model(x'), t) + mean_i CE(keep_correct[i](x'), y)``, so the perturbation fools ``model`` without
             transferring to them (Nakkiran's "bugs", a control of the paper's claim: see ``advfeat.controls``).
+            This harder problem wants the rule that reaches the most targets per pass:
+            ``rule=af.steps.Cosine(), step_size=eps, steps=25`` (what ``replicate``'s controls use).
         Others: as ``robustify``.
     """
     check_positive_float("eps", eps)
