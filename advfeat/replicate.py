@@ -189,11 +189,14 @@ class _Run:
         self.s, self.out, self.device, self.seed, self.progress, self.log = s, out, device, seed, progress, log
         self.given: dict[str, nn.Module] = {}  # models read from the authors' checkpoints instead of trained
         self.started: Callable[[], None] = lambda: None  # records the settings once the data is loaded
-        # the model that nonrobustify (D_rand, D_det, the bugs, the shortcut control) and the transfer rates attack
-        self.source = "standard" if s.nonrobust_source_epochs is None else "source"
-        self.extra: dict[str, Any] = {}  # results.json's keys beside the rows (the source model's evaluation)
         for sub in ("models", "datasets", "stages", "checkpoints", "grids"):
             (out / sub).mkdir(parents=True, exist_ok=True)
+
+    @property
+    def source(self) -> str:
+        """The model that nonrobustify (D_rand, D_det, the bugs, the shortcut control) and the transfer rates
+        attack: row 1's, or the ``source`` stage's when the settings give ``nonrobust_source_epochs``."""
+        return "standard" if self.s.nonrobust_source_epochs is None else "source"
 
     def stage(self, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         return cached_stage(self.out / "stages", name, fn, self.log)
@@ -328,8 +331,9 @@ def _replicate(run: _Run, root: str | None, transfer: bool, controls: bool, sour
         else:
             results[name] = run.stage(name, lambda name=name, method=method, epochs=epochs: run.train(  # type: ignore[misc]
                 name, train, test, method, epochs))
+    extra: dict[str, Any] = {}  # results.json's keys beside the rows
     if run.source != "standard":  # a standard model trained nonrobust_source_epochs: the one the attacks relabel by
-        run.extra["source"] = run.stage("source", lambda: run.train(
+        extra["source"] = run.stage("source", lambda: run.train(
             "source", train, test, "standard", s.nonrobust_source_epochs))  # type: ignore[arg-type]
     built: dict[str, ConstructedDataset] = {}
 
@@ -373,7 +377,7 @@ def _replicate(run: _Run, root: str | None, transfer: bool, controls: bool, sour
         results.update(_controls(run, train, test, source, built, results))
     summary: dict[str, Any] = {"settings": _settings_record(s), "seed": seed, "device": str(dev),
                                "rows": results, "labels": {k: report.SHORT[k] for k in results}, "paper": report.PAPER,
-                               **run.extra}
+                               **extra}
     if transfer:
         summary["transfer"] = [run.stage(f"transfer_{arch}", lambda arch=arch, make=make: _transfer(  # type: ignore[misc]
             run, arch, make, built["d_det"], test)) for arch, make in _architectures(s).items()]

@@ -297,21 +297,22 @@ def choose(cells: Sequence[Mapping[str, Any]], *, n: int = 20000, seed: int = 0,
     and the reading, a line per candidate."""
     pool = [c for c in cells if c["mode"] == "det" and c["n"] == n and c["seed"] == seed]
     admissible = [c for c in pool if c["leakage"] <= leakage_max and c["targets_reached"] >= targets_min]
+    def setting(c: Mapping[str, Any]) -> str:
+        return ", ".join(f"{a} {c[a]}" for a in AXES if a not in ("mode", "n", "seed"))
+
     lines = []
     for c in pool:
         why = [f"leakage {100 * c['leakage']:.1f}% > {100 * leakage_max:.1f}%"] if c["leakage"] > leakage_max else []
         if c["targets_reached"] < targets_min:
             why.append(f"targets {100 * c['targets_reached']:.1f}% < {100 * targets_min:.0f}%")
-        axes = ", ".join(f"{a} {c[a]}" for a in AXES if a not in ("mode", "n", "seed"))
-        lines.append(f"- {axes}: {100 * c['test_accuracy']:.1f}%, "
+        lines.append(f"- {setting(c)}: {100 * c['test_accuracy']:.1f}%, "
                      + ("admissible" if not why else "not admissible (" + "; ".join(why) + ")"))
     if not admissible:
         return None, "\n".join(lines + ["no admissible cell"])
     best = max(c["test_accuracy"] for c in admissible)
     near = [c for c in admissible if c["test_accuracy"] >= best - tie]
     chosen = min(near, key=lambda c: (c.get("passes", 0), -c["test_accuracy"]))
-    axes = ", ".join(f"{a} {chosen[a]}" for a in AXES if a not in ("mode", "n", "seed"))
-    return chosen, "\n".join(lines + [f"chosen: {axes} ({100 * chosen['test_accuracy']:.1f}%; "
+    return chosen, "\n".join(lines + [f"chosen: {setting(chosen)} ({100 * chosen['test_accuracy']:.1f}%; "
                                       f"{len(admissible)} of {len(pool)} cells admissible)"])
 
 
