@@ -81,6 +81,16 @@ def rules(settings: rep.Settings) -> dict[str, Callable[[float], dict[str, Any]]
     }
 
 
+def same_recipe(config: Mapping[str, Any], eps: float, kwargs: Mapping[str, Any]) -> bool:
+    """Whether a relabelled set's recorded ``config`` is what ``nonrobustify(eps=eps, **kwargs)`` builds: the
+    map reuses a ``--from`` run's own D_rand / D_det only for a cell of that very recipe (the run's sets follow
+    its settings and nonrobustify's default of its day, which a cell's ``rule`` may not be)."""
+    step = kwargs.get("step_size")
+    return (config.get("eps") == eps and config.get("rule") == repr(kwargs.get("rule", af.construct.NONROBUSTIFY_RULE))
+            and config.get("steps") == kwargs["steps"] and bool(config.get("keep_best")) == kwargs["keep_best"]
+            and config.get("step_size") == (eps / 4 if step is None else step))
+
+
 def learners(shape: Sequence[int]) -> dict[str, Callable[[], nn.Module]]:
     c, h = shape[0], shape[1]
     return {
@@ -207,10 +217,10 @@ def build_cells(out: str | Path, cells: Sequence[Mapping[str, Any]], *, source: 
 
         def relabelled(c: Mapping[str, Any], n_max: int) -> af.ConstructedDataset:
             mode, e, seed = c["mode"], c["eps"], c["seed"]
-            if (src is not None and c["source_epochs"] == 0 and c["rule"] == "default" and seed == run_seed
-                    and e == s.nonrobust_eps and (src / "stages" / f"build_d_{mode}.json").exists()):
-                ds = af.ConstructedDataset.load(src / "datasets" / f"d_{mode}")  # the run's own, finished
-                if len(ds) >= n_max:
+            if (src is not None and c["source_epochs"] == 0 and s.nonrobust_source_epochs is None and seed == run_seed
+                    and (src / "stages" / f"build_d_{mode}.json").exists()):
+                ds = af.ConstructedDataset.load(src / "datasets" / f"d_{mode}")  # the run's own, finished: reused
+                if len(ds) >= n_max and same_recipe(ds.config, e, rules(s)[c["rule"]](e)):  # when built alike
                     return ds
             name = f"{mode}_eps{e:g}_src{c['source_epochs']}_{c['rule']}_s{seed}"
             if c["source_epochs"] == 0 and c["rule"] == "default" and seed == run_seed:

@@ -141,17 +141,28 @@ def _paused_replication(out: Path) -> subprocess.Popen[str]:
 
 
 @pytest.fixture(scope="module")
-def controls(run: tuple[Path, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def controls(run: tuple[Path, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory
+             ) -> tuple[Path, dict[str, Any]]:
     """--controls on a copy of the default replication's cache: only the controls' stages run."""
     out = tmp_path_factory.mktemp("controls") / "rep"
     shutil.copytree(run[0], out, ignore=shutil.ignore_patterns(".advfeat.lock"))
     assert main(["replicate", "--out", str(out), "--controls", "--no-progress"]) == 0
     rows: dict[str, Any] = json.loads((out / "results.json").read_text())["rows"]
     assert "The critics' controls" in (out / "report.md").read_text()
-    return rows
+    return out, rows
+
+
+def test_the_controls_models_are_scored_clean_only(controls):
+    """The ensemble the bugs must not fool and the transfer probe are trained and scored clean: nothing reads their
+    robustness, and PGD at every eval budget would cost 40% of their training."""
+    out, _ = controls
+    for name in [f"ensemble_{i}" for i in range(10)] + ["transfer_probe"]:
+        stage = json.loads((out / "stages" / f"{name}.json").read_text())
+        assert stage["robust"] == {} and 0.5 <= stage["clean"] <= 1.0, name
 
 
 def test_the_critics_controls_show_what_they_should(controls):
+    controls = controls[1]
     bugs, det = controls["d_det_bugs"], controls["d_det"]
     # measured (seed 0): the bugs reach 100% of their targets on the source, transfer 2.2% to an independently
     # trained model (plain D_det 90.0%), and train a model to 4.1% on the real test set (plain D_det 33.9%)
@@ -248,7 +259,9 @@ def test_the_generalisation_map_shows_budget_and_size(run, tmp_path, capsys):
     assert at["det", 0.2, 1000]["targets_reached"] == pytest.approx(float(reached[:1000].double().mean()))
     assert at["rand", 0.5, 5000]["fit"] >= 0.9  # it fit its set: the real test accuracy is generalisation
     assert all(0.0 <= c["fit"] <= 1.0 for c in res["cells"])
-    assert not (out / "datasets" / "det_eps0.5_n5000").exists()  # the replication's own D_det, reused
+    # the run's own D_det was built by nonrobustify's default (50 constant steps of eps/4), not by the map's pinned
+    # "default" (25 cosine steps): the map builds its own rather than mislabel the run's set
+    assert (out / "datasets" / "det_eps0.5_n5000").exists()
     assert {p.name for p in out.iterdir()} >= {"map.json", "map.md", "map.png"}
     assert "fit (accuracy on the set's own labels)" in (out / "map.md").read_text()
     assert all(0.0 <= c["leakage"] <= 1.0 for c in res["cells"])
@@ -263,6 +276,9 @@ def test_the_generalisation_map_shows_budget_and_size(run, tmp_path, capsys):
     again = mapper.build_map(run[0], out, eps=[0.2, 0.5], sizes=[1000, 5000], learner_names=["mlp"],
                              progress=False, log=lines.append)
     assert again["cells"] == res["cells"] and not any("running" in line for line in lines)
+    cell = {"mode": "det", "eps": 0.5, "n": 1000, "learner": "mlp", "rule": "quarter", "learner_epochs": 1}
+    same = mapper.build_cells(tmp_path / "same", [cell], source=run[0], progress=False, log=lambda line: None)
+    assert same["cells"][0]["passes"] == 50 and not any((tmp_path / "same" / "datasets").iterdir())  # reused
     assert mapper.main(["--from", str(tmp_path / "nothing"), "--out", str(out)]) == 2
     assert "is not a replicate run" in capsys.readouterr().err
 
