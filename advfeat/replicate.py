@@ -107,8 +107,14 @@ _CIFAR = Settings(
 # Every set from all 60,000 training images, every model on all 10,000 test images, in <= 2 hours on 2 CPU cores:
 # robustify at the step-rule benchmark's 50-pass setting (relative to start, cosine from 0.24: the paper's 1000-step
 # quality on the robust model), PGD-AT for 8 epochs (4 at the quick scale), fewer epochs on the large sets.
-_FMNIST_FULL = replace(_FMNIST, scale="full", n_test=None, n_construct=None, std_epochs=15, robust_epochs=8,
-                       constructed_epochs=15, robustify_steps=50, robustify_step=0.24)
+_FMNIST_FULL_V1 = replace(_FMNIST, scale="full", n_test=None, n_construct=None, std_epochs=15, robust_epochs=8,
+                          constructed_epochs=15, robustify_steps=50, robustify_step=0.24)
+# D_rand and D_det: the setting docs/replication.md's protocol chose from the Fashion-MNIST map at 20,000 images
+# (seed 0) and confirmed at 60,000 (seeds 0 and 1): L2 eps 3, 50 constant steps of 0.2, through a standard SmallCNN
+# trained 3 epochs. Until 2026-12-02: eps 2.0, the default rule, through row 1's model (15 epochs): D_det 14.7%.
+# The bugs keep twice D_det's budget, as at the quick scale (4.0 there).
+_FMNIST_FULL = replace(_FMNIST_FULL_V1, nonrobust_eps=3.0, nonrobust_step=0.2, nonrobust_steps=50,
+                       nonrobust_source_epochs=3, controls_eps=6.0)
 
 SCALES: dict[tuple[str, str], Settings] = {
     ("planted", "quick"): _PLANTED,
@@ -119,7 +125,7 @@ SCALES: dict[tuple[str, str], Settings] = {
     ("fashion-mnist", "quick"): _FMNIST,
     ("fashion-mnist", "full"): _FMNIST_FULL,
     ("mnist", "quick"): replace(_FMNIST, dataset="mnist"),
-    ("mnist", "full"): replace(_FMNIST_FULL, dataset="mnist"),
+    ("mnist", "full"): replace(_FMNIST_FULL_V1, dataset="mnist"),  # the protocol measured Fashion-MNIST only
     ("cifar10", "quick"): _CIFAR,
     ("cifar10", "full"): replace(_CIFAR, scale="full", n_test=None, n_construct=None, std_epochs=100,
                                  robust_epochs=100, constructed_epochs=100),
@@ -203,7 +209,9 @@ class _Run:
 
     def train(self, name: str, data: Dataset[Any], test: Dataset[Any], method: str, epochs: int,
               lr: float | None = None, make: Callable[[], nn.Module] | None = None,
-              seed: int | None = None) -> dict[str, Any]:
+              seed: int | None = None, robust: bool = True) -> dict[str, Any]:
+        """Train ``name`` and evaluate it: clean, and under L2 PGD at every ``eval_eps`` unless ``robust`` is off
+        (the controls' ensemble, whose robustness nothing reads: the attacks would cost 40% of its training)."""
         s = self.s
         torch.manual_seed(self.seed if seed is None else seed)
         model = (make or (lambda: _model(s)))().to(self.device)
@@ -215,11 +223,11 @@ class _Run:
         atomic_write(self.out / "models" / f"{name}.pt", lambda f: torch.save(model.state_dict(), f))
         models.save_safetensors(model, self.out / "models" / f"{name}.safetensors",
                                 {"advfeat_model": type(model).__name__, "dataset": s.dataset, "stage": name})
-        return self.evaluate(model, test)
+        return self.evaluate(model, test, robust)
 
-    def evaluate(self, model: nn.Module, test: Dataset[Any]) -> dict[str, Any]:
+    def evaluate(self, model: nn.Module, test: Dataset[Any], robust: bool = True) -> dict[str, Any]:
         s = self.s
-        attacks = {f"{e:g}": L2PGD(e, steps=s.eval_steps, rel_step_size=0.2) for e in s.eval_eps}
+        attacks = {f"{e:g}": L2PGD(e, steps=s.eval_steps, rel_step_size=0.2) for e in s.eval_eps if robust}
         torch.manual_seed(self.seed)
         r = evaluate(model, DataLoader(test, batch_size=500), attacks, device=self.device, progress=False)
         return {"clean": r.clean_accuracy, "robust": {k: r.robust_accuracy(k) for k in attacks}, "n_test": r.total}
@@ -408,7 +416,7 @@ def _controls(run: _Run, train: Dataset[Any], test: Dataset[Any], source: Datase
     seeds = {f"ensemble_{i}": seed + 1 + i for i in range(s.controls_ensemble)} | {"transfer_probe": seed + 10_000}
     for name, model_seed in seeds.items():
         run.stage(name, lambda name=name, model_seed=model_seed: run.train(  # type: ignore[misc]
-            name, train, test, "standard", s.std_epochs, seed=model_seed))
+            name, train, test, "standard", s.std_epochs, seed=model_seed, robust=False))
     ensemble = [run.load_model(n) for n in seeds if n.startswith("ensemble_")]
     fresh = run.load_model("transfer_probe")
     standard = run.load_model(run.source)
