@@ -141,6 +141,10 @@ def controls_table(summary: dict[str, Any]) -> str:
     for key, what, theirs in CONTROLS:
         if key in rows:
             r = rows[key]
+            own = rows.get(key.replace("leakage_", "d_")) if key.startswith("leakage_") else None
+            if own is not None:  # what the set teaches its own model beyond what robust features alone explain
+                what += (f"; the set's own model: {_pct(own['clean'])}, "
+                         f"{100 * (own['clean'] - r['clean']):+.1f} beyond the probe")
             lines.append(f"| {key} | {what} | {_pct(r['clean'])} | {_pct(r.get('targets_reached'))} | "
                          f"{_pct(r.get('transfer_rate'))} | {theirs} |")
     return "\n".join(lines) + "\n"

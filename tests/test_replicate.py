@@ -162,8 +162,11 @@ def test_the_controls_models_are_scored_clean_only(controls):
 
 
 def test_the_critics_controls_show_what_they_should(controls):
-    controls = controls[1]
+    out, controls = controls
     bugs, det = controls["d_det_bugs"], controls["d_det"]
+    gap = 100 * (det["clean"] - controls["leakage_det"]["clean"])  # the report sets the set's model beside its probe
+    report = (out / "report.md").read_text()
+    assert f"the set's own model: {100 * det['clean']:.1f}, {gap:+.1f} beyond the probe" in report
     # measured (seed 0): the bugs reach 100% of their targets on the source, transfer 2.2% to an independently
     # trained model (plain D_det 90.0%), and train a model to 4.1% on the real test set (plain D_det 33.9%)
     assert bugs["targets_reached"] >= 0.9
