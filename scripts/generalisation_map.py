@@ -85,10 +85,9 @@ def same_recipe(config: Mapping[str, Any], eps: float, kwargs: Mapping[str, Any]
     """Whether a relabelled set's recorded ``config`` is what ``nonrobustify(eps=eps, **kwargs)`` builds: the
     map reuses a ``--from`` run's own D_rand / D_det only for a cell of that very recipe (the run's sets follow
     its settings and nonrobustify's default of its day, which a cell's ``rule`` may not be)."""
-    step = kwargs.get("step_size")
-    return (config.get("eps") == eps and config.get("rule") == repr(kwargs.get("rule", af.construct.NONROBUSTIFY_RULE))
-            and config.get("steps") == kwargs["steps"] and bool(config.get("keep_best")) == kwargs["keep_best"]
-            and config.get("step_size") == (eps / 4 if step is None else step))
+    return (config.get("eps") == eps and config.get("rule") == repr(kwargs["rule"])  # every rule() names both
+            and config.get("step_size") == kwargs["step_size"] and config.get("steps") == kwargs["steps"]
+            and bool(config.get("keep_best")) == kwargs["keep_best"])
 
 
 def learners(shape: Sequence[int]) -> dict[str, Callable[[], nn.Module]]:
