@@ -115,6 +115,9 @@ def results_table(summary: dict[str, Any]) -> str:
         paper = "-" if p[0] is None else f"{p[0]} / {p[1]}"
         if r.get("same_as"):  # built from all of D: the control is that row's model, not trained again
             on = f"all of D: row {[k for k, _, _ in ROWS].index(r['same_as']) + 1}, not trained again"
+        if key in ("d_rand", "d_det") and "source" in summary:  # attacked the source stage, not row 1's model
+            src = f"source ({s['nonrobust_source_epochs']} epochs)"
+            on = on.replace("standard", src) + f", eps {s['nonrobust_eps']:g}"
         lines.append(f"| {label} | {on} | {_pct(r['clean'])} | {rob} | {paper} | {r['seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 

@@ -220,7 +220,9 @@ def test_the_relabelled_sets_attack_the_settings_source_with_the_settings_rule(t
     monkeypatch.setitem(rep.SCALES, ("planted", "full"), small)
     res = rep.replicate("planted", scale="full", out=tmp_path, progress=False, log=lambda line: None)
     assert (tmp_path / "stages" / "source.json").exists() and set(res["source"]) >= {"clean", "robust"}
-    assert "a standard model trained 1 epochs (not row 1's 2)" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "a standard model trained 1 epochs (not row 1's 2)" in report
+    assert "| nonrobustify(source (1 epochs), det), eps 0.5 |" in report  # the table names the attacked model
     source = rep._model(small)
     source.load_state_dict(torch.load(tmp_path / "models" / "source.pt", weights_only=True))
     standard = rep._model(small)
