@@ -84,8 +84,14 @@ def main() -> None:
                              lr=0.05, progress=False)
         if rank == 0:
             torch.save(net.module.state_dict(), args.out / "final.pt")
-        torch.distributed.destroy_process_group()
-        return
+        torch.distributed.barrier()  # final.pt is written before any rank leaves
+        # PyTorch 2.13's gloo can deadlock at teardown (seen once in this suite, on a loaded CPU): freeing the DDP
+        # model frees its process group, whose destructor joins gloo's worker thread while holding the GIL, and that
+        # thread waits for the GIL to free the last collective's work (gdb: ~ProcessGroupGloo -> thread::join;
+        # pt_gloo_runloop -> ~AsyncBarrierWork -> take_gil). Every rank is done here: leave without the teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     torch.manual_seed(1)
     loader = KillingLoader(DataLoader(data, batch_size=args.batch, shuffle=True), args.kill_after, args.pause_after)
     attack = af.L2PGD(0.5, steps=2, random_start=True)
