@@ -29,11 +29,14 @@ when installed: SmallCNN, PGD-AT at L2 eps 1.0), trained by this script with the
 
 Writes ``results.json``, ``tables.md`` and the curves as PNGs (``advfeat.figures``, when matplotlib is installed) to
 ``--out``; ``--replot`` redraws them from an earlier run's ``results.json``.
+The long parts' rows (downstream, downstream_det) are cached one by one in ``--cache``/rows: a run stopped
+by a crash or a Ctrl-C skips, when started again, the rows it finished (delete that folder to measure again).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -47,7 +50,7 @@ from torch.utils.data import DataLoader, Subset
 
 import advfeat as af
 from advfeat.evaluate import shifted_accuracy
-from advfeat.replicate import settings_for
+from advfeat.replicate import cached_stage, settings_for
 from advfeat.steps import Adam, APGDStep, Constant, Cosine, Momentum, RelativeToStart, StepRule
 
 BUDGETS = (10, 25, 50, 100, 200, 1000)
@@ -153,8 +156,18 @@ def part_robustify(models: dict[str, nn.Module], train: Any, n: int, budgets: li
     return rows
 
 
+def cached_row(cache: Path, key: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """One finished row of a long part, kept in ``cache/rows`` under a digest of ``key`` (the part, the dataset,
+    the rule, its budget, the library's version): a rerun after a crash or a Ctrl-C skips the rows already done."""
+    key = {**key, "advfeat": af.__version__}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    (cache / "rows").mkdir(parents=True, exist_ok=True)
+    return cached_stage(cache / "rows", f"{key['part']}-{key['dataset']}-{digest}", fn,
+                        log=lambda m: print(m, flush=True))
+
+
 def part_downstream(model: nn.Module, train: Any, test: Any, rules: list[Rule], device: torch.device,
-                    dataset: str) -> list[dict[str, Any]]:
+                    dataset: str, cache: Path) -> list[dict[str, Any]]:
     """D_R built with each rule (100 passes, and the paper's 1000 fixed steps) from the first n_construct
     images, a standard model trained on it as replicate trains it, its accuracy clean and under L2 PGD: the
     quality that matters, which the distance alone does not show."""
@@ -163,18 +176,20 @@ def part_downstream(model: nn.Module, train: Any, test: Any, rules: list[Rule], 
     runs = [(r, 100) for r in rules] + [(r, 1000) for r in rules if r.name == ROBUSTIFY_RULES[0].name]
     rows = []
     for r, b in runs:
-        t0 = time.perf_counter()
-        ds = af.robustify(model, src, steps=b, step_size=r.step(1.0), rule=r.rule, device=device, progress=False)
-        torch.manual_seed(0)
-        m = make_model(dataset).to(device)
-        af.adversarial_train(m, DataLoader(ds, batch_size=s.batch_size, shuffle=True), method="standard",
-                             epochs=s.constructed_epochs, lr=s.lr, device=device, progress=False)
-        torch.manual_seed(0)
-        attacks = {f"{e:g}": af.L2PGD(e, steps=s.eval_steps, rel_step_size=0.2) for e in s.eval_eps}
-        res = af.evaluate(m, DataLoader(test, batch_size=500), attacks, device=device, progress=False)
-        rows.append({"rule": r.name, "passes": b, "median": float(ds.meta["rel_distance"].median()),
-                     "clean": res.clean_accuracy, "robust": {k: res.robust_accuracy(k) for k in attacks},
-                     "seconds": time.perf_counter() - t0})
+        def one(r: Rule = r, b: int = b) -> dict[str, Any]:
+            ds = af.robustify(model, src, steps=b, step_size=r.step(1.0), rule=r.rule, device=device, progress=False)
+            torch.manual_seed(0)
+            m = make_model(dataset).to(device)
+            af.adversarial_train(m, DataLoader(ds, batch_size=s.batch_size, shuffle=True), method="standard",
+                                 epochs=s.constructed_epochs, lr=s.lr, device=device, progress=False)
+            torch.manual_seed(0)
+            attacks = {f"{e:g}": af.L2PGD(e, steps=s.eval_steps, rel_step_size=0.2) for e in s.eval_eps}
+            res = af.evaluate(m, DataLoader(test, batch_size=500), attacks, device=device, progress=False)
+            return {"rule": r.name, "passes": b, "median": float(ds.meta["rel_distance"].median()),
+                    "clean": res.clean_accuracy, "robust": {k: res.robust_accuracy(k) for k in attacks}}
+        key = {"part": "downstream", "dataset": dataset, "rule": r.name, "step_rule": repr(r.rule),
+               "step_size": r.step(1.0), "passes": b, "n": len(src)}
+        rows.append(cached_row(cache, key, one))
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -199,7 +214,7 @@ def part_nonrobustify(model: nn.Module, train: Any, n: int, eps: float, budgets:
 
 
 def part_downstream_det(model: nn.Module, train: Any, test: Any, seeds: list[int], device: torch.device,
-                        dataset: str, keep: Callable[[list[Rule]], list[Rule]]) -> list[dict[str, Any]]:
+                        dataset: str, keep: Callable[[list[Rule]], list[Rule]], cache: Path) -> list[dict[str, Any]]:
     """D_det built with each (rule, passes) of ``DDET_RUNS`` from replicate's source images through the standard
     model, a learner trained on it as replicate trains row 6 (one per seed: its init and shuffling), and its
     accuracy on the real test set: what a D_det is for. Also the targets reached, the passes each image cost
@@ -211,24 +226,30 @@ def part_downstream_det(model: nn.Module, train: Any, test: Any, seeds: list[int
     for r, b in DDET_RUNS:
         if r.name not in names:
             continue
-        t0 = time.perf_counter()
-        counter = PassCounter(model)
-        ds = af.nonrobustify(model, src, mode="det", eps=s.nonrobust_eps, steps=b, step_size=r.step(s.nonrobust_eps),
-                             rule=r.rule, keep_best=r.keep_best, device=device, progress=False)
-        counter.handle.remove()
-        build_s = time.perf_counter() - t0
-        accs, shifts = [], []
-        for seed in seeds:
-            torch.manual_seed(seed)
-            m = make_model(dataset).to(device)
-            af.adversarial_train(m, DataLoader(ds, batch_size=s.batch_size, shuffle=True), method="standard",
-                                 epochs=s.constructed_epochs, lr=s.lr, device=device, progress=False)
-            accs.append(shifted_accuracy(m.eval(), test, device=device))
-            shifts.append(shifted_accuracy(m, test, shift=1, device=device))
-        rows.append({"rule": r.name, "steps": b, "passes": counter.count / len(src), "seeds": seeds, "test": accs,
-                     "mean": sum(accs) / len(accs), "predicts_shift": sum(shifts) / len(shifts),
-                     "reached": float(ds.meta["target_reached"].double().mean()), "build_seconds": build_s,
-                     "seconds": time.perf_counter() - t0})
+
+        def one(r: Rule = r, b: int = b) -> dict[str, Any]:
+            t0 = time.perf_counter()
+            counter = PassCounter(model)
+            ds = af.nonrobustify(model, src, mode="det", eps=s.nonrobust_eps, steps=b,
+                                 step_size=r.step(s.nonrobust_eps), rule=r.rule, keep_best=r.keep_best,
+                                 device=device, progress=False)
+            counter.handle.remove()
+            build_s = time.perf_counter() - t0
+            accs, shifts = [], []
+            for seed in seeds:
+                torch.manual_seed(seed)
+                m = make_model(dataset).to(device)
+                af.adversarial_train(m, DataLoader(ds, batch_size=s.batch_size, shuffle=True), method="standard",
+                                     epochs=s.constructed_epochs, lr=s.lr, device=device, progress=False)
+                accs.append(shifted_accuracy(m.eval(), test, device=device))
+                shifts.append(shifted_accuracy(m, test, shift=1, device=device))
+            return {"rule": r.name, "steps": b, "passes": counter.count / len(src), "seeds": seeds, "test": accs,
+                    "mean": sum(accs) / len(accs), "predicts_shift": sum(shifts) / len(shifts),
+                    "reached": float(ds.meta["target_reached"].double().mean()), "build_seconds": build_s}
+        key = {"part": "downstream_det", "dataset": dataset, "rule": r.name, "step_rule": repr(r.rule),
+               "step_size": r.step(s.nonrobust_eps), "keep_best": r.keep_best, "eps": s.nonrobust_eps,
+               "steps": b, "seeds": seeds, "n": len(src)}
+        rows.append(cached_row(cache, key, one))
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -509,14 +530,16 @@ def main() -> None:
         if "robustify" in parts:
             res["robustify"] = part_robustify(models, train, int(n_rob[ds]), budgets, chosen(ROBUSTIFY_RULES), device)
         if "downstream" in parts:
-            res["downstream"] = part_downstream(models["robust"], train, test, chosen(ROBUSTIFY_RULES), device, ds)
+            res["downstream"] = part_downstream(models["robust"], train, test, chosen(ROBUSTIFY_RULES), device, ds,
+                                                args.cache)
         if "nonrobustify" in parts:
             res["nonrobustify"] = part_nonrobustify(models["standard"], train, args.n_nonrobustify, s.nonrobust_eps,
                                                     [b for b in budgets if b <= 200], chosen(NONROBUST_RULES),
                                                     device)
         if "downstream_det" in parts:
             res["downstream_det"] = part_downstream_det(models["standard"], train, test,
-                                                        [int(v) for v in args.seeds.split(",")], device, ds, chosen)
+                                                        [int(v) for v in args.seeds.split(",")], device, ds, chosen,
+                                                        args.cache)
         if "evaluate" in parts:
             threats = [("l2", s.eps), ("linf", 0.1 if ds == "fashion-mnist" else 0.03)]
             res["evaluate"] = part_evaluate(models["robust"], test, args.n_eval, threats,
