@@ -408,46 +408,18 @@ def _replicate(run: _Run, root: str | None, transfer: bool, controls: bool, sour
 
 def _controls(run: _Run, train: Dataset[Any], test: Dataset[Any], source: Dataset[Any],
               built: dict[str, ConstructedDataset], results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The critics' controls (``advfeat.controls``), each stage cached like the six experiments."""
+    """The critics' controls (``advfeat.controls``), each stage cached like the six experiments. The cheap ones
+    come first (Goh's leakage probes take seconds; the shortcuts and Wallace's distillation one model each), so a
+    long run shows them early; the bugs set, whose ensemble of standard models is most of the cost, comes last."""
     s, out, seed = run.s, run.out, run.seed
     rows: dict[str, dict[str, Any]] = {}
-    # independently trained standard models: the ones the bugs must not fool (seeds seed+1, seed+2, ...), and a fresh
-    # one to measure transfer, whose seed no ensemble member can take whatever the ensemble's size
-    seeds = {f"ensemble_{i}": seed + 1 + i for i in range(s.controls_ensemble)} | {"transfer_probe": seed + 10_000}
-    for name, model_seed in seeds.items():
-        run.stage(name, lambda name=name, model_seed=model_seed: run.train(  # type: ignore[misc]
-            name, train, test, "standard", s.std_epochs, seed=model_seed, robust=False))
-    ensemble = [run.load_model(n) for n in seeds if n.startswith("ensemble_")]
-    fresh = run.load_model("transfer_probe")
     standard = run.load_model(run.source)
-
-    def transfer(ds: ConstructedDataset) -> float:
-        """The share of a relabelled set that the fresh model classifies as the new label."""
-        x, t = ds.tensors()
-        with torch.no_grad():
-            pred = torch.cat([fresh(x[i:i + 500].to(run.device)).argmax(1).cpu() for i in range(0, len(x), 500)])
-        return float((pred == t).double().mean())
-
-    def build_bugs() -> dict[str, Any]:
-        ds = nonrobustify(standard, source, mode="det", eps=s.controls_eps, rule=Cosine(),
-                          step_size=s.controls_eps, steps=s.controls_steps, keep_correct=ensemble,
-                          out=out / "datasets" / "d_det_bugs", device=run.device, progress=run.progress, seed=seed,
-                          batch_size=s.batch_size, shard_size=1024)
-        return {"targets_reached": float(ds.meta["target_reached"].double().mean()), "transfer_rate": transfer(ds),
-                "n": len(ds)}
-
-    bugs_info = run.stage("build_d_det_bugs", build_bugs)
-    bugs = ConstructedDataset.load(out / "datasets" / "d_det_bugs")
-    trained = run.stage("d_det_bugs", lambda: run.train("d_det_bugs", bugs, test, "standard", s.constructed_epochs))
-    rows["d_det_bugs"] = {**trained, **bugs_info, "seconds": trained["seconds"] + bugs_info["seconds"]}
-    plain = run.stage("d_det_transfer", lambda: {"value": transfer(built["d_det"])})
-    results["d_det"]["transfer_rate"] = plain["value"]
     robust = run.load_model("robust")
     for mode in ("rand", "det"):
         rows[f"leakage_{mode}"] = run.stage(f"leakage_{mode}", lambda mode=mode: {  # type: ignore[misc]
             "clean": leakage_probe(robust, built[f"d_{mode}"], test, device=run.device, seed=seed),
             "n": len(built[f"d_{mode}"]), "features": "logits"})
-
+    for mode in ("rand", "det"):
         def build_shortcut(mode: str = mode) -> dict[str, Any]:
             ds = shortcut(standard, source, mode=mode, eps=s.nonrobust_eps, seed=seed, device=run.device,
                           out=out / "datasets" / f"shortcut_{mode}", progress=run.progress, batch_size=s.batch_size,
@@ -468,6 +440,36 @@ def _controls(run: _Run, train: Dataset[Any], test: Dataset[Any], source: Datase
         return {**r, "n": len(wrong), "teacher_accuracy": weak["clean"]}
 
     rows["distill_wrong"] = run.stage("distill_wrong", distill)
+    # independently trained standard models: the ones the bugs must not fool (seeds seed+1, seed+2, ...), and a fresh
+    # one to measure transfer, whose seed no ensemble member can take whatever the ensemble's size
+    seeds = {f"ensemble_{i}": seed + 1 + i for i in range(s.controls_ensemble)} | {"transfer_probe": seed + 10_000}
+    for name, model_seed in seeds.items():
+        run.stage(name, lambda name=name, model_seed=model_seed: run.train(  # type: ignore[misc]
+            name, train, test, "standard", s.std_epochs, seed=model_seed, robust=False))
+    ensemble = [run.load_model(n) for n in seeds if n.startswith("ensemble_")]
+    fresh = run.load_model("transfer_probe")
+
+    def transfer(ds: ConstructedDataset) -> float:
+        """The share of a relabelled set that the fresh model classifies as the new label."""
+        x, t = ds.tensors()
+        with torch.no_grad():
+            pred = torch.cat([fresh(x[i:i + 500].to(run.device)).argmax(1).cpu() for i in range(0, len(x), 500)])
+        return float((pred == t).double().mean())
+
+    def build_bugs() -> dict[str, Any]:
+        ds = nonrobustify(standard, source, mode="det", eps=s.controls_eps, rule=Cosine(),
+                          step_size=s.controls_eps, steps=s.controls_steps, keep_correct=ensemble,
+                          out=out / "datasets" / "d_det_bugs", device=run.device, progress=run.progress, seed=seed,
+                          batch_size=s.batch_size, shard_size=1024)
+        return {"targets_reached": float(ds.meta["target_reached"].double().mean()), "transfer_rate": transfer(ds),
+                "n": len(ds)}
+
+    bugs_info = run.stage("build_d_det_bugs", build_bugs)
+    bugs = ConstructedDataset.load(out / "datasets" / "d_det_bugs")
+    trained = run.stage("d_det_bugs", lambda: run.train("d_det_bugs", bugs, test, "standard", s.constructed_epochs))
+    plain = run.stage("d_det_transfer", lambda: {"value": transfer(built["d_det"])})
+    results["d_det"]["transfer_rate"] = plain["value"]
+    rows["d_det_bugs"] = {**trained, **bugs_info, "seconds": trained["seconds"] + bugs_info["seconds"]}
     return rows
 
 

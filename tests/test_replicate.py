@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
+import io
 import json
 import os
 import re
@@ -21,7 +23,7 @@ from conftest import HANG_GUARD_S, reaped
 import advfeat as af
 from advfeat import replicate as rep
 from advfeat.cli import main
-from advfeat.report import ROWS
+from advfeat.report import CONTROLS, ROWS
 
 WORKER = Path(__file__).parent / "workers" / "replicate_worker.py"
 
@@ -146,23 +148,34 @@ def controls(run: tuple[Path, dict[str, Any]], tmp_path_factory: pytest.TempPath
     """--controls on a copy of the default replication's cache: only the controls' stages run."""
     out = tmp_path_factory.mktemp("controls") / "rep"
     shutil.copytree(run[0], out, ignore=shutil.ignore_patterns(".advfeat.lock"))
-    assert main(["replicate", "--out", str(out), "--controls", "--no-progress"]) == 0
+    with contextlib.redirect_stdout(io.StringIO()) as log:
+        assert main(["replicate", "--out", str(out), "--controls", "--no-progress"]) == 0
     rows: dict[str, Any] = json.loads((out / "results.json").read_text())["rows"]
     assert "The critics' controls" in (out / "report.md").read_text()
-    return out, rows
+    started = [line.split("]")[0][1:] for line in log.getvalue().splitlines() if line.endswith("] running")]
+    return out, rows, started
+
+
+def test_the_cheap_controls_run_before_the_ensemble(controls):
+    """Goh's probes, the shortcuts and the distillation (minutes) come before the bugs' ensemble (hours at the full
+    scale), so a long run shows them first."""
+    _, rows, started = controls
+    assert started.index("leakage_rand") < started.index("distill_wrong") < started.index("ensemble_0")
+    assert started.index("ensemble_0") < started.index("build_d_det_bugs") < started.index("d_det_bugs")
+    assert {k for k, _, _ in CONTROLS} <= set(rows)
 
 
 def test_the_controls_models_are_scored_clean_only(controls):
     """The ensemble the bugs must not fool and the transfer probe are trained and scored clean: nothing reads their
     robustness, and PGD at every eval budget would cost 40% of their training."""
-    out, _ = controls
+    out, _, _ = controls
     for name in [f"ensemble_{i}" for i in range(10)] + ["transfer_probe"]:
         stage = json.loads((out / "stages" / f"{name}.json").read_text())
         assert stage["robust"] == {} and 0.5 <= stage["clean"] <= 1.0, name
 
 
 def test_the_critics_controls_show_what_they_should(controls):
-    out, controls = controls
+    out, controls, _ = controls
     bugs, det = controls["d_det_bugs"], controls["d_det"]
     gap = 100 * (det["clean"] - controls["leakage_det"]["clean"])  # the report sets the set's model beside its probe
     report = (out / "report.md").read_text()
