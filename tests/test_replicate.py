@@ -95,6 +95,14 @@ def test_publish_tables_writes_every_table_of_a_run_into_its_regions(run, tmp_pa
         publish.publish("demo", out / "results.json", docs=[doc])
 
 
+def test_a_table_from_a_resumed_run_names_its_stage_time_not_the_report_s():
+    """A run that only reported from its cache took seconds itself: the headline's note gives its stages' time."""
+    publish = _script("publish_tables")
+    rows = {"standard": {"seconds": 300.0}, "robust": {"seconds": 700.0}}
+    assert publish.run_time({"total_seconds": 1200.0, "rows": rows}) == "1200 s"
+    assert publish.run_time({"total_seconds": 7.0, "rows": rows}).startswith("1000 s of stage time (resumed")
+
+
 def test_outputs_exist_and_the_report_agrees_with_the_json(run):
     out, res = run
     for png in ["results.png"] + [f"grids/{name}.png" for name in ("D", "D_R", "D_NR", "D_RAND", "D_DET")]:
