@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Config", "as_bound"]
+__all__ = ["Config", "as_bound", "config_repr", "short"]
 
 
 def _frozen(value: Any) -> Any:
@@ -53,3 +53,37 @@ def as_bound(name: str, value: float | Tensor) -> float | Tensor:
     if value != value:
         raise ValueError(f"{name} must not be NaN")
     return value
+
+
+def short(value: Any) -> str:
+    """A field's value as a configuration's repr shows it: a tensor by its shape, a function by its name."""
+    if isinstance(value, Tensor):
+        return f"tensor(shape={tuple(value.shape)})"
+    if callable(value) and hasattr(value, "__name__"):
+        return str(value.__name__)
+    return repr(value)
+
+
+def config_repr(config: Any) -> str:
+    """``Name(field=value, ...)`` of a dataclass configuration, positional fields first, leaving out every field
+    at its default (a tensor is never taken for its default)."""
+    shown = []
+    for f in sorted(dataclasses.fields(config), key=lambda f: bool(f.kw_only)):
+        value = getattr(config, f.name)
+        default = _default(f)
+        if default is not dataclasses.MISSING and _same(value, default):
+            continue
+        shown.append(f"{f.name}={short(value)}")
+    return f"{type(config).__name__}({', '.join(shown)})"
+
+
+def _same(a: Any, b: Any) -> bool:
+    return not isinstance(a, Tensor) and not isinstance(b, Tensor) and type(a) is type(b) and a == b
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING

@@ -106,6 +106,23 @@ def bf16_supported() -> bool:
         return False
 
 
+@pytest.fixture(scope="session")
+def planted_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, object]]:
+    """The README's main job (``advfeat replicate`` on planted data, seed 0) at one thread, run once for the
+    session under umask 022: the end-to-end tests and the golden outputs read it."""
+    import json
+
+    from golden_outputs import run_replicate
+
+    out = tmp_path_factory.mktemp("replication")
+    old = os.umask(0o022)
+    try:
+        run_replicate(out)
+    finally:
+        os.umask(old)
+    return out, json.loads((out / "results.json").read_text())
+
+
 @pytest.fixture
 def cuda() -> torch.device:
     if not torch.cuda.is_available():

@@ -7,7 +7,6 @@ import dataclasses
 import importlib.util
 import io
 import json
-import os
 import re
 import shutil
 import stat
@@ -29,14 +28,8 @@ WORKER = Path(__file__).parent / "workers" / "replicate_worker.py"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    out = tmp_path_factory.mktemp("replication")
-    old = os.umask(0o022)
-    try:
-        assert main(["replicate", "--out", str(out), "--no-progress"]) == 0
-    finally:
-        os.umask(old)
-    return out, json.loads((out / "results.json").read_text())
+def run(planted_run: tuple[Path, dict[str, Any]]) -> tuple[Path, dict[str, Any]]:
+    return planted_run
 
 
 def test_the_table_shows_the_papers_pattern(run):
