@@ -5,7 +5,7 @@ Ilyas et al., "Adversarial Examples Are Not Bugs, They Are Features" (NeurIPS 20
 model and data loader. See README.md and docs/.
 """
 
-from . import adapters, allocator, controls, data, engine, figures, methods, models, steps, train
+from . import adapters, allocator, controls, data, engine, figures, guard, methods, models, steps, train
 from ._lock import InUseError
 from .attacks import (
     APGD,
@@ -13,6 +13,7 @@ from .attacks import (
     L2PGD,
     PGD,
     Attack,
+    GradientAttack,
     LinfPGD,
     Outcome,
     Restarts,
@@ -35,12 +36,12 @@ from .transfer import transfer_rates
 __version__ = "0.2.0"
 
 __all__ = [
-    "Attack", "PGD", "L2PGD", "LinfPGD", "FGSM", "APGD", "Restarts", "WorstOf", "Outcome",
+    "Attack", "GradientAttack", "PGD", "L2PGD", "LinfPGD", "FGSM", "APGD", "Restarts", "WorstOf", "Outcome",
     "cross_entropy", "cw_margin", "dlr", "dlr_targeted", "frozen_model",
     "ThreatModel", "L2Ball", "LinfBall", "Box",
     "evaluate", "EvalResult", "Normalize", "AdversarialTrainer", "adversarial_train",
     "TrainingMethod", "StandardTraining", "PGDTraining", "FGSMRS", "FreeTraining", "TRADES", "MART",
     "robustify", "nonrobustify", "ConstructedDataset", "transfer_rates", "InUseError",
-    "adapters", "allocator", "controls", "data", "engine", "figures", "methods", "models", "steps", "train",
+    "adapters", "allocator", "controls", "data", "engine", "figures", "guard", "methods", "models", "steps", "train",
     "__version__",
 ]

@@ -20,12 +20,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, Sampler, SequentialSampler, default_collate
 
-from ._checks import check_batch, check_device, check_labels, check_logits, check_positive_int
+from ._checks import check_batch, check_labels, check_logits, check_positive_int
 from ._dist import barrier, rank_world
 from ._io import TMP_SUFFIX
 from ._lock import exclusive_for_job, folder_lock
 from .adapters import batch_xy, check_keys, classifier
-from .attacks import frozen_model
+from .guard import device_of, frozen_model
 from .progress import interrupted, progress_bar
 from .store import (
     FORMAT,
@@ -37,7 +37,7 @@ from .store import (
     write_shard,
 )
 
-__all__ = ["Source", "Targets", "Work", "build", "classes", "device_of", "model_fingerprint", "prepare"]
+__all__ = ["Source", "Targets", "Work", "build", "classes", "model_fingerprint", "prepare"]
 
 Work = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], "tuple[Tensor, Tensor, dict[str, Tensor]]"]
 """What one batch becomes: ``work(idx, x, y, other) -> (images, labels, meta)``, ``idx`` the samples' positions,
@@ -329,14 +329,6 @@ def _same_source(source: Source, records: dict[int, dict[str, Any]], root: Path)
                 raise ValueError(f"out={str(root)!r}: the source's samples {start}..{stop - 1} are not those shard "
                                  f"{s} was built from (the data changed since): resume with the original data, or "
                                  "use another out= to build from this data")
-
-
-def device_of(model: nn.Module, device: str | torch.device | None) -> torch.device:
-    """``device``, or where ``model``'s parameters (or buffers) are; the CPU for a model without either."""
-    if device is not None:
-        return check_device("device", device)
-    params = list(model.parameters()) + list(model.buffers())
-    return params[0].device if params else torch.device("cpu")
 
 
 def prepare(model: nn.Module, loader: Any, *, mode: str | None, seed: int, batch_size: int | None, lower: float,

@@ -50,9 +50,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from ._checks import check_positive_float, check_positive_int
 from .adapters import classifier
-from .attacks import L2PGD, cross_entropy, frozen_model
-from .builder import build, device_of, model_fingerprint, prepare
+from .attacks import L2PGD, cross_entropy
+from .builder import build, model_fingerprint, prepare
 from .engine import optimize
+from .guard import device_of, frozen_model
 from .models import last_linear, penultimate
 from .steps import Constant, Cosine, RelativeToStart, StepRule
 from .store import ConstructedDataset

@@ -43,8 +43,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ._checks import check_positive_float, check_positive_int
 from .adapters import batch_xy, classifier, logits_of
-from .attacks import frozen_model
-from .builder import build, device_of, model_fingerprint, prepare
+from .builder import build, model_fingerprint, prepare
+from .guard import device_of, frozen_model
 from .models import penultimate
 from .progress import progress_bar
 from .store import ConstructedDataset

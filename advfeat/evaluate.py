@@ -29,9 +29,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ._checks import check_batch, check_device, check_logits
+from ._checks import check_batch, check_logits
 from .adapters import batch_xy, check_keys, classifier
-from .attacks import Attack, frozen_model
+from .attacks import Attack
+from .guard import device_of, frozen_model
 from .progress import progress_bar
 
 __all__ = ["evaluate", "EvalResult", "shifted_accuracy"]
@@ -115,7 +116,7 @@ def shifted_accuracy(model: nn.Module, data: Any, shift: int = 0, device: str | 
         >>> sum(shifted_accuracy(model, data, shift=k) for k in range(3))
         1.0
     """
-    dev = _device_of(model) if device is None else check_device("device", device)
+    dev = device_of(model, device)
     batches = DataLoader(data, batch_size=500) if isinstance(data, Dataset) else data
     hits = total = 0
     with torch.no_grad(), frozen_model(model):
@@ -125,14 +126,6 @@ def shifted_accuracy(model: nn.Module, data: Any, shift: int = 0, device: str | 
             hits += int((logits.argmax(1).cpu() == (y.cpu() + shift) % logits.shape[1]).sum())
             total += len(y)
     return hits / max(1, total)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
 
 
 def evaluate(
@@ -163,7 +156,7 @@ def evaluate(
     model = classifier(model)
     named = _named(attacks)
     runs = {k: a.for_evaluation(early_stop) for k, a in named.items()}
-    dev = check_device("device", device) if device is not None else _device_of(model)
+    dev = device_of(model, device)
     total = torch.zeros((), dtype=torch.long, device=dev)
     clean = torch.zeros((), dtype=torch.long, device=dev)
     robust = {k: torch.zeros((), dtype=torch.long, device=dev) for k in runs}

@@ -45,8 +45,9 @@ from torch import Tensor, nn
 
 from ._checks import check_positive_float, check_positive_int
 from ._config import Config
-from .attacks import PGD, Attack, EnginePGD, frozen_model
+from .attacks import PGD, Attack, GradientAttack
 from .engine import optimize
+from .guard import frozen_model
 from .threat import ThreatModel, column
 
 __all__ = ["TrainingMethod", "TrainContext", "StandardTraining", "PGDTraining", "FGSMRS", "FreeTraining", "TRADES",
@@ -122,15 +123,15 @@ def _cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
 def _check_attack(method: str, attack: object, ball: bool = False) -> None:
     if not isinstance(attack, Attack):
         raise TypeError(f"attack must be an advfeat Attack for {method}, got {attack!r}")
-    if ball and not isinstance(attack, EnginePGD):
+    if ball and not isinstance(attack, GradientAttack):
         raise TypeError(f"{method} takes its ball, steps and step size from a PGD configuration (L2PGD, LinfPGD or "
                         f"PGD); got {type(attack).__name__}")
 
 
-def _ball(method: str, attack: EnginePGD) -> tuple[ThreatModel, float | Tensor]:
+def _ball(method: str, attack: GradientAttack) -> tuple[ThreatModel, float | Tensor]:
     """The attack's threat model and its radius (refused when it has none)."""
     threat = attack.threat_model()
-    eps: float | Tensor | None = getattr(threat, "eps", None)
+    eps = threat.eps
     if eps is None:
         raise ValueError(f"{method} needs a ball with an eps; {threat!r} has none")
     return threat, eps
@@ -168,7 +169,7 @@ class FGSMRS(TrainingMethod):
     ball (with its loss). ``guard``: after every epoch, measure ``attack``'s accuracy on a held batch and end
     with the best epoch's weights, against catastrophic overfitting."""
 
-    attack: EnginePGD
+    attack: GradientAttack
     guard: bool = True
 
     def __post_init__(self) -> None:
@@ -191,7 +192,7 @@ class FreeTraining(TrainingMethod):
     The perturbation carries over between replays and batches (within an epoch). An epoch costs ``replays``
     standard epochs, and the schedule counts every replay."""
 
-    attack: EnginePGD
+    attack: GradientAttack
     replays: int = 4
 
     def __post_init__(self) -> None:
@@ -239,7 +240,7 @@ class TRADES(TrainingMethod):
     maximising the KL in ``attack``'s ball (its steps, step size and step rule) from a start 0.001-Gaussian off
     ``x``. Accuracy is reported on the clean logits."""
 
-    attack: EnginePGD
+    attack: GradientAttack
     beta: float = 6.0
 
     def __post_init__(self) -> None:

@@ -91,7 +91,13 @@ class ThreatModel(Config, ABC):
         if not ok:  # floats (the usual case) are checked without building a tensor
             raise ValueError(f"lower must be below upper, got lower={lo} and upper={hi}")
 
-    # -- what a subclass provides (and an ``eps`` field where the set is a ball) -----------------------
+    # -- what a subclass provides ----------------------------------------------------------------------
+    @property
+    def eps(self) -> float | Tensor | None:
+        """The set's radius: a float or a per-sample tensor (N,) for a ball, None where there is no ball (a
+        subclass that is a ball declares an ``eps`` field)."""
+        return None
+
     @abstractmethod
     def init(self, x: Tensor, bounds: Bounds, generator: torch.Generator | None = None) -> Tensor:
         """A random starting point for each sample of ``x`` (the engine then projects it)."""
@@ -109,7 +115,7 @@ class ThreatModel(Config, ABC):
         """Materialise eps and the box for the batch ``x`` on its device and dtype."""
         n = x.shape[0]
         eps: Tensor | None = None
-        e: float | Tensor | None = getattr(self, "eps", None)
+        e = self.eps
         if e is not None:
             if isinstance(e, Tensor):
                 if e.ndim != 1 or e.shape[0] != n:
@@ -142,7 +148,7 @@ class ThreatModel(Config, ABC):
         return z.clamp_(lo, hi)
 
     def __repr__(self) -> str:
-        return _repr(type(self).__name__, getattr(self, "eps", None), self.lower, self.upper)
+        return _repr(type(self).__name__, self.eps, self.lower, self.upper)
 
     def project_(self, z: Tensor, x: Tensor, bounds: Bounds) -> Tensor:
         """Move the point ``z`` into the set around ``x`` and the box, in place; returns ``z``."""

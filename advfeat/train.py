@@ -58,8 +58,9 @@ from ._dist import barrier, rank_world
 from ._io import TMP_SUFFIX, append_text, atomic_write
 from ._lock import exclusive_for_job, file_lock
 from .adapters import batch_xy, check_keys, classifier
-from .attacks import Attack, frozen_model
+from .attacks import Attack
 from .evaluate import evaluate
+from .guard import frozen_model
 from .methods import DEFAULT_METHOD, NAMES, TrainContext, TrainingMethod, from_name
 from .progress import interrupted, progress_bar
 

@@ -24,7 +24,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .adapters import batch_xy, classifier
-from .attacks import Attack, frozen_model
+from .attacks import Attack
+from .guard import device_of, frozen_model
 
 __all__ = ["transfer_rates"]
 
@@ -48,7 +49,7 @@ def transfer_rates(
     if not targets:
         raise ValueError("targets must name at least one model")
     loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=256)
-    dev = torch.device(device) if device is not None else next(iter(source.parameters())).device
+    dev = device_of(source, device)
     fooled = {k: 0 for k in targets}
     counted = {k: 0 for k in targets}
     source = classifier(source)

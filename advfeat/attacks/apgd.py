@@ -1,0 +1,149 @@
+"""APGD (Croce & Hein, ICML 2020) on the one engine: APGD-CE, APGD-DLR, APGD-T and targeted APGD."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .._checks import check_logits, check_positive_int
+from ..engine import optimize, working_dtype
+from ..steps import APGDStep, StepRule
+from .base import Outcome, calls, keep, tile
+from .gradient import BallPGD
+from .losses import LossFn, cross_entropy, dlr, dlr_targeted
+
+__all__ = ["APGD"]
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class APGD(BallPGD):
+    """APGD (Croce & Hein, ICML 2020): PGD with the adaptive step rule ``advfeat.steps.APGDStep``
+    (momentum, the step halved where the objective stalls, restarts from the best point), from a random start
+    with a step of 2 eps, returning each sample's best iterate. The attacks of AutoAttack:
+
+    * ``APGD(eps)``: APGD-CE (untargeted, cross-entropy); ``APGD(eps, loss=af.dlr)``: APGD-DLR;
+    * ``APGD(eps, loss=af.dlr, n_target_classes=9)``: APGD-T, untargeted robustness measured by targeted
+      runs, one per class among the ``n_target_classes`` most likely wrong ones (by the clean logits), each
+      raising the targeted DLR loss (``dlr_targeted``; with another loss ``L``, ``-L(logits, t)``); a
+      sample broken by one target is not attacked with the next;
+    * ``APGD(eps, targeted=True)``: towards given targets ``y`` (cross-entropy or any loss of the targets).
+
+    APGD-T with ``batched=True`` runs its target classes as one batch of ``n_target_classes x N`` samples (at most
+    ``max_batch`` per engine call): every sample is attacked towards every target and keeps the first target that
+    broke it, else the best, which is what the sequential run keeps; each target's random start is drawn for the
+    whole batch in both, so the results agree sample for sample up to float rounding. Fewer, larger passes
+    (faster on a GPU) at the price of attacking samples an earlier target already broke.
+
+    ``norm="linf"`` (default) or ``"l2"``. Composes with ``Restarts`` and ``WorstOf``;
+    ``advfeat.evaluate`` runs it with early stopping like any PGD.
+
+    Examples:
+        >>> APGD(0.5, norm="l2", loss=dlr, n_target_classes=9)
+        APGD(eps=0.5, loss=dlr, norm='l2', n_target_classes=9)
+    """
+
+    norm: str = field(default="linf", kw_only=True)
+    steps: int = field(default=100, kw_only=True)
+    rel_step_size: float | None = field(default=2.0, kw_only=True)
+    random_start: bool = field(default=True, kw_only=True)
+    keep_best: bool = field(default=True, kw_only=True)
+    rule: StepRule = field(default_factory=APGDStep, kw_only=True)
+    n_target_classes: int = field(default=0, kw_only=True)
+    batched: bool = field(default=False, kw_only=True, repr=False)
+    max_batch: int | None = field(default=None, kw_only=True, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int("n_target_classes", self.n_target_classes, minimum=0)
+        if self.max_batch is not None:
+            check_positive_int("max_batch", self.max_batch)
+        if self.targeted and self.n_target_classes:
+            raise ValueError("n_target_classes (APGD-T) picks its own targets and measures untargeted robustness; "
+                             "it cannot be combined with targeted=True (given targets)")
+        if self.targeted and self.loss is dlr:
+            raise ValueError("loss=dlr with targeted=True: the targeted DLR needs the true label; use "
+                             "n_target_classes for AutoAttack's APGD-T, or a loss of the targets (the default "
+                             "cross-entropy)")
+
+    def _norm(self) -> str:
+        return self.norm
+
+    @property
+    def batched_restarts(self) -> bool:
+        return super().batched_restarts and not self.n_target_classes  # APGD-T's run is not run_from
+
+    def run(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None) -> Tensor:
+        if not self.n_target_classes:
+            return super().run(model, x, y, generator)
+        with torch.no_grad():
+            logits = model(x)
+        check_logits(logits, y)
+        c = logits.shape[1]
+        if self.n_target_classes > c - 1:
+            raise ValueError(f"n_target_classes must be at most C - 1 = {c - 1} for this model, got "
+                             f"{self.n_target_classes}")
+        ranked = logits.float().scatter(1, y[:, None], float("-inf")).argsort(1, descending=True)
+        threat = self.threat_model()
+        xw = x.detach().to(working_dtype(x.dtype))
+        bounds = threat.bounds(xw)
+
+        def start() -> Tensor | None:  # every target's random start is drawn for the whole batch, in order
+            return threat.init(xw, bounds, generator) if self.random_start else None
+
+        def attack(xs: Tensor, ys: Tensor, targets: Tensor, z0: Tensor | None) -> Tensor:
+            return optimize(
+                _TowardsTarget(model, ys, targets, self.loss or cross_entropy), xs, threat, steps=self.steps,
+                step_size=self.step_length(threat), start=z0, keep_best=True, early_stop=self.early_stop,
+                generator=generator, rule=self.rule,
+            ).x.to(x.dtype)
+
+        if self.batched and not isinstance(threat.eps, Tensor):
+            return self._targets_batched(model, x, y, ranked, start, attack)
+        out, alive = x.clone(), torch.arange(x.shape[0], device=x.device)
+        best: Outcome | None = None
+        for j in range(self.n_target_classes):
+            z0 = start()
+            cand = attack(x[alive], y[alive], ranked[alive, j], None if z0 is None else z0[alive])
+            o = self.outcome(model, cand, y[alive])
+            if best is None:
+                out[alive], best = cand, o
+            else:
+                out[alive], best = keep(o.better_than(best), (cand, o), (out[alive], best))
+            remaining = (~best.success).nonzero().squeeze(1)  # one host sync per target class, outside the steps
+            alive, best = alive[remaining], Outcome(best.success[remaining], best.score[remaining])
+            if alive.numel() == 0:
+                break
+        return out
+
+    def _targets_batched(self, model: nn.Module, x: Tensor, y: Tensor, ranked: Tensor,
+                         start: Callable[[], Tensor | None],
+                         attack: Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]) -> Tensor:
+        """APGD-T with its target classes as one batch (``max_batch`` samples per engine call at most): every
+        sample is attacked towards every target, and keeps the first target that broke it, else the best."""
+        starts = [start() for _ in range(self.n_target_classes)]  # drawn as the sequential run draws them
+        best: tuple[Tensor, Outcome] | None = None
+        for i, k in calls(self.n_target_classes, x.shape[0], self.max_batch):
+            z0 = None if starts[i] is None else torch.cat([z for z in starts[i:i + k] if z is not None])
+            cands = attack(tile(x, k), tile(y, k), ranked[:, i:i + k].T.reshape(-1), z0)
+            for cand in cands.chunk(k):
+                new = (cand, self.outcome(model, cand, y))
+                best = new if best is None else keep(~best[1].success & new[1].better_than(best[1]), new, best)
+        assert best is not None
+        return best[0]
+
+
+class _TowardsTarget:
+    """APGD-T's objective: raise the targeted DLR (or ``-loss(logits, t)``); success: the true label is lost."""
+
+    def __init__(self, model: nn.Module, y: Tensor, target: Tensor, loss: LossFn) -> None:
+        self.model, self.y, self.target, self.loss = model, y, target, loss
+
+    def __call__(self, x: Tensor, index: Tensor | None) -> tuple[Tensor, Tensor]:
+        logits = self.model(x)
+        y = self.y if index is None else self.y.index_select(0, index)
+        t = self.target if index is None else self.target.index_select(0, index)
+        value = dlr_targeted(logits, y, t) if self.loss is dlr else -self.loss(logits, t)
+        return value, logits.argmax(1) != y

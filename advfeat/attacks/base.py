@@ -1,0 +1,228 @@
+"""The base of every attack: ``Attack`` (validation, the model's guard, the one method ``run`` to write), the
+success criteria, ``Outcome`` and the one keep-the-worst rule that restarts, worst cases and APGD-T share."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from typing_extensions import final
+
+from .._checks import check_batch, check_labels
+from .._config import Config
+from ..adapters import Classifier, classifier
+from ..guard import frozen_model
+from ..threat import column
+from .losses import LossFn, cross_entropy
+
+__all__ = ["Attack", "Outcome", "Criterion", "Misclassified", "ReachedTarget", "keep"]
+
+
+@dataclass(frozen=True, eq=False)
+class Criterion(Config, ABC):
+    """When an attack has succeeded on a sample, from the model's logits and the attack's labels. ``descends``: the
+    attack lowers its loss (towards targets) instead of raising it (away from the true labels)."""
+
+    descends: ClassVar[bool] = False
+
+    @abstractmethod
+    def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Per sample: succeeded (bool, shape (N,))."""
+
+
+@dataclass(frozen=True, eq=False)
+class Misclassified(Criterion):
+    """Untargeted success: the model no longer predicts the true label."""
+
+    def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return logits.argmax(1) != labels
+
+
+@dataclass(frozen=True, eq=False)
+class ReachedTarget(Criterion):
+    """Targeted success: the model predicts the target (the labels an attack with ``targeted=True`` is given)."""
+
+    descends: ClassVar[bool] = True
+
+    def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return logits.argmax(1) == labels
+
+
+class Outcome(NamedTuple):
+    """How well an attack did on each sample: ``success`` (its criterion met) and ``score`` (the attack's loss,
+    negated when it descends, so that higher is always better for the attacker)."""
+
+    success: Tensor
+    score: Tensor
+
+    def better_than(self, other: Outcome) -> Tensor:
+        """Per sample: success first, then the higher score."""
+        return (self.success & ~other.success) | ((self.success == other.success) & (self.score > other.score))
+
+
+def keep(take: Tensor, new: tuple[Tensor, Outcome], old: tuple[Tensor, Outcome]) -> tuple[Tensor, Outcome]:
+    """The worst case so far, per sample: ``new`` where ``take`` is True, else ``old`` (a candidate batch and its
+    ``Outcome`` each). Restarts, ``WorstOf`` and APGD-T's targets all keep their worst case through this."""
+    x_new, o_new = new
+    x_old, o_old = old
+    return (torch.where(column(take, x_new.ndim), x_new, x_old),
+            Outcome(torch.where(take, o_new.success, o_old.success), torch.where(take, o_new.score, o_old.score)))
+
+
+class _Checked(Classifier):
+    """The model as ``Attack.__call__`` hands it to ``run`` when it validates: the first forward's logits are
+    checked against the batch's labels (shape (n, C), every label below C), later forwards pass through."""
+
+    def __init__(self, model: nn.Module, labels: Tensor) -> None:
+        super().__init__(model)
+        self.labels: Tensor | None = labels
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = super().forward(x)
+        if self.labels is not None:
+            if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
+                raise ValueError(f"model must return logits of shape (N, C) = ({x.shape[0]}, C), got "
+                                 f"{tuple(logits.shape)}")
+            check_labels(self.labels, logits.shape[1])
+            self.labels = None
+        return logits
+
+
+class Attack(Config, ABC):
+    """Base class of all attacks. Subclass it as a frozen dataclass and implement ``run``.
+
+    ``run(model, x, y, generator)`` receives a validated batch and a model already in eval mode with
+    frozen parameters, and returns the perturbed batch. Use ``generator`` for any randomness. A subclass may
+    declare the fields ``targeted``, ``eval_mode``, ``seed`` and ``loss`` (the base's defaults: untargeted, eval
+    mode, no seed, cross-entropy for judging outcomes).
+
+    Examples:
+        >>> import torch, advfeat as af
+        >>> from dataclasses import dataclass
+        >>> @dataclass(frozen=True)
+        ... class Noise(af.Attack):
+        ...     sigma: float = 0.1
+        ...     def run(self, model, x, y, generator):
+        ...         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        ...         return (x + self.sigma * noise).clamp(0, 1)
+        >>> Noise(0.2)(torch.nn.Flatten(), torch.rand(2, 4), torch.tensor([0, 1]), generator=torch.Generator()).shape
+        torch.Size([2, 4])
+    """
+
+    @property
+    def targeted(self) -> bool:
+        """Whether ``y`` holds targets to reach (True) or true labels to move away from (False, the default)."""
+        return False
+
+    @property
+    def eval_mode(self) -> bool:
+        """Whether the model runs in eval mode during the attack (default True)."""
+        return True
+
+    @property
+    def seed(self) -> int | None:
+        """The seed of the attack's own generator when the caller gives none (default None: the global one)."""
+        return None
+
+    @property
+    def loss(self) -> LossFn | None:
+        """The loss that judges the attack's outcomes (``outcome``); None: cross-entropy."""
+        return None
+
+    @property
+    def criterion(self) -> Criterion:
+        """When the attack has succeeded on a sample: ``ReachedTarget`` when targeted, else ``Misclassified``."""
+        return ReachedTarget() if self.targeted else Misclassified()
+
+    @final
+    def __call__(
+        self, model: nn.Module, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None,
+        validate: bool = True,
+    ) -> Tensor:
+        """Attack ``model`` at ``(x, y)``; returns a new tensor like ``x``.
+
+        Args:
+            model: any ``nn.Module`` mapping a batch to logits (N, C), as a tensor, a mapping with ``"logits"``
+                or an object with a ``.logits`` tensor (``advfeat.adapters``); its state is left exactly as found.
+            x: inputs (N, ...), floating, inside the box (default [0, 1]). Not modified.
+            y: labels (N,), or target classes when the attack is targeted.
+            generator: the random source; default: a new one seeded with ``self.seed`` if set, else
+                PyTorch's global generator (so ``torch.manual_seed`` makes runs repeatable).
+            validate: check ``x`` and ``y`` (box, finiteness, labels against the model's classes) before, and that
+                the result is finite after: a few host syncs per call. ``False`` is for callers that checked the
+                batch already and check what they compute from the result (the trainer checks its loss), e.g.
+                inside a training step, where no host sync is wanted.
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        name = type(model.model if isinstance(model, Classifier) else model).__name__
+        model = classifier(model)  # a tensor, a mapping or a Hugging Face output: logits from here on
+        lower, upper = self.box
+        if validate:
+            x, y = check_batch(x, y, lower, upper)
+        if x.shape[0] == 0:
+            return x.clone()
+        if generator is None and self.seed is not None:
+            generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        with frozen_model(model, eval_mode=self.eval_mode):
+            x_adv = self.run(_Checked(model, y) if validate else model, x, y, generator)
+        if not isinstance(x_adv, Tensor) or x_adv.shape != x.shape:
+            got = tuple(x_adv.shape) if isinstance(x_adv, Tensor) else type(x_adv).__name__
+            raise ValueError(f"{type(self).__name__}.run must return a tensor of shape {tuple(x.shape)}, got {got}")
+        x_adv = x_adv.detach().to(device=x.device, dtype=x.dtype)
+        if validate and not bool(torch.isfinite(x_adv).all()):  # one host sync at the end, none per step
+            raise FloatingPointError(
+                f"{type(self).__name__} on {name}: the model's loss or gradient became non-finite (NaN or inf) "
+                "during the attack, so the perturbed batch would hold NaN; check the model on this batch "
+                "(af.evaluate reports non-finite logits; torch.autograd.detect_anomaly finds the layer)")
+        return x_adv.clone() if x_adv.data_ptr() == x.data_ptr() else x_adv
+
+    @abstractmethod
+    def run(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None) -> Tensor:
+        """Return the perturbed batch. Called by ``__call__`` with a validated batch and a guarded model."""
+
+    @property
+    def box(self) -> tuple[float | Tensor, float | Tensor]:
+        """The valid input range ``(lower, upper)``; inputs outside it are refused. Default ``(0, 1)``."""
+        return (0.0, 1.0)
+
+    def outcome(self, model: nn.Module, x_adv: Tensor, y: Tensor) -> Outcome:
+        """Per-sample success (the ``criterion``) and score (``loss``, negated when the criterion descends) of
+        ``x_adv``, used to pick the worst case among candidates."""
+        with torch.no_grad():
+            logits = model(x_adv)
+        loss = (self.loss or cross_entropy)(logits, y).float()
+        criterion = self.criterion
+        return Outcome(criterion(logits, y), -loss if criterion.descends else loss)
+
+    def for_evaluation(self, early_stop: bool) -> Attack:
+        """This attack as ``advfeat.evaluate`` runs it: a sample counts as broken when any iterate
+        is misclassified (early stopping, or every step with ``keep_best``). Default: unchanged."""
+        return self
+
+
+def worst_of(model: nn.Module, y: Tensor, candidates: Iterator[Tensor], judge: Attack) -> Tensor:
+    """Per sample, the candidate ``judge`` rates worst (success first, then the score), the first on a tie."""
+    best: tuple[Tensor, Outcome] | None = None
+    for cand in candidates:
+        new = (cand, judge.outcome(model, cand, y))
+        best = new if best is None else keep(new[1].better_than(best[1]), new, best)
+    assert best is not None
+    return best[0]
+
+
+def tile(t: Tensor, k: int) -> Tensor:
+    """``k`` copies of a batch, one after another along the batch dimension."""
+    return t.repeat(k, *([1] * (t.ndim - 1)))
+
+
+def calls(runs: int, n: int, max_batch: int | None) -> Iterator[tuple[int, int]]:
+    """``(first, count)`` of the runs each engine call takes when ``runs`` runs of ``n`` samples go as one batch
+    of at most ``max_batch`` samples (at least one run per call)."""
+    per_call = runs if max_batch is None else max(1, max_batch // max(1, n))
+    for i in range(0, runs, per_call):
+        yield i, min(per_call, runs - i)

@@ -1,0 +1,148 @@
+"""Attacks made of attacks: ``Restarts`` (one attack n times) and ``WorstOf`` (several attacks), each keeping the
+per-sample worst case."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .._checks import check_positive_int
+from .._config import short
+from ..engine import working_dtype
+from .base import Attack, Outcome, calls, tile, worst_of
+from .gradient import GradientAttack
+from .losses import LossFn
+
+__all__ = ["Restarts", "WorstOf"]
+
+
+@dataclass(frozen=True, eq=False)
+class Restarts(Attack):
+    """Run ``attack`` ``n`` times and keep, per sample, the worst case: success first, then the highest
+    score. Each run draws fresh random starts from the same generator (``generator=`` or ``seed``).
+
+    ``batched=True`` runs the restarts of a PGD-family attack with random starts as one batch of ``n x N`` samples
+    (at most ``max_batch`` samples per engine call; more runs are split into several calls): the starts are drawn
+    exactly as the runs one after another draw them, so the result equals the sequential one sample for sample up to
+    float rounding (a larger batch can take other kernels). Fewer, larger passes: faster on a GPU. Other attacks
+    run one after another."""
+
+    attack: Attack
+    n: int
+    seed: int | None = None
+    batched: bool = field(default=False, kw_only=True, repr=False)
+    max_batch: int | None = field(default=None, kw_only=True, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.attack, Attack):
+            raise TypeError(f"attack must be an advfeat Attack, got {self.attack!r}")
+        check_positive_int("n", self.n)
+        if self.max_batch is not None:
+            check_positive_int("max_batch", self.max_batch)
+
+    @property
+    def targeted(self) -> bool:
+        return self.attack.targeted
+
+    @property
+    def eval_mode(self) -> bool:
+        return self.attack.eval_mode
+
+    @property
+    def box(self) -> tuple[float | Tensor, float | Tensor]:
+        return self.attack.box
+
+    def outcome(self, model: nn.Module, x_adv: Tensor, y: Tensor) -> Outcome:
+        return self.attack.outcome(model, x_adv, y)
+
+    def run(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None) -> Tensor:
+        a = self.attack
+        if self.batched and self.n > 1 and isinstance(a, GradientAttack) and a.batched_restarts:
+            return worst_of(model, y, self._batched(a, model, x, y, generator), a)
+        return worst_of(model, y, _runs(model, x, y, [a] * self.n, generator), a)
+
+    def _batched(self, a: GradientAttack, model: nn.Module, x: Tensor, y: Tensor,
+                 generator: torch.Generator | None) -> Iterator[Tensor]:
+        """The ``n`` runs' results, in order, computed ``per_call`` runs at a time as one batch each."""
+        threat = a.threat_model()
+        xw = x.detach().to(working_dtype(x.dtype))
+        bounds = threat.bounds(xw)
+        starts = [threat.init(xw, bounds, generator) for _ in range(self.n)]  # the sequential runs' draws, in order
+        for i, k in calls(self.n, x.shape[0], self.max_batch):
+            out = a.run_from(model, tile(x, k), tile(y, k), generator, torch.cat(starts[i:i + k]))
+            yield from out.detach().to(x.dtype).chunk(k)
+
+    def for_evaluation(self, early_stop: bool) -> Attack:
+        return dataclasses.replace(self, attack=self.attack.for_evaluation(early_stop))
+
+
+@dataclass(frozen=True, eq=False, init=False)
+class WorstOf(Attack):
+    """Per sample, the worst case over several attacks: ``WorstOf(af.L2PGD(0.5), af.LinfPGD(8 / 255))``.
+
+    Candidates are ranked by success first, then by ``loss`` (default cross-entropy) of the combination,
+    so that attacks with different losses compare on one scale. All parts must agree on ``targeted``
+    and on the box.
+    """
+
+    attacks: tuple[Attack, ...]
+    loss: LossFn | None = None
+    seed: int | None = None
+
+    def __init__(self, *attacks: Attack, loss: LossFn | None = None, seed: int | None = None) -> None:
+        if not attacks:
+            raise ValueError("attacks: WorstOf needs at least one attack")
+        for a in attacks:
+            if not isinstance(a, Attack):
+                raise TypeError(f"attacks must be advfeat Attacks, got {a!r}")
+        if len({a.targeted for a in attacks}) > 1:
+            raise ValueError("attacks must all be targeted or all untargeted")
+        boxes = [a.box for a in attacks]
+        if any(not _same_box(boxes[0], b) for b in boxes[1:]):
+            raise ValueError(f"attacks must share one box, got {boxes}")
+        if loss is not None and not callable(loss):
+            raise TypeError(f"loss must be a callable (logits, y) -> per-sample loss, got {loss!r}")
+        object.__setattr__(self, "attacks", tuple(attacks))
+        object.__setattr__(self, "loss", loss)
+        object.__setattr__(self, "seed", seed)
+
+    @property
+    def targeted(self) -> bool:
+        return self.attacks[0].targeted
+
+    @property
+    def eval_mode(self) -> bool:
+        return self.attacks[0].eval_mode
+
+    @property
+    def box(self) -> tuple[float | Tensor, float | Tensor]:
+        return self.attacks[0].box
+
+    def run(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None) -> Tensor:
+        return worst_of(model, y, _runs(model, x, y, list(self.attacks), generator), self)
+
+    def for_evaluation(self, early_stop: bool) -> Attack:
+        return WorstOf(*(a.for_evaluation(early_stop) for a in self.attacks), loss=self.loss, seed=self.seed)
+
+    def __repr__(self) -> str:
+        extra = "" if self.loss is None else f", loss={short(self.loss)}"
+        return f"WorstOf({', '.join(map(repr, self.attacks))}{extra})"
+
+
+def _same_box(a: tuple[float | Tensor, float | Tensor], b: tuple[float | Tensor, float | Tensor]) -> bool:
+    return all(
+        (isinstance(u, Tensor) and isinstance(v, Tensor) and torch.equal(u, v))
+        or (not isinstance(u, Tensor) and not isinstance(v, Tensor) and u == v)
+        for u, v in zip(a, b, strict=True)
+    )
+
+
+def _runs(model: nn.Module, x: Tensor, y: Tensor, parts: list[Attack],
+          generator: torch.Generator | None) -> Iterator[Tensor]:
+    """Each part's result in turn, run inside the caller's guard."""
+    for part in parts:
+        yield part.run(model, x, y, generator).detach().to(x.dtype)

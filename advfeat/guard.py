@@ -1,0 +1,78 @@
+"""What every part of advfeat needs from a model: the state guard, one device resolution, one prediction helper.
+
+* ``frozen_model``: run a model with frozen parameters (in eval mode by default) and put every bit of its state
+  back afterwards; attacks, evaluation, the trainer's attacks and the constructors all run inside it.
+* ``device_of``: where work on a model runs: the ``device`` asked for (checked), else where its parameters (or
+  buffers) are, else the CPU.
+* ``predict``: the class a model predicts for each sample, without gradients and with its state guarded.
+
+What a model's output may be (a tensor, a mapping with ``"logits"``, a Hugging Face output) is decided in one
+place, ``advfeat.adapters``.
+
+Examples:
+    >>> import torch, advfeat as af
+    >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3), torch.nn.Dropout(0.5)).train()
+    >>> af.guard.predict(model, torch.rand(2, 1, 2, 2)).shape, model.training   # eval mode inside, restored after
+    (torch.Size([2]), True)
+    >>> af.guard.device_of(model)
+    device(type='cpu')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import check_device
+from .adapters import logits_of
+
+__all__ = ["frozen_model", "device_of", "predict"]
+
+
+@contextmanager
+def frozen_model(model: nn.Module, *, eval_mode: bool = True) -> Iterator[nn.Module]:
+    """Run ``model`` with frozen parameters (and in eval mode), then put every bit of its state back.
+
+    Restored on exit, also after an exception: every module's ``training`` flag, every parameter's
+    ``requires_grad``, every buffer's values (BatchNorm running statistics, even when ``eval_mode=False``
+    lets them change). Parameters' ``.grad`` are left alone: nothing inside computes parameter gradients.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        if eval_mode:
+            model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+        for p, requires_grad in flags:
+            p.requires_grad_(requires_grad)
+        with torch.no_grad():
+            for b, saved in buffers:  # through .data: the values return without bumping the version counter that
+                b.data.copy_(saved)   # autograd checks for a backward still to come (BatchNorm's, in TRADES)
+
+
+def device_of(model: nn.Module, device: str | torch.device | None = None) -> torch.device:
+    """``device`` (checked: it must exist here), or where ``model``'s parameters (or buffers) are; the CPU for a
+    model without either."""
+    if device is not None:
+        return check_device("device", device)
+    for t in model.parameters():
+        return t.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def predict(model: nn.Module, x: Tensor) -> Tensor:
+    """The class ``model`` predicts for each sample of ``x`` (the argmax of its logits, in any output form of
+    ``advfeat.adapters``), computed without gradients, in eval mode, with the model's state restored after."""
+    with torch.no_grad(), frozen_model(model):
+        return logits_of(model(x)).argmax(1)
