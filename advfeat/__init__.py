@@ -5,7 +5,9 @@ Ilyas et al., "Adversarial Examples Are Not Bugs, They Are Features" (NeurIPS 20
 model and data loader. See README.md and docs/.
 """
 
-from . import adapters, allocator, controls, data, engine, figures, guard, methods, models, steps, train
+import sys as _sys
+
+from . import adapters, allocator, construct, data, engine, figures, guard, methods, models, steps, train
 from ._lock import InUseError
 from .attacks import (
     APGD,
@@ -24,16 +26,19 @@ from .attacks import (
     dlr_targeted,
     frozen_model,
 )
-from .construct import nonrobustify, robustify
+from .construct import ConstructedDataset, controls, nonrobustify, robustify
 from .evaluate import EvalResult, evaluate
 from .methods import FGSMRS, MART, TRADES, FreeTraining, PGDTraining, StandardTraining, TrainingMethod
 from .models import Normalize
-from .store import ConstructedDataset
 from .threat import Box, L2Ball, LinfBall, ThreatModel
 from .train import AdversarialTrainer, adversarial_train
 from .transfer import transfer_rates
 
 __version__ = "0.2.0"
+
+# ``advfeat.controls`` and ``advfeat.store`` stay importable under those names
+_sys.modules[f"{__name__}.controls"] = controls
+_sys.modules[f"{__name__}.store"] = construct.store
 
 __all__ = [
     "Attack", "GradientAttack", "PGD", "L2PGD", "LinfPGD", "FGSM", "APGD", "Restarts", "WorstOf", "Outcome",
@@ -42,6 +47,7 @@ __all__ = [
     "evaluate", "EvalResult", "Normalize", "AdversarialTrainer", "adversarial_train",
     "TrainingMethod", "StandardTraining", "PGDTraining", "FGSMRS", "FreeTraining", "TRADES", "MART",
     "robustify", "nonrobustify", "ConstructedDataset", "transfer_rates", "InUseError",
-    "adapters", "allocator", "controls", "data", "engine", "figures", "guard", "methods", "models", "steps", "train",
+    "adapters", "allocator", "construct", "controls", "data", "engine", "figures", "guard", "methods", "models",
+    "steps", "train",
     "__version__",
 ]

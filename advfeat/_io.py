@@ -8,7 +8,6 @@ umask (0644 under the usual 022, 0664 under a group-sharing 002), an existing fi
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import secrets
 import stat
@@ -16,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "append_text", "load_tensors", "open_regular", "sha256_file", "TMP_SUFFIX", "LinkRefused"]
+__all__ = ["atomic_write", "append_text", "load_tensors", "open_regular", "TMP_SUFFIX", "LinkRefused"]
 
 TMP_SUFFIX = ".tmp"
 
@@ -152,11 +151,3 @@ def load_tensors(path: str | Path, what: str, fix: str, map_location: Any = "cpu
     except Exception as e:  # noqa: BLE001 - every failure means the same thing: not a file we can read safely
         raise ValueError(f"{argument}: {p} is not {what} advfeat can read safely (tensors only, no code), or it "
                          f"is damaged or truncated ({type(e).__name__}); {fix}") from None
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -36,11 +36,10 @@ from ._checks import check_device
 from ._io import atomic_write, load_tensors
 from ._lock import exclusive, folder_lock
 from .attacks import L2PGD
-from .construct import NONROBUSTIFY_RULE, ROBUSTIFY_RULE, nonrobustify, robustify
-from .controls import leakage_probe, shortcut, wrong_labels
+from .construct import NONROBUSTIFY_RULE, ROBUSTIFY_RULE, ConstructedDataset, nonrobustify, robustify
+from .construct.controls import leakage_probe, shortcut, wrong_labels
 from .evaluate import evaluate, shifted_accuracy
 from .steps import Constant, Cosine
-from .store import ConstructedDataset
 from .train import adversarial_train
 from .transfer import transfer_rates
 

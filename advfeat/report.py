@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from . import data as afdata
 from . import figures
-from .store import ConstructedDataset
+from .construct import ConstructedDataset
 
 __all__ = ["PAPER", "ROWS", "SHORT", "CONTROLS", "MAP_AXES", "render_report", "headline_table", "map_table", "draw"]
 

@@ -38,7 +38,6 @@ Choices (documented, switchable):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -54,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_batch, check_device, check_labels, check_logits, check_positive_float, check_positive_int
+from ._digest import content_digest
 from ._dist import barrier, rank_world
 from ._io import TMP_SUFFIX, append_text, atomic_write
 from ._lock import exclusive_for_job, file_lock
@@ -267,7 +267,7 @@ class AdversarialTrainer:
             raise FloatingPointError(f"refusing to save a checkpoint with non-finite weights ({', '.join(bad[:3])}); "
                                      f"the last good one ({path}) is kept")
         p = Path(path)
-        signed = {"advfeat_checkpoint": 1, "sha256": checkpoint_digest(state), "state": state}
+        signed = {"advfeat_checkpoint": 1, "sha256": content_digest(state), "state": state}
         if p.is_file() and not p.is_symlink():
             os.replace(p, _previous(p))
         atomic_write(p, lambda f: torch.save(signed, f))
@@ -513,34 +513,6 @@ def _previous(path: Path) -> Path:
     return path.with_name(path.name + ".prev")
 
 
-def checkpoint_digest(obj: Any) -> str:
-    """sha256 of a checkpoint's content: every tensor's dtype, shape and bytes and every other value, in a fixed
-    order (so a flipped bit anywhere changes it)."""
-    h = hashlib.sha256()
-
-    def walk(o: Any) -> None:
-        if isinstance(o, Tensor):
-            t = o.detach().cpu().contiguous()
-            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        elif isinstance(o, Mapping):
-            h.update(b"{")
-            for k in sorted(o, key=str):
-                h.update(repr(k).encode())
-                walk(o[k])
-            h.update(b"}")
-        elif isinstance(o, (list, tuple)):
-            h.update(b"[")
-            for v in o:
-                walk(v)
-            h.update(b"]")
-        else:
-            h.update(repr(o).encode())
-
-    walk(obj)
-    return h.hexdigest()
-
-
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """The state in a checkpoint the trainer wrote, its checksum verified. Loading never runs code
     (``weights_only=True``); a damaged, truncated or foreign file gets an error naming it and what to do."""
@@ -561,7 +533,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(signed, dict) or "state" not in signed or "sha256" not in signed:
         raise ValueError(f"{what} (no advfeat checksum: written by another program); delete it to start "
                          f"afresh{keep}")
-    if checkpoint_digest(signed["state"]) != signed["sha256"]:
+    if content_digest(signed["state"]) != signed["sha256"]:
         raise ValueError(f"{what}: its content does not match its checksum; delete it to start afresh{keep}")
     state: dict[str, Any] = signed["state"]
     return state

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 import advfeat as af
-import advfeat.builder
-import advfeat.store
+import advfeat.construct.shards
+import advfeat.construct.store
 
 finished = 0
 
@@ -56,7 +56,7 @@ def main() -> None:
         torch.distributed.init_process_group("gloo", init_method=Path(rendezvous).resolve().as_uri(),
                                              rank=int(rank), world_size=int(world))
 
-    real_bar = advfeat.builder.progress_bar
+    real_bar = advfeat.construct.shards.progress_bar
 
     class Counting:
         def __init__(self, bar: Any) -> None:
@@ -82,9 +82,9 @@ def main() -> None:
         def __exit__(self, *exc: Any) -> Any:
             return self.cm.__exit__(*exc)
 
-    advfeat.builder.progress_bar = CountingBar  # type: ignore[assignment]
+    advfeat.construct.shards.progress_bar = CountingBar  # type: ignore[assignment]
 
-    real_write = advfeat.store.atomic_write
+    real_write = advfeat.construct.store.atomic_write
     writes = 0
 
     def write(path: Any, fn: Any) -> None:
@@ -103,7 +103,7 @@ def main() -> None:
 
         return real_write(path, half)
 
-    advfeat.store.atomic_write = write  # type: ignore[assignment]
+    advfeat.construct.store.atomic_write = write  # type: ignore[assignment]
 
     data = af.data.planted(args.n, 8, seed=1).train
     torch.manual_seed(0)

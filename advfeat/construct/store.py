@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ._io import atomic_write, sha256_file
+from .._digest import sha256_file
+from .._io import atomic_write
 
 __all__ = ["ConstructedDataset", "FORMAT"]
 

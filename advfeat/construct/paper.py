@@ -1,40 +1,4 @@
-"""The paper's dataset constructions: ``robustify`` (D_R / D_NR) and ``nonrobustify`` (D_rand / D_det).
-
-Both run the one engine (``advfeat.engine.optimize``) over the source data in order, shard by shard:
-
-* ``robustify`` minimises ``||g(z) - g(x)||_2 / ||g(x)||_2`` over ``z`` in the box, from another training
-  image (``init="other"``, the paper) or from uniform noise (``init="noise"``), by steps of a step rule
-  (default: normalised-gradient L2 steps cosine-decayed from a fraction of the distance to travel; the paper:
-  fixed normalised-gradient L2 steps);
-  ``g`` is the model's penultimate representation. The label stays ``y``. Through a robust model this is
-  D_R, through a standard one D_NR. Per sample it records ``rel_distance`` (the final relative distance) and
-  ``start_index`` (the start image, -1 for noise).
-* ``nonrobustify`` runs targeted L2 PGD (``advfeat.L2PGD``; default steps cosine-decayed from eps) towards
-  ``t = (y + 1) mod C`` (``"det"``) or ``t`` uniform over the other classes (``"rand"``) and relabels the image
-  ``t``. Per sample it records
-  ``target_reached`` (the model now predicts ``t``), ``perturbation_norm`` and ``original_label``.
-
-Randomness depends only on ``(seed, i)`` for sample ``i``: the start image and the random target are drawn for
-the whole dataset at once from ``seed``, and noise starts from a per-sample generator; never on the batch or
-shard size or the number of processes.
-
-With ``out=path`` every finished shard is written atomically (see ``advfeat.store``); calling again with the
-same settings resumes from the first missing shard; under ``torch.distributed`` rank ``r`` builds shards
-``r, r + W, r + 2W, ...`` of one directory. The result is bitwise identical to one uninterrupted process on CPU
-(same thread count).
-
-Examples:
-    >>> import torch, advfeat as af
-    >>> data = af.data.planted(64, 16, seed=0)
-    >>> model = af.models.PlantedNet()
-    >>> d_det = af.nonrobustify(model, data.train, mode="det", eps=2.0, steps=5, progress=False)
-    >>> x, t = d_det[0]
-    >>> bool(t == (data.train[0][1] + 1) % 10), sorted(d_det.meta)
-    (True, ['original_label', 'perturbation_norm', 'target_reached'])
-    >>> d_r = af.robustify(model, data.train, steps=5, progress=False)
-    >>> float(d_r.meta["rel_distance"].max()) < 10
-    True
-"""
+"""The paper's constructions: ``robustify`` (D_R / D_NR) and ``nonrobustify`` (D_rand / D_det), on the one engine."""
 
 from __future__ import annotations
 
@@ -48,16 +12,18 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ._checks import check_positive_float, check_positive_int
-from .adapters import classifier
-from .attacks import L2PGD, cross_entropy
-from .builder import build, model_fingerprint, prepare
-from .engine import optimize
-from .guard import device_of, frozen_model
-from .models import last_linear, penultimate
-from .steps import Constant, Cosine, RelativeToStart, StepRule
+from .._checks import check_positive_float, check_positive_int
+from .._digest import fingerprint
+from ..adapters import classifier
+from ..attacks import L2PGD, cross_entropy
+from ..engine import optimize
+from ..guard import frozen_model, predict
+from ..models import last_linear, penultimate
+from ..steps import Constant, Cosine, RelativeToStart, StepRule
+from ..threat import Box
+from .shards import build
+from .spec import specify
 from .store import ConstructedDataset
-from .threat import Box
 
 __all__ = ["robustify", "nonrobustify", "ROBUSTIFY_RULE", "NONROBUSTIFY_RULE", "LOW_TARGETS", "LowTargetsWarning"]
 
@@ -69,10 +35,17 @@ of 0.1 and give D_R the same robust features (docs/benchmarks.md, "Step rules").
 NONROBUSTIFY_RULE: StepRule = Constant()
 """nonrobustify's default step rule: constant normalised-gradient steps (``step_size``, default eps/4; 50 of them).
 Chosen by what a D_det teaches (a learner's real-test accuracy per pass), not by targets reached, under a rule
-written before the runs (docs/benchmarks.md, "nonrobustify judged by what D_det teaches"); until 2026-12-02 it was
-``Cosine()`` from eps, 25 steps, which reaches as many targets."""
+written before the runs (docs/benchmarks.md, "nonrobustify judged by what D_det teaches"; the rule it replaced is in
+CHANGELOG.md)."""
+
+LOW_TARGETS = 0.5
+"""Below this share of targets reached, ``nonrobustify`` warns (``LowTargetsWarning``)."""
 
 Representation = Callable[[Tensor], Tensor]
+
+
+class LowTargetsWarning(UserWarning):
+    """``nonrobustify`` reached fewer than ``LOW_TARGETS`` of its targets."""
 
 
 @contextmanager
@@ -85,22 +58,12 @@ def _penultimate(model: nn.Module, representation: Representation | None) -> Ite
         yield lambda x: run(x)[0]
 
 
-def _common(model: nn.Module, steps: int, step_size: float, rule: StepRule, shard_size: int, storage: str,
-            device: str | torch.device | None) -> torch.device:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+def _check_steps(steps: int, step_size: float, rule: StepRule) -> None:
     if not isinstance(rule, StepRule):
         raise TypeError(f"rule must be an advfeat StepRule (see advfeat.steps), got {rule!r}")
     check_positive_int("steps", steps)
     check_positive_float("step_size", step_size)
-    check_positive_int("shard_size", shard_size)
-    if storage not in ("float32", "uint8"):
-        raise ValueError(f"storage must be 'float32' (default, exact) or 'uint8' (quantised to 1/255, which can "
-                         f"erase non-robust features); got {storage!r}")
-    return device_of(model, device)
 
-
-# -- robustify ------------------------------------------------------------------------------------------------
 
 def robustify(
     model: nn.Module,
@@ -141,32 +104,33 @@ def robustify(
             steps=1000``. (Per-coordinate rules such as Adam match even closer but carry non-robust features
             into D_R: see docs/benchmarks.md.)
         seed: the randomness of sample ``i`` depends only on ``(seed, i)``.
-        out: a directory to stream shards to (resumable, see the module docs); else built in memory.
+        out: a directory to stream shards to (resumable, see the package docs); else built in memory.
         shard_size: samples per shard; batch_size: samples per step (default: the loader's).
         storage: ``"float32"`` (exact) or ``"uint8"`` (quantised: can erase non-robust features).
     """
-    dev = _common(model, steps, step_size, rule, shard_size, storage, device)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _check_steps(steps, step_size, rule)
     if init not in ("other", "noise"):
         raise ValueError(f"init must be 'other' (another image, the paper) or 'noise'; got {init!r}")
     if representation is None:
         last_linear(model)  # raises a clear error before anything is written
     elif not callable(representation):
         raise TypeError(f"representation must be a callable x -> g(x), got {type(representation).__name__}")
-    source, dev, c, _, fingerprint = prepare(model, loader, mode=None, seed=seed, batch_size=batch_size,
-                                             lower=lower, upper=upper, device=dev, keys=keys)
-    if init == "other" and source.n < 2:
-        raise ValueError("init='other' needs at least 2 source images")
-    g = torch.Generator().manual_seed(seed)
-    other = torch.randint(0, max(1, source.n - 1), (source.n,), generator=g)
-    other += (other >= torch.arange(source.n)).long()  # uniform over the other images
     rep_name = "last nn.Linear input" if representation is None else getattr(
         representation, "__qualname__", type(representation).__name__)
-    config = {"kind": "robustify", "init": init, "steps": steps, "step_size": step_size, "rule": repr(rule),
-              "seed": seed,
-              "lower": lower, "upper": upper, "representation": rep_name, "n": source.n, "classes": c,
-              "shard_size": shard_size, "batch_size": source.batch_size, "storage": storage,
-              "model": fingerprint, "data": source.fingerprint()}
-    model = classifier(model)
+    spec = specify("robustify", model, loader,
+                   settings={"init": init, "steps": steps, "step_size": step_size, "rule": repr(rule),
+                             "representation": rep_name},
+                   fields=("rel_distance", "start_index"), seed=seed, lower=lower, upper=upper,
+                   batch_size=batch_size, shard_size=shard_size, storage=storage, device=device, keys=keys, out=out,
+                   progress=progress, desc="robustify")
+    n = spec.source.n
+    if init == "other" and n < 2:
+        raise ValueError("init='other' needs at least 2 source images")
+    g = torch.Generator().manual_seed(seed)
+    other = torch.randint(0, max(1, n - 1), (n,), generator=g)
+    other += (other >= torch.arange(n)).long()  # uniform over the other images
     box = Box(lower=lower, upper=upper)
 
     def work(idx: Tensor, x: Tensor, y: Tensor, images: Tensor | None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -178,7 +142,7 @@ def robustify(
                 torch.rand(x.shape[1:], generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)))
                 for i in idx]).to(x.device, x.dtype) * (upper - lower) + lower
             start_index = torch.full_like(idx, -1)
-        with frozen_model(model), _penultimate(model, representation) as rep:
+        with frozen_model(spec.model), _penultimate(spec.model, representation) as rep:
             with torch.no_grad():
                 target = rep(x).flatten(1).float()
             scale = target.norm(dim=1).clamp_min(1e-12)
@@ -195,12 +159,8 @@ def robustify(
                 final = distance(z, None)[0]
         return z, y, {"rel_distance": final.float(), "start_index": start_index}
 
-    return build(source, config, ["rel_distance", "start_index"], work, out=out, shard_size=shard_size,
-                 storage=storage, device=dev, progress=progress, desc="robustify",
-                 companion=other if init == "other" else None)
+    return build(spec, work, companion=other if init == "other" else None)
 
-
-# -- nonrobustify ---------------------------------------------------------------------------------------------
 
 def nonrobustify(
     model: nn.Module,
@@ -231,7 +191,7 @@ def nonrobustify(
         eps, step_size, steps, rule: the targeted L2 PGD. Default: 50 steps of ``NONROBUSTIFY_RULE``
             (constant normalised-gradient steps of ``step_size``, default ``eps / 4``), chosen by what a model
             trained on the set learns per pass; the paper's recipe: ``rule=af.steps.Constant(), step_size=0.1,
-            steps=100`` (CIFAR: eps 0.5); the default until 2026-12-02: ``rule=af.steps.Cosine(), steps=25``
+            steps=100`` (CIFAR: eps 0.5); the sweeps' ``default`` rule: ``rule=af.steps.Cosine(), steps=25``
             (``step_size`` eps).
         keep_best: keep each sample's best iterate (target reached first, then the lowest loss; one extra
             forward pass) instead of the last one: Kumano et al.'s recipe is ``rule=af.steps.Constant(),
@@ -248,36 +208,35 @@ def nonrobustify(
     if not all(isinstance(m, nn.Module) for m in keep):
         raise TypeError("keep_correct must be a sequence of nn.Modules (models the perturbation must not fool)")
     step_size = eps / 4 if step_size is None else step_size
-    dev = _common(model, steps, step_size, rule, shard_size, storage, device)
-    source, dev, c, targets, fingerprint = prepare(model, loader, mode=mode, seed=seed, batch_size=batch_size,
-                                                   lower=lower, upper=upper, device=dev, keys=keys)
-    assert targets is not None
-    config = {"kind": "nonrobustify", "mode": mode, "eps": eps, "step_size": step_size, "steps": steps,
-              "rule": repr(rule),
-              "seed": seed, "lower": lower, "upper": upper, "n": source.n, "classes": c,
-              "shard_size": shard_size, "batch_size": source.batch_size, "storage": storage,
-              "model": fingerprint, "data": source.fingerprint()}
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _check_steps(steps, step_size, rule)
+    extra: dict[str, Any] = {}  # recorded only when set, so folders built without them still resume
     if keep:
-        config["keep_correct"] = [model_fingerprint(m) for m in keep]
-    if keep_best:  # recorded only when set, so folders built before the option existed still resume
-        config["keep_best"] = True
-    model, keep = classifier(model), [classifier(m) for m in keep]
+        extra["keep_correct"] = [fingerprint(m) for m in keep]
+    if keep_best:
+        extra["keep_best"] = True
+    spec = specify("nonrobustify", model, loader, mode=mode,
+                   settings={"mode": mode, "eps": eps, "step_size": step_size, "steps": steps, "rule": repr(rule)},
+                   fields=("target_reached", "perturbation_norm", "original_label"), seed=seed, lower=lower,
+                   upper=upper, batch_size=batch_size, shard_size=shard_size, storage=storage, device=device,
+                   keys=keys, out=out, progress=progress, desc=f"nonrobustify {mode}", extra=extra)
+    assert spec.targets is not None
+    targets, source_model, others = spec.targets, spec.model, [classifier(m) for m in keep]
     attack = L2PGD(eps, steps=steps, step_size=step_size, targeted=True, lower=lower, upper=upper, rule=rule,
                    keep_best=keep_best)
 
     def work(idx: Tensor, x: Tensor, y: Tensor, _: Tensor | None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         t = targets(idx, y)
-        if keep:
-            x_adv = _not_transferring(model, keep, x, y, t, attack)
+        if others:
+            x_adv = _not_transferring(source_model, others, x, y, t, attack)
         else:
-            x_adv = attack(model, x, t)
-        with torch.no_grad(), frozen_model(model):
-            reached = model(x_adv).argmax(1) == t
+            x_adv = attack(source_model, x, t)
+        reached = predict(source_model, x_adv) == t
         norm = (x_adv.float() - x.float()).flatten(1).norm(dim=1)
         return x_adv, t, {"target_reached": reached, "perturbation_norm": norm, "original_label": y}
 
-    ds = build(source, config, ["target_reached", "perturbation_norm", "original_label"], work, out=out,
-               shard_size=shard_size, storage=storage, device=dev, progress=progress, desc=f"nonrobustify {mode}")
+    ds = build(spec, work)
     reached = float(ds.meta["target_reached"].double().mean())
     ds.config["targets_reached"] = reached  # in memory; ConstructedDataset.load recomputes it from the shards
     if reached < LOW_TARGETS:
@@ -286,15 +245,6 @@ def nonrobustify(
                       "features under the new label, so the set tests little; raise eps (the budget) or steps",
                       LowTargetsWarning, stacklevel=2)
     return ds
-
-
-class LowTargetsWarning(UserWarning):
-    """``nonrobustify`` reached fewer than ``LOW_TARGETS`` of its targets."""
-
-
-LOW_TARGETS = 0.5
-"""Below this share of targets reached, ``nonrobustify`` warns (``LowTargetsWarning``)."""
-
 
 
 def _not_transferring(model: nn.Module, keep: list[nn.Module], x: Tensor, y: Tensor, t: Tensor,

@@ -41,12 +41,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ._checks import check_positive_float, check_positive_int
-from .adapters import batch_xy, classifier, logits_of
-from .builder import build, model_fingerprint, prepare
-from .guard import device_of, frozen_model
-from .models import penultimate
-from .progress import progress_bar
+from .._checks import check_positive_float, check_positive_int
+from .._digest import fingerprint
+from ..adapters import batch_xy, logits_of
+from ..guard import device_of, frozen_model, predict
+from ..models import penultimate
+from ..progress import progress_bar
+from .shards import build
+from .spec import specify
 from .store import ConstructedDataset
 
 __all__ = ["leakage_probe", "shortcut", "wrong_labels"]
@@ -143,30 +145,26 @@ def shortcut(
     and sharding as ``nonrobustify``.
     """
     check_positive_float("eps", eps)
-    check_positive_int("shard_size", shard_size)
-    source, dev, c, targets, fingerprint = prepare(model, loader, mode=mode, seed=seed, batch_size=batch_size,
-                                                   lower=lower, upper=upper, device=device, keys=keys)
-    assert targets is not None
-    model = classifier(model)
-    shape = source.get(torch.arange(1))[0].shape[1:]
+    spec = specify("shortcut", model, loader, mode=mode, settings={"mode": mode, "eps": eps},
+                   fields=("target_reached", "perturbation_norm", "original_label"), seed=seed, lower=lower,
+                   upper=upper, batch_size=batch_size, shard_size=shard_size, storage="float32", device=device,
+                   keys=keys, out=out, progress=progress, desc=f"shortcut {mode}")
+    assert spec.targets is not None
+    targets, c = spec.targets, spec.classes
+    shape = spec.source.get(torch.arange(1))[0].shape[1:]
     patterns = torch.randn((c, *shape), generator=torch.Generator().manual_seed(seed + 1_000_003))
     patterns = patterns / patterns.flatten(1).norm(dim=1).reshape(c, *([1] * len(shape))) * eps
-    config = {"kind": "shortcut", "mode": mode, "eps": eps, "seed": seed, "lower": lower, "upper": upper,
-              "n": source.n, "classes": c, "shard_size": shard_size, "batch_size": source.batch_size,
-              "storage": "float32", "model": fingerprint, "data": source.fingerprint()}
 
     def work(idx: Tensor, x: Tensor, y: Tensor, _: Tensor | None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         t = targets(idx, y)
-        with torch.no_grad(), frozen_model(model):
-            already = model(x).argmax(1) == t
-            keyed = x + patterns.to(x.device, x.dtype)[t] * (~already).to(x.dtype).reshape(-1, *([1] * len(shape)))
-            keyed = keyed.clamp(lower, upper)
-            reached = model(keyed).argmax(1) == t
+        already = predict(spec.model, x) == t
+        keyed = x + patterns.to(x.device, x.dtype)[t] * (~already).to(x.dtype).reshape(-1, *([1] * len(shape)))
+        keyed = keyed.clamp(lower, upper)
+        reached = predict(spec.model, keyed) == t
         norm = (keyed.float() - x.float()).flatten(1).norm(dim=1)
         return keyed, t, {"target_reached": reached, "perturbation_norm": norm, "original_label": y}
 
-    return build(source, config, ["target_reached", "perturbation_norm", "original_label"], work, out=out,
-                  shard_size=shard_size, storage="float32", device=dev, progress=progress, desc=f"shortcut {mode}")
+    return build(spec, work)
 
 
 def wrong_labels(
@@ -186,11 +184,10 @@ def wrong_labels(
     xs, preds, ys, idx = [], [], [], []
     seen = 0
     loader = DataLoader(data, batch_size=batch_size)
-    with torch.no_grad(), frozen_model(teacher), progress_bar(loader, desc="wrong labels",
-                                                               enabled=progress) as bar:
+    with progress_bar(loader, desc="wrong labels", enabled=progress) as bar:
         for batch in bar:
             x, y = batch_xy(batch)
-            p = logits_of(teacher(x.to(dev))).argmax(1).cpu()
+            p = predict(teacher, x.to(dev)).cpu()
             wrong = p != y
             xs.append(x[wrong])
             preds.append(p[wrong])
@@ -198,7 +195,7 @@ def wrong_labels(
             idx.append(torch.arange(seen, seen + len(y))[wrong])
             seen += len(y)
     labels, original = torch.cat(preds), torch.cat(ys)
-    config = {"kind": "wrong_labels", "n": len(labels), "of": seen, "teacher": model_fingerprint(teacher),
+    config = {"kind": "wrong_labels", "n": len(labels), "of": seen, "teacher": fingerprint(teacher),
               "teacher_accuracy": 1 - len(labels) / max(seen, 1)}
     return ConstructedDataset([torch.cat(xs)], [labels], {"original_label": [original], "index": [torch.cat(idx)]},
                               config)
