@@ -17,7 +17,8 @@ from . import data as afdata
 from . import figures
 from .construct import ConstructedDataset
 
-__all__ = ["PAPER", "ROWS", "SHORT", "CONTROLS", "MAP_AXES", "render_report", "headline_table", "map_table", "draw"]
+__all__ = ["PAPER", "ROWS", "SHORT", "CONTROLS", "MAP_AXES", "MEASURES", "render_report", "headline_table",
+           "map_table", "measures_table", "draw"]
 
 PAPER = {  # CIFAR-10, ResNet-50: clean / under L2 eps 0.25 (docs/paper.md)
     "standard": (95, 4), "robust": (91, 82), "d_r": (84, 48), "d_nr": (88, 0), "d_rand": (63, 0),
@@ -234,6 +235,40 @@ def render_report(summary: dict[str, Any]) -> str:
 
 MAP_AXES = ("mode", "eps", "n", "learner", "source_epochs", "rule", "learner_epochs", "seed")
 """The axes of a generalisation map's cell (``scripts/generalisation_map.py``)."""
+
+
+MEASURES = ("split", "poison")
+"""The map's measurements beside a cell's teaching (``advfeat map --measure``): ``split``, learners trained on the
+reached and the unreached parts of the set apart (equal sizes) and on the unperturbed images with the set's labels;
+``poison``, a D_det's images with their true labels against the clean images (Fowl et al. 2021)."""
+
+
+def measures_table(result: dict[str, Any]) -> str:
+    """The cells of a map that carry measurements (``MEASURES``) as Markdown: real test accuracy % of each learner;
+    empty when no cell has any."""
+    cells = [c for c in result["cells"] if "split_size" in c or "poison_accuracy" in c]
+    if not cells:
+        return ""
+    varying = [a for a in MAP_AXES if len({json.dumps(c[a]) for c in result["cells"]}) > 1] or ["mode"]
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f}"
+
+    lines = [f"Real test accuracy % ({result['n_test']:,} test images, {result['dataset']}) of learners trained on "
+             "parts of each cell's set (the cell's recipe): the reached and the unreached targets apart (equal "
+             "sizes, subsampled: size), the unperturbed images with the set's labels (random labels for D_rand), "
+             "D_det's images with their true labels (poison) and the clean images with theirs (clean).", "",
+             "| " + "".join(f"{a} | " for a in varying)
+             + "test | size | reached | unreached | random labels | poison | clean | poison - clean |",
+             "|" + "---|" * (len(varying) + 8)]
+    for c in cells:
+        poison, clean = c.get("poison_accuracy"), c.get("clean_accuracy")
+        gap = "-" if poison is None or clean is None else f"{100 * (poison - clean):+.1f}"
+        lines.append("| " + "".join((f"{c[a]:g}" if isinstance(c[a], float) else f"{c[a]}") + " | " for a in varying)
+                     + f"{pct(c['test_accuracy'])} | {c.get('split_size', '-')} | {pct(c.get('reached_teaches'))} | "
+                     f"{pct(c.get('unreached_teaches'))} | {pct(c.get('random_labels_teach'))} | {pct(poison)} | "
+                     f"{pct(clean)} | {gap} |")
+    return "\n".join(lines) + "\n"
 
 
 def map_table(result: dict[str, Any]) -> str:

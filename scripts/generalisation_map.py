@@ -60,7 +60,12 @@ from advfeat.evaluate import shifted_accuracy
 
 LEARNERS = ("cnn", "mlp", "resnet")
 AXES = report.MAP_AXES
-render = report.map_table
+
+
+def render(result: dict[str, Any]) -> str:
+    """What ``map.md`` holds: the map's table, and its measurements' table when it has any."""
+    measured = report.measures_table(result)
+    return report.map_table(result) + ("\n" + measured if measured else "")
 
 
 def rules(settings: rep.Settings) -> dict[str, Callable[[float], dict[str, Any]]]:
@@ -139,10 +144,16 @@ DEFAULT_BASE: dict[str, Any] = {"mode": "det", "eps": 2.0, "n": 60000, "learner"
 
 def build_cells(out: str | Path, cells: Sequence[Mapping[str, Any]], *, source: str | Path | None = None,
                 dataset: str = "fashion-mnist", scale: str = "full", root: str | None = None,
-                progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+                progress: bool = True, log: Callable[[str], None] = print,
+                measures: Sequence[str] = ()) -> dict[str, Any]:
     """Fill the map's ``cells`` (mappings of the axes; missing axes from ``DEFAULT_BASE``) in ``out``; returns
     what ``map.json`` holds. With ``source`` (a finished ``advfeat replicate --out``) its settings, standard and
-    robust models are used; else the settings of ``dataset`` and ``scale`` and models trained here."""
+    robust models are used; else the settings of ``dataset`` and ``scale`` and models trained here.
+    ``measures`` (``report.MEASURES``): measurements added to every cell, each a stage of its own (so a finished
+    cell keeps its result and gains the measurement); ``poison`` only in D_det cells."""
+    unknown = [m for m in measures if m not in report.MEASURES]
+    if unknown:
+        raise ValueError(f"measures must be among {', '.join(report.MEASURES)}; got {', '.join(unknown)}")
     outdir = Path(out)
     if source is not None:
         src = Path(source)
@@ -263,8 +274,49 @@ def build_cells(out: str | Path, cells: Sequence[Mapping[str, Any]], *, source: 
                         "leakage": af.controls.leakage_probe(robust_model(seed), prefix, test, seed=seed),
                         "train_seconds": round(train_s, 2)}
 
+            def split(c: Mapping[str, Any] = c, name: str = name, n: int = n, seed: int = seed) -> dict[str, Any]:
+                """Learners on the reached and the unreached parts apart (equal sizes) and on the unperturbed
+                images with the set's labels (the same size)."""
+                ds = relabelled(c, sizes[tuple(c[a] for a in set_key)])
+                reached = ds.meta["target_reached"][:n].bool()
+                parts = {"reached": reached.nonzero().squeeze(1), "unreached": (~reached).nonzero().squeeze(1)}
+                size = min(len(v) for v in parts.values())
+                out: dict[str, Any] = {"split_size": size, "reached_teaches": None, "unreached_teaches": None,
+                                       "random_labels_teach": None}
+                if size == 0:
+                    return out
+                g = torch.Generator().manual_seed(seed)
+                lr = s.lr_nr if c["mode"] == "rand" else s.lr
+                chosen = {k: v[torch.randperm(len(v), generator=g)[:size]].sort().values.tolist()
+                          for k, v in parts.items()}
+                chosen["random_labels"] = torch.randperm(n, generator=g)[:size].sort().values.tolist()
+                for part, idx in chosen.items():
+                    train: Dataset[Any] = (Subset(ds, idx) if part != "random_labels" else
+                                           Relabelled(Subset(data(seed)[0], idx), ds.labels[idx]))
+                    model = trained(f"{name}_{part}", train, make[c["learner"]], "standard", c["learner_epochs"],
+                                    lr, seed)
+                    out[f"{part}_teaches" if part != "random_labels" else "random_labels_teach"] = \
+                        shifted_accuracy(model, data(seed)[1])
+                return out
+
+            def poison(c: Mapping[str, Any] = c, name: str = name, n: int = n, seed: int = seed) -> dict[str, Any]:
+                """A learner on D_det's images with their true labels, and one on the clean images with theirs."""
+                ds = relabelled(c, sizes[tuple(c[a] for a in set_key)])
+                poisoned = Relabelled(Subset(ds, range(n)), ds.meta["original_label"][:n].long())
+                model = trained(f"{name}_poison", poisoned, make[c["learner"]], "standard", c["learner_epochs"],
+                                s.lr, seed)
+                clean_name = f"clean_n{n}_{c['learner']}_e{c['learner_epochs']}_s{seed}"
+                clean = trained(clean_name, Subset(data(seed)[0], range(n)), make[c["learner"]], "standard",
+                                c["learner_epochs"], s.lr, seed)
+                return {"poison_accuracy": shifted_accuracy(model, data(seed)[1]),
+                        "clean_accuracy": shifted_accuracy(clean, data(seed)[1])}
+
             passes = rules(s)[c["rule"]](c["eps"])["steps"]  # forward+backward passes per image of the attack
-            results.append({**c, **stage(name, cell), "passes": passes})
+            found = {**c, **stage(name, cell), "passes": passes}
+            for m, fn in (("split", split), ("poison", poison)):
+                if m in measures and (m != "poison" or c["mode"] == "det"):
+                    found.update(stage(f"{name}_{m}", fn))
+            results.append(found)
             result = {"from": None if src is None else str(src), "dataset": s.dataset,
                       "settings": dataclass_record(s), "n_test": len(data(full[0]["seed"])[1]),
                       "cells": results, "complete": len(results) == len(full),  # type: ignore[arg-type]
@@ -280,6 +332,19 @@ def build_cells(out: str | Path, cells: Sequence[Mapping[str, Any]], *, source: 
         figures.save(fig, outdir / "map.png")
         log(render(result))
         return result
+
+
+class Relabelled(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """``base``'s images with the labels ``labels`` (one per sample, in order)."""
+
+    def __init__(self, base: Dataset[Any], labels: torch.Tensor) -> None:
+        self.base, self.labels = base, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.base[i][0], self.labels[i]
 
 
 def dataclass_record(s: rep.Settings) -> dict[str, Any]:
@@ -341,6 +406,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="the values of each axis to map (default with --from: eps=1,2,3 mode=rand,det "
                          "n=5000,20000,60000 learner=cnn,mlp,resnet)")
     ap.add_argument("--root", default=None, help="the dataset's folder, as given to replicate")
+    ap.add_argument("--measure", nargs="*", default=[], choices=report.MEASURES,
+                    help="measurements added to every cell: split (the reached and unreached parts apart, and the "
+                         "unperturbed images with the set's labels), poison (D_det cells: its images with their "
+                         "true labels against the clean images)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if args.choose:
@@ -361,7 +430,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             vary = {"eps": [1.0, 2.0, 3.0], "mode": ["rand", "det"], "n": [5000, 20000, 60000],
                     "learner": list(LEARNERS)}
         build_cells(args.out, design(args.design, base, vary), source=args.source, dataset=args.dataset,
-                    scale=args.scale, root=args.root, progress=not args.no_progress)
+                    scale=args.scale, root=args.root, progress=not args.no_progress,
+                    measures=args.measure)
     except (ValueError, af.InUseError) as e:
         print(f"{ap.prog}: error: {e}", file=sys.stderr)
         return 2

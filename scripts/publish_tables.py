@@ -10,7 +10,8 @@ A table lives between ``<!-- advfeat:table NAME -->`` (or ``<!-- advfeat:table N
 with a line naming the run's settings and time; ``NAME/KIND`` by the table ``advfeat.report.TABLES[KIND]``
 (``results``, ``constructions``, ``features``, ``controls``, ``transfer``) of the same run. One results.json,
 every table of it. A generalisation map's ``map.json`` (``scripts/generalisation_map.py``) fills a ``NAME`` region
-with its cells (``advfeat.report.map_table``).
+with its cells (``advfeat.report.map_table``), a ``NAME/measures`` region with the cells'
+``--measure`` results (``advfeat.report.measures_table``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from advfeat.report import TABLES, headline_table, map_table
+from advfeat.report import TABLES, headline_table, map_table, measures_table
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "docs" / "results.md"]
@@ -35,11 +36,13 @@ def region(name: str, kind: str | None = None) -> re.Pattern[str]:
 
 
 def render(summary: dict, eps: str | None = None, kind: str = "headline") -> str:
-    if "cells" in summary:  # a generalisation map's map.json: one table, of its cells
-        if kind != "headline":
-            raise SystemExit(f"publish_tables: a map.json has one table (a region without /KIND), not {kind!r}")
+    if "cells" in summary:  # a generalisation map's map.json: its cells, or (NAME/measures) their measurements
+        if kind not in ("headline", "measures"):
+            raise SystemExit(f"publish_tables: a map.json has two tables (NAME and NAME/measures), not {kind!r}")
         k = len(summary["cells"])
-        return map_table(summary) + (f"\n({k} cell{'s' * (k != 1)}, {summary['dataset']}, "
+        table = map_table(summary) if kind == "headline" else (
+            measures_table(summary) or "(no cell of this map has measurements: run it with --measure)\n")
+        return table + (f"\n({k} cell{'s' * (k != 1)}, {summary['dataset']}, "
                                      "`scripts/generalisation_map.py`; regenerate with `scripts/publish_tables.py`)\n")
     s = summary["settings"]
     if kind != "headline":
@@ -70,7 +73,7 @@ def publish(name: str, results: Path, eps: str | None = None, docs: Sequence[Pat
         new, k = region(name).subn(lambda m: m.group(1) + render(summary, eps) + m.group(3), text)
         found += k
         for kind in sorted({m.group(2) for m in region(name, "*").finditer(new)}):
-            if kind not in TABLES:
+            if kind not in TABLES and not ("cells" in summary and kind == "measures"):
                 raise SystemExit(f"publish_tables: {doc.name} names an unknown table {name}/{kind} "
                                  f"(known: {', '.join(TABLES)})")
             new, k = region(name, kind).subn(lambda m, kind=kind: m.group(1) + render(summary, eps, kind)

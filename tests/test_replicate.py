@@ -302,6 +302,38 @@ def test_the_generalisation_map_shows_budget_and_size(run, tmp_path, capsys):
     assert "is not a replicate run" in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore::advfeat.construct.LowTargetsWarning")  # eps 0.3 reaches half its targets
+def test_the_maps_measurements_split_the_set_and_poison_the_true_task(run, tmp_path):
+    """--measure split poison on planted cells: the unperturbed images with D_rand's random labels teach nothing,
+    the reached targets teach more than the unreached ones, and D_det's images with their true labels teach less
+    than the clean images (measured, seed 0, MLP, 30 epochs, 2,000 images: rand eps 0.3 reached / unreached /
+    random labels 20.8 / 0.1 / 1.1 of 855 each; det eps 0.5 poison 74.8 against clean 89.3)."""
+    mapper = _script("generalisation_map")
+    cells = [{"mode": "rand", "eps": 0.3, "n": 2000, "learner": "mlp"}, {"mode": "det", "eps": 0.5, "n": 2000,
+                                                                         "learner": "mlp"}]
+    res = mapper.build_cells(tmp_path, cells, source=run[0], progress=False, log=lambda line: None,
+                             measures=["split", "poison"])
+    rand, det = res["cells"]
+    chance = 1 / 10
+    assert 100 <= rand["split_size"] <= 1000  # about half the targets reached: two parts of equal size
+    assert rand["random_labels_teach"] <= chance + 0.05  # random labels on clean images teach nothing
+    assert rand["reached_teaches"] >= rand["unreached_teaches"] + 0.1  # the lesson is in the reached targets
+    assert "poison_accuracy" not in rand  # poison is a D_det measurement
+    assert det["poison_accuracy"] <= det["clean_accuracy"] - 0.1  # D_det's images poison the true task
+    assert det["clean_accuracy"] >= 0.8
+    text = (tmp_path / "map.md").read_text()
+    assert "| mode | eps | test | size | reached | unreached | random labels | poison | clean |" in text
+    doc = tmp_path / "doc.md"
+    doc.write_text("<!-- advfeat:table m/measures -->\n<!-- /advfeat:table -->\n")
+    assert _script("publish_tables").publish("m", tmp_path / "map.json", docs=[doc]) == 1
+    assert af.report.measures_table(res) in doc.read_text()
+    again = mapper.build_cells(tmp_path, cells, source=run[0], progress=False, log=lambda line: None,
+                               measures=["split", "poison"])
+    assert again["cells"] == res["cells"]  # every measurement cached
+    with pytest.raises(ValueError, match="measures must be among split, poison"):
+        mapper.build_cells(tmp_path, cells, source=run[0], measures=["curve"])
+
+
 @pytest.mark.filterwarnings("ignore::advfeat.construct.LowTargetsWarning")  # 300 images, 1 epoch
 def test_the_axes_map_moves_one_axis_at_a_time_with_its_own_sources(tmp_path, monkeypatch):
     """The self-contained map (no --from): one cell per moved axis, each rule's set built with its recipe
