@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import shutil
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -44,7 +45,7 @@ def open_regular(path: str | Path, flags: int) -> int:
         if p.is_symlink():
             raise LinkRefused(errno.ELOOP, f"{p} is a symbolic link: advfeat does not write through links it did "
                                            "not create; remove it (or point the option elsewhere)") from None
-        raise _explained(e, p) from None
+        raise (_full(p, None, 0) if _no_space(e) else e) from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise LinkRefused(errno.EINVAL, f"{p} is not a regular file: advfeat writes only regular files; remove it")
@@ -59,18 +60,33 @@ def append_text(path: str | Path, text: str) -> None:
         while data:
             data = data[os.write(fd, data):]
     except OSError as e:
-        raise _explained(e, Path(path)) from None
+        raise (_full(Path(path), len(text.encode()), 0) if _no_space(e) else e) from None
     finally:
         os.close(fd)
 
 
-def _explained(e: OSError, path: Path) -> OSError:
-    """``e`` with a sentence of ours: a full disk or quota names the folder and says what to do."""
-    if e.errno in _NO_SPACE:
-        return OSError(e.errno, f"no space left on the device of {path.parent} while writing {path.name} "
-                                f"({os.strerror(e.errno or 0)}): free some space and call again; files finished "
-                                "before are kept and a rerun resumes from them")
-    return e
+def _no_space(e: BaseException) -> bool:
+    """Whether ``e`` (or an error it was raised from or during) is a full disk or quota: an ``OSError`` with
+    ENOSPC / EDQUOT, or numpy's short write (``N requested and M written``, no errno)."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, OSError) and (seen.errno in _NO_SPACE or
+                                          (seen.errno is None and " requested and " in str(seen))):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _full(path: Path, size: int | None, written: int) -> OSError:
+    """The one-line error of a full disk: the folder, the bytes the file needs and those free."""
+    try:
+        free = f"{shutil.disk_usage(path.parent).free:,}"
+    except OSError:
+        free = "an unknown number of"
+    need = f"about {size:,} bytes" if size is not None else f"more than {written:,} bytes"
+    return OSError(errno.ENOSPC, f"no space left on the device of {path.parent}: writing {path.name} needs {need} "
+                                 f"and {free} bytes are free; free some space and call again; files finished before "
+                                 "are kept and a rerun resumes from them")
 
 
 def _open_temporary(target: Path) -> tuple[int, Path]:
@@ -85,33 +101,54 @@ def _open_temporary(target: Path) -> tuple[int, Path]:
             continue
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None:
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object], size: int | None = None) -> None:
     """Call ``write(f)`` on a temporary file next to ``path``, then make it ``path`` atomically.
 
     After a crash at any moment, ``path`` holds either its old content or the complete new one. The file gets
-    the mode ``open(path, "w")`` would give it (see the module docs).
+    the mode ``open(path, "w")`` would give it (see the module docs). ``size``: about how many bytes ``write``
+    writes, when known: a disk with less free space is refused before anything is written. A full disk, found
+    before or while writing, is one ``OSError`` (ENOSPC) naming the folder and the bytes needed; nothing partial
+    is left.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    if size is not None:
+        try:
+            short = shutil.disk_usage(target.parent).free < size
+        except OSError:
+            short = False
+        if short:
+            raise _full(target, size, 0)
     try:
         keep_mode: int | None = stat.S_IMODE(os.stat(target).st_mode)
     except FileNotFoundError:
         keep_mode = None
-    fd, tmp = _open_temporary(target)
+    try:
+        fd, tmp = _open_temporary(target)
+    except OSError as e:
+        if _no_space(e):
+            raise _full(target, size, 0) from None
+        raise
+    written = 0
     try:
         with os.fdopen(fd, "wb") as f:
             if keep_mode is not None and hasattr(os, "fchmod"):
                 os.fchmod(f.fileno(), keep_mode)
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+            try:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            finally:
+                written = _position(f)
         os.replace(tmp, target)
-    except OSError as e:
+    except Exception as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        raise _explained(e, target) from None
+        if _no_space(e):  # torch.save's RuntimeError and numpy's short write carry the ENOSPC inside
+            raise _full(target, size, written) from None
+        raise
     except BaseException:
         try:
             os.unlink(tmp)
@@ -119,6 +156,13 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> None
             pass
         raise
     _fsync_dir(target.parent)
+
+
+def _position(f: IO[bytes]) -> int:
+    try:
+        return f.tell()
+    except (OSError, ValueError):
+        return 0
 
 
 def _fsync_dir(folder: Path) -> None:

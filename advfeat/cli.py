@@ -1,16 +1,32 @@
-"""The ``advfeat`` console script: ``advfeat replicate [options]`` (also ``python -m advfeat``)."""
+"""The ``advfeat`` console script (also ``python -m advfeat``): ``advfeat replicate [options]``, and ``advfeat env``
+(what this process runs with, for a bug report).
+
+The command line runs with ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets the variable: OpenMP's default
+busy-waiting threads make two jobs on one machine each four to six times slower than alone (docs/benchmarks.md).
+OpenMP reads the variable when torch is first loaded, which importing advfeat has done, so the entry point sets it
+and starts the command again (``os.execv``, POSIX only) before doing anything else.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
+WAIT_POLICY = "OMP_WAIT_POLICY"
+
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None and WAIT_POLICY not in os.environ and os.name == "posix":  # the process's own entry point
+        os.environ[WAIT_POLICY] = "PASSIVE"
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "advfeat", *sys.argv[1:]])
     ap = argparse.ArgumentParser(prog="advfeat", description="Adversarial examples are features: the library's "
                                  "command line.")
     sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser("env", help="print what this process runs with (versions, threads, OpenMP policy, devices)")
     r = sub.add_parser("replicate", help="run the paper's six experiments and write a report",
                        description="Train standard and robust models, build D_R, D_NR, D_rand and D_det, train on "
                        "each, evaluate, and write report.md, results.json and image grids to --out. Finished "
@@ -37,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--keep-malloc", action="store_true", help="leave glibc's malloc settings alone (by default "
                    "the process keeps freed memory for reuse, which is faster on CPU: see advfeat.allocator)")
     args = ap.parse_args(argv)
+    if args.command == "env":
+        return _env()
     _check(r, args)
     from ._lock import InUseError
     from .allocator import tune
@@ -61,6 +79,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nadvfeat replicate: interrupted; finished stages, shards and checkpoints are kept in {args.out}: "
               "run the same command again to continue", file=sys.stderr)
         return 130
+    return 0
+
+
+def _env() -> int:
+    import platform
+
+    import torch
+
+    from . import __version__
+
+    cuda = torch.cuda.is_available()
+    lines = [f"advfeat {__version__}", f"torch {torch.__version__}", f"python {platform.python_version()}",
+             f"platform {platform.platform()}", f"threads {torch.get_num_threads()}",
+             *(f"{k}={os.environ.get(k, '(unset)')}" for k in (WAIT_POLICY, "OMP_NUM_THREADS")),
+             f"cuda {torch.cuda.get_device_name(0) if cuda else 'not available'}"]
+    print("\n".join(lines))
     return 0
 
 

@@ -142,7 +142,7 @@ class StandardTraining(TrainingMethod):
     """Cross-entropy on the clean batch. Batches must lie in ``box`` (default [0, 1], pixels, as every attack
     expects: 0-255 images are refused); pass ``StandardTraining(box=(lo, hi))`` for other inputs."""
 
-    box: tuple[float | Tensor, float | Tensor] = field(default=(0.0, 1.0), repr=False)  # repr as before 0.2
+    box: tuple[float | Tensor, float | Tensor] = field(default=(0.0, 1.0), repr=False)  # repr: the method name alone
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, ctx: TrainContext) -> tuple[Tensor, Tensor]:
         logits = model(x)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -22,12 +22,36 @@ T = TypeVar("T")
 
 @contextmanager
 def progress_bar(iterable: Iterable[T] | None, *, desc: str, enabled: bool = True, **kwargs: Any) -> Iterator[Any]:
-    """A tqdm bar over ``iterable`` that is closed however the block ends (also on Ctrl-C)."""
-    bar = tqdm(iterable, desc=desc, disable=not enabled, dynamic_ncols=True, **kwargs)
+    """A tqdm bar that is closed however the block ends (also on Ctrl-C). Over an ``iterable``, the bar yielded
+    iterates it: each ``for`` over the bar calls ``iter(iterable)`` exactly once, whichever tqdm class is in use
+    (``tqdm.auto``'s bar calls ``iter`` on what it is given when it is built, which would start a DataLoader's
+    workers and draw its shuffle twice), and each item advances the bar by one."""
+    if isinstance(iterable, Sized) and kwargs.get("total") is None:
+        try:
+            kwargs["total"] = len(iterable)
+        except TypeError:  # no len(): an iterable-style loader
+            pass
+    bar = tqdm(None, desc=desc, disable=not enabled, dynamic_ncols=True, **kwargs)
     try:
-        yield bar
+        yield bar if iterable is None else _Over(bar, iterable)
     finally:
         bar.close()
+
+
+class _Over:
+    """A bar over an iterable: iterating it iterates the iterable once, one bar step per item; every other
+    attribute is the bar's (``set_postfix``, ``update``, ...)."""
+
+    def __init__(self, bar: Any, iterable: Iterable[Any]) -> None:
+        self.bar, self.iterable = bar, iterable
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in self.iterable:
+            yield item
+            self.bar.update(1)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.bar, name)
 
 
 def interrupted(message: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -38,6 +38,7 @@ Choices (documented, switchable):
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -268,9 +269,18 @@ class AdversarialTrainer:
                                      f"the last good one ({path}) is kept")
         p = Path(path)
         signed = {"advfeat_checkpoint": 1, "sha256": content_digest(state), "state": state}
-        if p.is_file() and not p.is_symlink():
+        buffer = io.BytesIO()  # serialised first: its size is known before the disk is touched
+        torch.save(signed, buffer)
+        data = buffer.getbuffer()
+        rotated = p.is_file() and not p.is_symlink()
+        if rotated:
             os.replace(p, _previous(p))
-        atomic_write(p, lambda f: torch.save(signed, f))
+        try:
+            atomic_write(p, lambda f: f.write(data), size=len(data))
+        except OSError:
+            if rotated:  # the last good checkpoint stays where a resume looks for it
+                os.replace(_previous(p), p)
+            raise
 
     def load(self, path: str | Path) -> None:
         """Read a checkpoint ``save`` wrote, verifying its checksum; a damaged or foreign file is refused."""
@@ -528,7 +538,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as e:  # truncated, empty, random bytes, a pickle with code: all are "not ours"
         raise ValueError(f"{what} ({type(e).__name__}); delete it to start afresh{keep}") from None
     if isinstance(signed, dict) and {"fingerprint", "epoch", "model", "rng"} <= set(signed):
-        legacy: dict[str, Any] = signed  # written by advfeat 0.1, before checksums: read as it is
+        legacy: dict[str, Any] = signed  # an unsigned checkpoint (no checksum field): read as it is
         return legacy
     if not isinstance(signed, dict) or "state" not in signed or "sha256" not in signed:
         raise ValueError(f"{what} (no advfeat checksum: written by another program); delete it to start "

@@ -10,8 +10,8 @@ attack's step rule and how long the learner trains. A **cell** fixes every axis:
 * ``source_epochs``: how long the standard source model trains (``0``: the ``--from`` run's own standard model),
 * ``rule``: the construction (``rules()``: ``default`` is nonrobustify's default, ``fixed`` 50 constant steps of
   0.2, ``kumano`` Kumano et al.'s 100 constant steps of eps/5 keeping the best iterate, ``quarter`` 50 constant
-  steps of eps/4: nonrobustify's default since 2026-12-02; ``default`` is the one before, 25 cosine steps from
-  eps, the name kept so the sweeps' caches hold),
+  steps of eps/4, nonrobustify's default; ``default`` is 25 cosine steps from eps, a name the sweeps' caches
+  use),
 * ``learner_epochs``, and ``seed`` (the source model, the targets, the learner and the probe).
 
 Two designs: ``grid`` (every combination of the ``--vary`` values) and ``axes`` (the ``--base`` point, then
@@ -36,6 +36,10 @@ after every cell (``"complete": false`` until the last) and ``map.png`` at the e
 """
 
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see advfeat.cli): fair under load
 
 import argparse
 import itertools
@@ -78,7 +82,7 @@ def rules(settings: rep.Settings) -> dict[str, Callable[[float], dict[str, Any]]
         return replace(settings, nonrobust_step=step, nonrobust_steps=steps,
                        nonrobust_keep_best=keep_best).nonrobust_kwargs()
 
-    return {  # "default": nonrobustify's default when the sweeps began (until 2026-12-02), pinned so caches hold
+    return {  # "default": 25 cosine steps from eps, the rule the cached sweeps' folders are named by
         "default": lambda e: dict(rule=af.steps.Cosine(), step_size=e, steps=25, keep_best=False),
         "fixed": lambda e: recipe(0.2, 50),
         "kumano": lambda e: recipe(e / 5, 100, keep_best=True),

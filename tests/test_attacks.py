@@ -1,4 +1,4 @@
-"""Attacks: the guarantees of DESIGN.md as properties over shapes, eps, dtypes and seeds."""
+"""Attacks: the guarantees of docs/architecture.md as properties over shapes, eps, dtypes and seeds."""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from .._checks import check_logits, check_positive_int
 from ..engine import optimize, working_dtype
 from ..steps import APGDStep, StepRule
+from ..threat import ThreatModel, ball
 from .base import Outcome, calls, keep, tile
 from .gradient import BallPGD
 from .losses import LossFn, cross_entropy, dlr, dlr_targeted
@@ -71,6 +72,10 @@ class APGD(BallPGD):
     def _norm(self) -> str:
         return self.norm
 
+    def _ball(self, eps: Tensor) -> ThreatModel:
+        """This attack's ball with the radii ``eps`` (the samples still attacked)."""
+        return ball(self._norm(), eps, lower=self.lower, upper=self.upper)
+
     @property
     def batched_restarts(self) -> bool:
         return super().batched_restarts and not self.n_target_classes  # APGD-T's run is not run_from
@@ -93,10 +98,13 @@ class APGD(BallPGD):
         def start() -> Tensor | None:  # every target's random start is drawn for the whole batch, in order
             return threat.init(xw, bounds, generator) if self.random_start else None
 
-        def attack(xs: Tensor, ys: Tensor, targets: Tensor, z0: Tensor | None) -> Tensor:
+        def attack(xs: Tensor, ys: Tensor, targets: Tensor, z0: Tensor | None, alive: Tensor | None = None) -> Tensor:
+            region = threat  # a per-sample eps follows the samples still attacked
+            if alive is not None and isinstance(threat.eps, Tensor):
+                region = self._ball(threat.eps.index_select(0, alive.to(threat.eps.device)))
             return optimize(
-                _TowardsTarget(model, ys, targets, self.loss or cross_entropy), xs, threat, steps=self.steps,
-                step_size=self.step_length(threat), start=z0, keep_best=True, early_stop=self.early_stop,
+                _TowardsTarget(model, ys, targets, self.loss or cross_entropy), xs, region, steps=self.steps,
+                step_size=self.step_length(region), start=z0, keep_best=True, early_stop=self.early_stop,
                 generator=generator, rule=self.rule,
             ).x.to(x.dtype)
 
@@ -106,7 +114,7 @@ class APGD(BallPGD):
         best: Outcome | None = None
         for j in range(self.n_target_classes):
             z0 = start()
-            cand = attack(x[alive], y[alive], ranked[alive, j], None if z0 is None else z0[alive])
+            cand = attack(x[alive], y[alive], ranked[alive, j], None if z0 is None else z0[alive], alive)
             o = self.outcome(model, cand, y[alive])
             if best is None:
                 out[alive], best = cand, o

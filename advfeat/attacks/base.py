@@ -75,11 +75,13 @@ def keep(take: Tensor, new: tuple[Tensor, Outcome], old: tuple[Tensor, Outcome])
 
 class _Checked(Classifier):
     """The model as ``Attack.__call__`` hands it to ``run`` when it validates: the first forward's logits are
-    checked against the batch's labels (shape (n, C), every label below C), later forwards pass through."""
+    checked against the batch's labels (shape (n, C), every label below C); every forward's logits are folded into
+    ``finite`` (a device flag, no host sync), which ``__call__`` reads once at the end."""
 
     def __init__(self, model: nn.Module, labels: Tensor) -> None:
         super().__init__(model)
         self.labels: Tensor | None = labels
+        self.finite = torch.ones((), dtype=torch.bool, device=labels.device)
 
     def forward(self, x: Tensor) -> Tensor:
         logits = super().forward(x)
@@ -89,6 +91,7 @@ class _Checked(Classifier):
                                  f"{tuple(logits.shape)}")
             check_labels(self.labels, logits.shape[1])
             self.labels = None
+        self.finite = self.finite & torch.isfinite(logits.detach()).all()
         return logits
 
 
@@ -168,16 +171,18 @@ class Attack(Config, ABC):
             return x.clone()
         if generator is None and self.seed is not None:
             generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        checked = _Checked(model, y) if validate else None
         with frozen_model(model, eval_mode=self.eval_mode):
-            x_adv = self.run(_Checked(model, y) if validate else model, x, y, generator)
+            x_adv = self.run(checked if checked is not None else model, x, y, generator)
         if not isinstance(x_adv, Tensor) or x_adv.shape != x.shape:
             got = tuple(x_adv.shape) if isinstance(x_adv, Tensor) else type(x_adv).__name__
             raise ValueError(f"{type(self).__name__}.run must return a tensor of shape {tuple(x.shape)}, got {got}")
         x_adv = x_adv.detach().to(device=x.device, dtype=x.dtype)
-        if validate and not bool(torch.isfinite(x_adv).all()):  # one host sync at the end, none per step
+        # one host sync at the end, none per step: the result and every logit the attack saw
+        if checked is not None and not bool(torch.isfinite(x_adv).all() & checked.finite):
             raise FloatingPointError(
-                f"{type(self).__name__} on {name}: the model's loss or gradient became non-finite (NaN or inf) "
-                "during the attack, so the perturbed batch would hold NaN; check the model on this batch "
+                f"{type(self).__name__} on {name}: the model's logits, loss or gradient became non-finite (NaN or "
+                "inf) during the attack, so the perturbed batch cannot be trusted; check the model on this batch "
                 "(af.evaluate reports non-finite logits; torch.autograd.detect_anomaly finds the layer)")
         return x_adv.clone() if x_adv.data_ptr() == x.data_ptr() else x_adv
 

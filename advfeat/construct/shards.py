@@ -30,7 +30,8 @@ Work = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], "tuple[Tensor, Tensor
 """What one batch becomes: ``work(idx, x, y, other) -> (images, labels, meta)``, ``idx`` the samples' positions,
 ``other`` the images of their companion samples (``build(companion=)``: robustify's starting images), else None."""
 
-Finish = Callable[[int, dict[str, np.ndarray], str], None]
+Finish = Callable[[int, dict[str, np.ndarray], str, "str | None"], None]
+"""What becomes of a finished shard: ``finish(shard, arrays, source_sha256, starts_sha256)``."""
 
 
 def build(spec: Spec, work: Work, companion: Tensor | None = None) -> ConstructedDataset:
@@ -47,7 +48,7 @@ def build(spec: Spec, work: Work, companion: Tensor | None = None) -> Constructe
         parts: dict[int, dict[str, np.ndarray]] = {}
         interrupted(f"{spec.desc}: interrupted; built in memory, nothing was kept (pass out=folder to keep finished "
                     "shards and resume)", _run_shards, spec, list(range(n_shards)), work,
-                    lambda s, shard, _digest: parts.__setitem__(s, shard), spec.progress, companion)
+                    lambda s, shard, _source, _starts: parts.__setitem__(s, shard), spec.progress, companion)
         order = sorted(parts)
         return ConstructedDataset([torch.from_numpy(parts[s]["images"]) for s in order],
                                   [parts[s]["labels"] for s in order],
@@ -66,11 +67,11 @@ def build(spec: Spec, work: Work, companion: Tensor | None = None) -> Constructe
         if rank != 0:
             prepare_directory(root, manifest)
         records = finished_shards(root, verify=True)
-        _same_source(spec.source, {s: r for s, r in records.items() if s % world == rank}, str(root))
+        _same_source(spec.source, {s: r for s, r in records.items() if s % world == rank}, str(root), companion)
         todo = [s for s in range(n_shards) if s % world == rank and s not in records]
         interrupted(f"{spec.desc}: interrupted; the finished shards are kept in {root}: call again with the same "
                     f"settings and out={str(root)!r} to resume", _run_shards, spec, todo, work,
-                    lambda s, shard, digest: write_shard(root, s, s * spec.shard_size, shard, digest),
+                    lambda s, shard, source, starts: write_shard(root, s, s * spec.shard_size, shard, source, starts),
                     spec.progress and rank == 0, companion)
         barrier()
     return ConstructedDataset.load(root)
@@ -89,6 +90,7 @@ def _run_shards(spec: Spec, todo: list[int], work: Work, finish: Finish, progres
         for s, (start, stop) in zip(todo, ranges, strict=True):
             arrays: dict[str, list[np.ndarray]] = {}
             digest = hashlib.sha256()  # every source sample's bytes, as they stream: no extra pass
+            starts = hashlib.sha256() if companion is not None else None  # and those of their companions
             for _ in range(start, stop, source.batch_size):
                 idx, x, y = next(batches)
                 source.hash(digest, x, y)
@@ -97,7 +99,11 @@ def _run_shards(spec: Spec, todo: list[int], work: Work, finish: Finish, progres
                 check_labels(y, spec.classes, f"loader's labels, samples {int(idx[0])}..{int(idx[-1])} ({kept}: fix "
                              "the labels and call again to resume)")
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # pinned by the loader
-                other = next(others)[1].to(device, x.dtype, non_blocking=True) if companion is not None else None
+                other = None
+                if starts is not None:
+                    _, ox, oy = next(others)
+                    source.hash(starts, ox, oy)
+                    other = ox.to(device, x.dtype, non_blocking=True)
                 images, labels, meta = work(idx, x, y, other)
                 stored = images.detach().float().cpu()
                 if not bool(torch.isfinite(stored).all()):  # nothing non-finite is ever written
@@ -110,22 +116,32 @@ def _run_shards(spec: Spec, todo: list[int], work: Work, finish: Finish, progres
                 for k, v in {"images": stored, "labels": labels.detach().cpu().long(), **meta}.items():
                     arrays.setdefault(k, []).append(v.detach().cpu().numpy())
                 bar.update(len(idx))
-            finish(s, {k: np.concatenate(v) for k, v in arrays.items()}, digest.hexdigest())
+            finish(s, {k: np.concatenate(v) for k, v in arrays.items()}, digest.hexdigest(),
+                   None if starts is None else starts.hexdigest())
             written.append(s)
 
 
-def _same_source(source: Source, records: dict[int, dict[str, Any]], root: str) -> None:
-    """On resume: the samples of every finished shard must be those it was built from (re-read and hashed, no
-    model runs); a shard written before advfeat 0.2 has no source hash and is taken as it is."""
+def _same_source(source: Source, records: dict[int, dict[str, Any]], root: str,
+                 companion: Tensor | None = None) -> None:
+    """On resume: the samples of every finished shard, and the companion samples (start images) it was built from,
+    must be those it recorded (re-read and hashed, no model runs); a record without a hash is taken as it is."""
     checked = [(s, r) for s, r in sorted(records.items()) if r.get("source_sha256") is not None]
     ranges = [(int(r["start"]), int(r["stop"])) for _, r in checked]
-    with closing(source.batches(ranges)) as batches:  # one loader for every shard, as the build reads them
+    with_starts = companion is not None and all(r.get("starts_sha256") is not None for _, r in checked)
+    with (closing(source.batches(ranges)) as batches,  # one loader for every shard, as the build reads them
+          closing(source.batches(ranges if with_starts else [], companion)) as others):
         for (s, record), (start, stop) in zip(checked, ranges, strict=True):
-            digest = hashlib.sha256()
+            digest, starts = hashlib.sha256(), hashlib.sha256()
             for _ in range(start, stop, source.batch_size):
                 _, x, y = next(batches)
                 Source.hash(digest, x, y)
+                if with_starts:
+                    Source.hash(starts, *next(others)[1:])
             if digest.hexdigest() != record["source_sha256"]:
                 raise ValueError(f"out={root!r}: the source's samples {start}..{stop - 1} are not those shard "
                                  f"{s} was built from (the data changed since): resume with the original data, or "
                                  "use another out= to build from this data")
+            if with_starts and starts.hexdigest() != record["starts_sha256"]:
+                raise ValueError(f"out={root!r}: the start images of samples {start}..{stop - 1} (other images of "
+                                 f"the source) are not those shard {s} was built from (the data changed since): "
+                                 "resume with the original data, or use another out= to build from this data")

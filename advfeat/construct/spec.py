@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, IterableDataset, Sampler, SequentialSampler, default_collate
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, Sampler, SequentialSampler, default_collate
 
 from .._checks import check_batch, check_labels, check_logits, check_positive_int
 from .._digest import fingerprint, tensor_bytes
@@ -60,6 +60,17 @@ class _Ranges(Sampler[list[int]]):
         return sum(-(-(stop - start) // self.batch_size) for start, stop in self.ranges)
 
 
+def _every_index_in_order(sampler: Any, dataset: Any) -> bool:
+    """Whether ``sampler`` yields 0, 1, ..., len(dataset) - 1: a ``SequentialSampler`` over a source as long as the
+    dataset."""
+    if not isinstance(sampler, SequentialSampler):
+        return False
+    try:
+        return len(sampler) == len(dataset)
+    except TypeError:
+        return False
+
+
 class Source:
     """The source samples in order, batched like the caller's loader.
 
@@ -77,6 +88,12 @@ class Source:
                 raise ValueError("loader must not shuffle, sample or drop samples: order matters for resume and "
                                  "for the (seed, index) randomness; pass DataLoader(dataset, shuffle=False) or the "
                                  "Dataset itself")
+            batches = data.batch_sampler
+            if batches is not None and not (type(batches) is BatchSampler and _every_index_in_order(batches.sampler,
+                                                                                                   data.dataset)):
+                raise ValueError(f"loader's batch_sampler ({type(batches).__name__}) must batch every sample in "
+                                 "order (a construction reads the whole dataset, sample i as the i-th): pass "
+                                 "DataLoader(dataset, batch_size=..., shuffle=False) or the Dataset itself")
             self.dataset: Any = data.dataset
             self.collate: Callable[[list[Any]], Any] = data.collate_fn
             self.batch_size = batch_size if batch_size is not None else (data.batch_size or 128)
@@ -109,7 +126,7 @@ class Source:
         ids = idx.tolist()
         getitems = getattr(self.dataset, "__getitems__", None)
         items = getitems(ids) if getitems is not None else [self.dataset[i] for i in ids]
-        return self._checked(_Collate(self.collate)(items), ids[0], ids[-1], what)
+        return self._checked(_Collate(self.collate)(items), ids, what)
 
     def batches(self, ranges: Sequence[tuple[int, int]], through: Tensor | None = None
                 ) -> Generator[tuple[Tensor, Tensor, Tensor], None, None]:
@@ -123,11 +140,15 @@ class Source:
         ids = iter(sampler)
         for batch in loader:
             idx = next(ids)
-            x, y = self._checked(batch, idx[0], idx[-1], "loader")
+            x, y = self._checked(batch, idx, "loader")
             yield torch.tensor(idx), x, y
 
-    def _checked(self, batch: Any, first: int, last: int, what: str) -> tuple[Tensor, Tensor]:
+    def _checked(self, batch: Any, ids: Sequence[int], what: str) -> tuple[Tensor, Tensor]:
+        first, last = ids[0], ids[-1]
         x, y = batch_xy(batch, self.keys, f"{what}, samples {first}..{last}")
+        if x.shape[0] != len(ids) or y.shape[0] != len(ids):
+            raise ValueError(f"{what}: its collate_fn returned {x.shape[0]} samples for the {len(ids)} samples "
+                             f"{first}..{last}: a construction needs one output per input sample, in order")
         try:
             return check_batch(x, y, self.lower, self.upper)
         except (TypeError, ValueError) as e:

@@ -223,9 +223,11 @@ def _own_file(name: object, i: int, key: object) -> bool:
         and Path(name).name == name
 
 
-def write_shard(root: Path, i: int, start: int, arrays: Mapping[str, np.ndarray], source: str | None = None) -> None:
+def write_shard(root: Path, i: int, start: int, arrays: Mapping[str, np.ndarray], source: str | None = None,
+                starts: str | None = None) -> None:
     """Write a shard's arrays, then its record (the commit point), each atomically. ``source``: the sha256 of the
-    source samples the shard was built from (checked when a build resumes)."""
+    source samples the shard was built from; ``starts``: that of the other source samples its samples started from
+    (robustify's start images); both checked when a build resumes."""
     files, sums = {}, {}
     for key, arr in arrays.items():
         name = f"{shard_name(i)}.{key}.npy"
@@ -235,11 +237,14 @@ def write_shard(root: Path, i: int, start: int, arrays: Mapping[str, np.ndarray]
     record: dict[str, Any] = {"index": i, "start": start, "stop": start + n, "files": files, "sha256": sums}
     if source is not None:
         record["source_sha256"] = source
+    if starts is not None:
+        record["starts_sha256"] = starts
     atomic_write(root / f"{shard_name(i)}.json", lambda f: f.write(json.dumps(record, indent=1).encode()))
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
-    atomic_write(path, lambda f: np.save(f, np.ascontiguousarray(arr), allow_pickle=False))
+    arr = np.ascontiguousarray(arr)
+    atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False), size=arr.nbytes + 128)  # + the .npy header
 
 
 def check_directory(root: Path, manifest: dict[str, Any]) -> bool:

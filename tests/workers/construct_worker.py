@@ -87,11 +87,11 @@ def main() -> None:
     real_write = advfeat.construct.store.atomic_write
     writes = 0
 
-    def write(path: Any, fn: Any) -> None:
+    def write(path: Any, fn: Any, size: Any = None) -> None:
         nonlocal writes
         writes += 1
         if writes != args.kill_in_write:
-            return real_write(path, fn)
+            return real_write(path, fn, size)
 
         def half(f: Any) -> None:  # write half of the bytes, then die before the rename
             import io
@@ -101,7 +101,7 @@ def main() -> None:
             f.flush()
             die()
 
-        return real_write(path, half)
+        return real_write(path, half, size)
 
     advfeat.construct.store.atomic_write = write  # type: ignore[assignment]
 

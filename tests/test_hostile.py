@@ -1,0 +1,215 @@
+"""Defects a hostile user found in the newer surfaces (issue 33), one test each: the caller's loader read once per
+epoch, a collate function or batch sampler that would silently change a construction, non-finite models stopped
+by every attack, per-sample budgets through APGD-T, full disks named with the bytes needed, robustify's start
+images covered by the resume check, and the command line's OpenMP waiting policy."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tqdm.auto
+import tqdm.std
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset, default_collate
+
+import advfeat as af
+import advfeat.construct.shards
+import advfeat.progress
+from advfeat.construct.store import finished_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _data(n: int = 64) -> TensorDataset:
+    return af.data.planted(n, 16, seed=1).train
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return af.models.PlantedNet(hidden=16)
+
+
+# -- 1. the caller's loader is read once per epoch, whichever progress bar is installed ---------------------------
+
+class _CountingLoader(DataLoader):
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.reads = 0
+
+    def __iter__(self) -> Iterator[object]:
+        self.reads += 1
+        return super().__iter__()
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_the_trainer_and_evaluate_read_a_shuffling_worker_loader_once_per_epoch(monkeypatch, progress):
+    """tqdm.auto (used where ipywidgets is installed) calls iter() on what it is given: the trainer and evaluate
+    must not hand it the caller's loader. The run's weights are the same with either bar."""
+    weights = {}
+    for name, bar in (("std", tqdm.std.tqdm), ("auto", tqdm.auto.tqdm)):
+        monkeypatch.setattr(advfeat.progress, "tqdm", bar)
+        loader = _CountingLoader(_data(), batch_size=16, shuffle=True, num_workers=2,
+                                 generator=torch.Generator().manual_seed(0))
+        model = _model()
+        af.adversarial_train(model, loader, method="standard", epochs=3, lr=0.05, progress=progress)
+        assert loader.reads == 3, name
+        weights[name] = [p.detach().clone() for p in model.parameters()]
+        loader.reads = 0
+        af.evaluate(model, loader, {}, progress=progress)
+        assert loader.reads == 1, name
+    assert all(torch.equal(a, b) for a, b in zip(weights["std"], weights["auto"], strict=True))
+
+
+# -- 2 and 3. a construction refuses a loader that would silently change what it builds ---------------------------
+
+def test_a_collate_function_that_drops_samples_is_refused():
+    loader = DataLoader(_data(40), batch_size=8, collate_fn=lambda b: default_collate(b[1:]))
+    with pytest.raises(ValueError, match=r"collate_fn returned 1 samples for the 2 samples 0\.\.1"):
+        af.nonrobustify(_model(), loader, eps=0.5, steps=2, progress=False)
+
+
+@pytest.mark.parametrize("sampler", ["lists", "random", "subset"])
+def test_a_batch_sampler_that_shuffles_or_subsets_is_refused(sampler):
+    ds = _data(16)
+    batches = {"lists": [[0, 1], [2, 3]], "random": BatchSampler(RandomSampler(ds), 4, False),
+               "subset": BatchSampler(SequentialSampler(range(8)), 4, False)}[sampler]
+    with pytest.raises(ValueError, match="batch_sampler"):
+        af.nonrobustify(_model(), DataLoader(ds, batch_sampler=batches), eps=0.5, steps=2, progress=False)
+    # the batch sampler a DataLoader makes itself from batch_size is the plain one, and is accepted
+    ds_ok = af.nonrobustify(_model(), DataLoader(ds, batch_sampler=BatchSampler(SequentialSampler(ds), 4, False)),
+                            eps=0.5, steps=2, progress=False)
+    assert len(ds_ok) == 16
+
+
+# -- 4 and 5. every attack stops a non-finite model; APGD-T takes a per-sample budget -----------------------------
+
+class _NaN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16 * 16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x.flatten(1)) * float("nan")
+
+
+@pytest.mark.parametrize("attack", [
+    af.LinfPGD(0.1, steps=3), af.FGSM(0.1), af.APGD(0.1, steps=3), af.APGD(0.1, steps=3, loss=af.dlr,
+                                                                            n_target_classes=3),
+    af.L2PGD(0.5, steps=3), af.Restarts(af.LinfPGD(0.1, steps=2), 2),
+], ids=["linf", "fgsm", "apgd", "apgd-t", "l2", "restarts"])
+def test_every_attack_stops_a_model_with_non_finite_logits(attack):
+    x, y = _data(8).tensors()
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        attack(_NaN(), x, y)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_apgd_t_takes_a_per_sample_budget_as_broken_samples_drop_out(batched):
+    model = _model()
+    af.adversarial_train(model, DataLoader(_data(2000), batch_size=64, shuffle=True), method="standard", epochs=3,
+                         lr=0.1, progress=False)
+    x, y = _data(64).tensors()
+    right = af.guard.predict(model, x) == y
+    x, y = x[right][:8], y[right][:8]
+    assert len(y) == 8
+    eps = torch.tensor([3.0] * 4 + [1e-3] * 4)  # the first four break at the first target, the rest never
+    attack = af.APGD(eps, norm="l2", steps=5, loss=af.dlr, n_target_classes=3, batched=batched)
+    x_adv = attack(model, x, y, generator=torch.Generator().manual_seed(0))
+    assert ((x_adv - x).flatten(1).norm(dim=1) <= eps + 1e-5).all()
+    assert (af.guard.predict(model, x_adv[:4]) != y[:4]).all()
+
+
+# -- 6 and 7. a full disk: one line naming the folder and the bytes needed, nothing partial trusted ---------------
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs (mounting needs root: skipped with the reason where it is not allowed)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"mounting a small tmpfs is not allowed here ({done.stderr.decode().strip() or 'not root'}): "
+                    "the full-disk tests need one")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_under_the_trainer_names_the_folder_and_the_bytes(small_disk):
+    model = af.models.PlantedNet(hidden=256)  # a checkpoint of about 150 KB: more than the disk holds
+    with pytest.raises(OSError, match=rf"no space left on the device of {small_disk}: .*needs about [\d,]+ bytes"):
+        af.adversarial_train(model, DataLoader(_data(32), batch_size=16), method="standard", epochs=1,
+                             checkpoint=small_disk / "run.pt", progress=False)
+    assert [p.name for p in small_disk.iterdir()] == [".run.pt.lock"]  # the lock alone: nothing a resume reads
+
+
+def test_a_full_disk_under_robustify_names_the_folder_and_the_bytes(small_disk):
+    out = small_disk / "d_r"
+    with pytest.raises(OSError, match=rf"no space left on the device of {out}: .*needs about [\d,]+ bytes"):
+        af.robustify(_model(), _data(256), steps=2, out=out, shard_size=128, progress=False)
+    assert finished_shards(out, verify=True) == {}  # no shard a resume would trust
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_full_disk_under_replicate_exits_1_with_one_line(small_disk):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "advfeat", "replicate", "--out", str(small_disk / "run"),
+                           "--no-progress"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert done.returncode == 1, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("advfeat replicate: error: ")
+    assert "no space left on the device of" in last and "bytes" in last
+    assert "Traceback" not in done.stderr
+
+
+# -- 8. robustify's resume checks the start images its finished shards were built from ----------------------------
+
+def test_a_changed_start_image_of_a_finished_shard_is_refused_on_resume(tmp_path, monkeypatch):
+    """robustify(init="other") starts sample i from another image of the source, often one of an unfinished shard:
+    a resume must check those images too. The build is stopped after its first shard is written."""
+    n, shard = 200, 50
+    x, y = _data(n).tensors()
+    out = tmp_path / "d_r"
+    real = advfeat.construct.shards.write_shard
+
+    def write_then_stop(*args: object, **kwargs: object) -> None:
+        real(*args, **kwargs)  # type: ignore[arg-type]
+        raise RuntimeError("stopped after the first shard")
+
+    def build(images: torch.Tensor, folder: Path | None = out) -> af.ConstructedDataset:
+        return af.robustify(_model(), TensorDataset(images, y), steps=2, out=folder, shard_size=shard,
+                            progress=False)
+
+    monkeypatch.setattr(advfeat.construct.shards, "write_shard", write_then_stop)
+    with pytest.raises(RuntimeError, match="stopped after the first shard"):
+        build(x)
+    monkeypatch.setattr(advfeat.construct.shards, "write_shard", real)
+    starts = np.load(out / finished_shards(out)[0]["files"]["start_index"]).tolist()
+    sampled = set(torch.linspace(0, n - 1, 64).round().long().tolist())  # the data fingerprint's samples
+    outside = next(i for i in starts if i >= shard and i not in sampled)  # in an unfinished shard, unsampled
+    changed = x.clone()
+    changed[outside, 0, 0, 0] = 1.0 - changed[outside, 0, 0, 0]
+    with pytest.raises(ValueError, match="the start images of samples 0..49"):
+        build(changed)
+    assert torch.equal(build(x).tensors()[0], build(x, None).tensors()[0])  # the original data resumes bitwise
+
+
+# -- 9. the command line runs with OpenMP's passive waiting unless the user chose ---------------------------------
+
+@pytest.mark.parametrize("given", [None, "ACTIVE"])
+def test_the_command_line_runs_with_passive_openmp_waiting_unless_told(given):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run([sys.executable, "-m", "advfeat", "env"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert f"OMP_WAIT_POLICY={given or 'PASSIVE'}" in done.stdout
