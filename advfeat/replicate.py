@@ -43,7 +43,8 @@ from .steps import Constant, Cosine
 from .train import adversarial_train
 from .transfer import transfer_rates
 
-__all__ = ["replicate", "Settings", "SCALES", "settings_for"]
+__all__ = ["replicate", "Settings", "SCALES", "settings_for", "load_data", "make_model", "settings_record",
+           "cached_stage"]
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
@@ -141,7 +142,9 @@ def settings_for(dataset: str, scale: str) -> Settings:
     return SCALES[dataset, scale]
 
 
-def _load(s: Settings, root: str | None, seed: int) -> tuple[Dataset[Any], Dataset[Any], Any]:
+def load_data(s: Settings, root: str | None, seed: int) -> tuple[Dataset[Any], Dataset[Any], Any]:
+    """The settings' training and test sets (``n_train`` / ``n_test`` first samples), and the planted task itself
+    for ``planted`` (else None). ``root``: the dataset's folder (needed for mnist and cifar10)."""
     if s.dataset == "planted":
         p = afdata.planted(s.n_train or 10000, s.n_test or 2000, seed=seed)
         return p.train, p.test, p
@@ -162,7 +165,8 @@ def _load(s: Settings, root: str | None, seed: int) -> tuple[Dataset[Any], Datas
     return tr, te, None
 
 
-def _model(s: Settings) -> nn.Module:
+def make_model(s: Settings) -> nn.Module:
+    """A fresh, untrained model of the settings' architecture (``Settings.model``)."""
     if s.model == "PlantedNet":
         return models.PlantedNet()
     if s.model == "SmallCNN":
@@ -213,7 +217,7 @@ class _Run:
         (the controls' ensemble, whose robustness nothing reads: the attacks would cost 40% of its training)."""
         s = self.s
         torch.manual_seed(self.seed if seed is None else seed)
-        model = (make or (lambda: _model(s)))().to(self.device)
+        model = (make or (lambda: make_model(s)))().to(self.device)
         loader = DataLoader(data, batch_size=s.batch_size, shuffle=True)
         attack = L2PGD(s.eps, steps=s.train_steps)
         adversarial_train(model, loader, method=method, attack=attack, epochs=epochs, lr=lr or s.lr, device=self.device,
@@ -234,7 +238,7 @@ class _Run:
     def load_model(self, name: str, make: Callable[[], nn.Module] | None = None) -> nn.Module:
         if name in self.given:
             return self.given[name]
-        m = (make or (lambda: _model(self.s)))()
+        m = (make or (lambda: make_model(self.s)))()
         m.load_state_dict(load_tensors(self.out / "models" / f"{name}.pt", f"the {name} model of this run",
                                        f"delete it and stages/{name}.json in {self.out} to train it again",
                                        argument="--out"))
@@ -285,7 +289,7 @@ def replicate(
     given = {k: models.from_robustness(v, arch=checkpoint_arch, width=checkpoint_width, map_location=dev)
              for k, v in paths.items()}  # read (and checked) before anything is written
     with exclusive(folder_lock(outdir), f"--out {str(outdir)!r}"):
-        record = _same_settings(outdir, {"settings": _settings_record(s), "seed": seed,
+        record = _same_settings(outdir, {"settings": settings_record(s), "seed": seed,
                                          "sources": {k: str(v) for k, v in paths.items()}})
         run = _Run(s, outdir, dev, seed, progress, log)
         run.given = given
@@ -293,7 +297,8 @@ def replicate(
         return _replicate(run, root, transfer, controls, {k: str(v) for k, v in paths.items()})
 
 
-def _settings_record(s: Settings) -> dict[str, Any]:
+def settings_record(s: Settings) -> dict[str, Any]:
+    """The settings as ``settings.json`` records them (JSON values, with the constructors' default rules)."""
     rules = {"robustify_rule": repr(ROBUSTIFY_RULE), "nonrobustify_rule": repr(NONROBUSTIFY_RULE)}
     return {**json.loads(json.dumps(dataclasses.asdict(s))), **rules}
 
@@ -326,7 +331,7 @@ def _replicate(run: _Run, root: str | None, transfer: bool, controls: bool, sour
                ) -> dict[str, Any]:
     s, outdir, dev, seed, progress, log = run.s, run.out, run.device, run.seed, run.progress, run.log
     t_start = time.perf_counter()
-    train, test, planted = _load(s, root, seed)
+    train, test, planted = load_data(s, root, seed)
     run.started()
     n = len(train) if s.n_construct is None else min(s.n_construct, len(train))  # type: ignore[arg-type]
     source: Dataset[Any] = Subset(train, range(n))
@@ -382,7 +387,7 @@ def _replicate(run: _Run, root: str | None, transfer: bool, controls: bool, sour
                                                                      s.constructed_epochs))
     if controls:
         results.update(_controls(run, train, test, source, built, results))
-    summary: dict[str, Any] = {"settings": _settings_record(s), "seed": seed, "device": str(dev),
+    summary: dict[str, Any] = {"settings": settings_record(s), "seed": seed, "device": str(dev),
                                "rows": results, "labels": {k: report.SHORT[k] for k in results}, "paper": report.PAPER,
                                **extra}
     if transfer:
@@ -486,7 +491,7 @@ def _architectures(s: Settings) -> dict[str, Callable[[], nn.Module]]:
         "mlp-64": lambda: models.PlantedNet(shape, hidden=64),
         "mlp-1024": lambda: models.PlantedNet(shape, hidden=1024),
         "cnn": lambda: models.SmallCNN(in_channels=shape[0], size=size),
-        "same as source": lambda: _model(s),
+        "same as source": lambda: make_model(s),
     }
 
 

@@ -234,7 +234,7 @@ def render_report(summary: dict[str, Any]) -> str:
 
 
 MAP_AXES = ("mode", "eps", "n", "learner", "source_epochs", "rule", "learner_epochs", "seed")
-"""The axes of a generalisation map's cell (``scripts/generalisation_map.py``)."""
+"""The axes of a generalisation map's cell (``advfeat map``, ``advfeat.generalisation_map``)."""
 
 
 MEASURES = ("split", "poison")

@@ -239,9 +239,9 @@ def test_the_relabelled_sets_attack_the_settings_source_with_the_settings_rule(t
     report = (tmp_path / "report.md").read_text()
     assert "a standard model trained 1 epochs (not row 1's 2)" in report
     assert "| nonrobustify(source (1 epochs), det), eps 0.5 |" in report  # the table names the attacked model
-    source = rep._model(small)
+    source = rep.make_model(small)
     source.load_state_dict(torch.load(tmp_path / "models" / "source.pt", weights_only=True))
-    standard = rep._model(small)
+    standard = rep.make_model(small)
     standard.load_state_dict(torch.load(tmp_path / "models" / "standard.pt", weights_only=True))
     assert any(not torch.equal(a, b) for a, b in zip(source.state_dict().values(),
                                                       standard.state_dict().values(), strict=True))
@@ -302,6 +302,23 @@ def test_the_generalisation_map_shows_budget_and_size(run, tmp_path, capsys):
     assert same["cells"][0]["passes"] == 50 and not any((tmp_path / "same" / "datasets").iterdir())  # reused
     assert mapper.main(["--from", str(tmp_path / "nothing"), "--out", str(out)]) == 2
     assert "is not a replicate run" in capsys.readouterr().err
+
+
+def test_advfeat_map_is_a_command_of_the_package(run, tmp_path, capsys):
+    """`advfeat map` takes the script's options and fills a cell on planted data; the script is a shim over it."""
+    from advfeat.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["map", "--help"])
+    assert done.value.code == 0 and "--measure" in capsys.readouterr().out
+    out = tmp_path / "map"
+    assert main(["map", "--from", str(run[0]), "--out", str(out), "--design", "axes", "--base", "mode=rand",
+                 "eps=0.5", "n=500", "learner=mlp", "learner_epochs=2", "--no-progress"]) == 0
+    cells = json.loads((out / "map.json").read_text())["cells"]
+    assert len(cells) == 1 and cells[0]["n"] == 500 and 0 <= cells[0]["test_accuracy"] <= 1
+    assert _script("generalisation_map").build_cells is af.generalisation_map.build_cells
+    assert main(["map", "--out", str(tmp_path / "x"), "--design", "axes", "--base", "mode=sideways"]) == 2
+    assert "mode must be 'rand' or 'det'" in capsys.readouterr().err
 
 
 @pytest.mark.filterwarnings("ignore::advfeat.construct.LowTargetsWarning")  # eps 0.3 reaches half its targets
@@ -407,12 +424,12 @@ def test_the_protocol_chooses_the_best_admissible_cell_and_the_cheaper_on_a_tie(
 def test_a_cache_with_other_settings_is_refused(tmp_path, monkeypatch):
     out = tmp_path / "rep"
     (out / "stages").mkdir(parents=True)
-    record = {"settings": rep._settings_record(rep.SCALES["planted", "quick"]), "seed": 0, "sources": {}}
+    record = {"settings": rep.settings_record(rep.SCALES["planted", "quick"]), "seed": 0, "sources": {}}
     (out / "settings.json").write_text(json.dumps({**record, "seed": 1}))
     with pytest.raises(ValueError, match=r"--out .*other settings \(seed: 1 there, 0 here\)"):
         rep.replicate("planted", out=out, progress=False, log=lambda line: None)
     old = dataclasses.replace(rep.SCALES["planted", "quick"], robustify_step=0.1)
-    (out / "settings.json").write_text(json.dumps({**record, "settings": rep._settings_record(old)}))
+    (out / "settings.json").write_text(json.dumps({**record, "settings": rep.settings_record(old)}))
     with pytest.raises(ValueError, match=r"robustify_step: 0.1 there, 0.15 here"):
         rep.replicate("planted", out=out, progress=False, log=lambda line: None)
     assert not list((out / "stages").iterdir())  # refused before any work
