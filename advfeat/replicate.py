@@ -23,6 +23,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -338,15 +339,14 @@ def _replicate(run: _Run, root: str | None, transfer: bool, controls: bool, sour
     results: dict[str, dict[str, Any]] = {}
     for name, method, epochs in (("standard", "standard", s.std_epochs), ("robust", s.robust_method, s.robust_epochs)):
         if name in run.given:  # the authors' checkpoint: evaluated, not trained
-            results[name] = run.stage(name, lambda name=name: {  # type: ignore[misc]
-                **run.evaluate(run.given[name], test), "source": sources[name]})
+            results[name] = run.stage(name, partial(_given, run, run.given[name], test, sources[name]))
         else:
-            results[name] = run.stage(name, lambda name=name, method=method, epochs=epochs: run.train(  # type: ignore[misc]
-                name, train, test, method, epochs))
+            results[name] = run.stage(name, partial(run.train, name, train, test, method, epochs))
     extra: dict[str, Any] = {}  # results.json's keys beside the rows
     if run.source != "standard":  # a standard model trained nonrobust_source_epochs: the one the attacks relabel by
-        extra["source"] = run.stage("source", lambda: run.train(
-            "source", train, test, "standard", s.nonrobust_source_epochs))  # type: ignore[arg-type]
+        assert s.nonrobust_source_epochs is not None  # what makes run.source another model than "standard"
+        extra["source"] = run.stage("source", partial(run.train, "source", train, test, "standard",
+                                                      s.nonrobust_source_epochs))
     built: dict[str, ConstructedDataset] = {}
 
     def construct(name: str) -> dict[str, Any]:
@@ -371,11 +371,10 @@ def _replicate(run: _Run, root: str | None, transfer: bool, controls: bool, sour
         return {"construction": info, "n": len(ds)}
 
     for name in ("d_r", "d_nr", "d_rand", "d_det"):
-        c = run.stage(f"build_{name}", lambda name=name: construct(name))  # type: ignore[misc]
+        c = run.stage(f"build_{name}", partial(construct, name))
         built[name] = ConstructedDataset.load(outdir / "datasets" / name)
         lr = s.lr_nr if name in ("d_nr", "d_rand") else s.lr
-        r = run.stage(name, lambda name=name, lr=lr: run.train(  # type: ignore[misc]
-            name, built[name], test, "standard", s.constructed_epochs, lr))
+        r = run.stage(name, partial(run.train, name, built[name], test, "standard", s.constructed_epochs, lr))
         results[name] = {**r, **c, "seconds": r["seconds"] + c["seconds"]}
         if name == "d_det":
             results[name]["predicts_y_plus_1"] = run.stage("d_det_shift", lambda: _shift(run, test))["value"]
@@ -391,8 +390,8 @@ def _replicate(run: _Run, root: str | None, transfer: bool, controls: bool, sour
                                "rows": results, "labels": {k: report.SHORT[k] for k in results}, "paper": report.PAPER,
                                **extra}
     if transfer:
-        summary["transfer"] = [run.stage(f"transfer_{arch}", lambda arch=arch, make=make: _transfer(  # type: ignore[misc]
-            run, arch, make, built["d_det"], test)) for arch, make in _architectures(s).items()]
+        summary["transfer"] = [run.stage(f"transfer_{arch}", partial(_transfer, run, arch, make, built["d_det"], test))
+                               for arch, make in _architectures(s).items()]
         t = list(summary["transfer"])
         if "d_det_bugs" in results:  # the bugs set as a point (the authors' reply: it sits near the origin)
             b = results["d_det_bugs"]
@@ -410,6 +409,17 @@ def _replicate(run: _Run, root: str | None, transfer: bool, controls: bool, sour
     return summary
 
 
+def _given(run: _Run, model: nn.Module, test: Dataset[Any], source: str) -> dict[str, Any]:
+    """A stage of an authors' checkpoint: evaluated, not trained, with where it came from."""
+    return {**run.evaluate(model, test), "source": source}
+
+
+def _leakage(run: _Run, robust: nn.Module, ds: ConstructedDataset, test: Dataset[Any]) -> dict[str, Any]:
+    """Goh's probe on ``ds``: a linear classifier on the robust model's logits, scored on the real test set."""
+    return {"clean": leakage_probe(robust, ds, test, device=run.device, seed=run.seed), "n": len(ds),
+            "features": "logits"}
+
+
 def _controls(run: _Run, train: Dataset[Any], test: Dataset[Any], source: Dataset[Any],
               built: dict[str, ConstructedDataset], results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The critics' controls (``advfeat.controls``), each stage cached like the six experiments. The cheap ones
@@ -420,9 +430,8 @@ def _controls(run: _Run, train: Dataset[Any], test: Dataset[Any], source: Datase
     standard = run.load_model(run.source)
     robust = run.load_model("robust")
     for mode in ("rand", "det"):
-        rows[f"leakage_{mode}"] = run.stage(f"leakage_{mode}", lambda mode=mode: {  # type: ignore[misc]
-            "clean": leakage_probe(robust, built[f"d_{mode}"], test, device=run.device, seed=seed),
-            "n": len(built[f"d_{mode}"]), "features": "logits"})
+        rows[f"leakage_{mode}"] = run.stage(f"leakage_{mode}", partial(_leakage, run, robust, built[f"d_{mode}"],
+                                                                        test))
     for mode in ("rand", "det"):
         def build_shortcut(mode: str = mode) -> dict[str, Any]:
             ds = shortcut(standard, source, mode=mode, eps=s.nonrobust_eps, seed=seed, device=run.device,
@@ -433,8 +442,8 @@ def _controls(run: _Run, train: Dataset[Any], test: Dataset[Any], source: Datase
         info = run.stage(f"build_shortcut_{mode}", build_shortcut)
         ds = ConstructedDataset.load(out / "datasets" / f"shortcut_{mode}")
         lr = s.lr_nr if mode == "rand" else s.lr
-        trained = run.stage(f"shortcut_{mode}", lambda ds=ds, mode=mode, lr=lr: run.train(  # type: ignore[misc]
-            f"shortcut_{mode}", ds, test, "standard", s.constructed_epochs, lr))
+        trained = run.stage(f"shortcut_{mode}", partial(run.train, f"shortcut_{mode}", ds, test, "standard",
+                                                        s.constructed_epochs, lr))
         rows[f"shortcut_{mode}"] = {**trained, **info, "seconds": trained["seconds"] + info["seconds"]}
     weak = run.stage("weak", lambda: run.train("weak", train, test, "standard", s.weak_epochs, seed=seed + 100))
 
@@ -448,8 +457,8 @@ def _controls(run: _Run, train: Dataset[Any], test: Dataset[Any], source: Datase
     # one to measure transfer, whose seed no ensemble member can take whatever the ensemble's size
     seeds = {f"ensemble_{i}": seed + 1 + i for i in range(s.controls_ensemble)} | {"transfer_probe": seed + 10_000}
     for name, model_seed in seeds.items():
-        run.stage(name, lambda name=name, model_seed=model_seed: run.train(  # type: ignore[misc]
-            name, train, test, "standard", s.std_epochs, seed=model_seed, robust=False))
+        run.stage(name, partial(run.train, name, train, test, "standard", s.std_epochs, seed=model_seed,
+                                robust=False))
     ensemble = [run.load_model(n) for n in seeds if n.startswith("ensemble_")]
     fresh = run.load_model("transfer_probe")
 
