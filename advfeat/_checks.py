@@ -16,6 +16,15 @@ def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
     return value
 
 
+def check_seed(name: str, value: object) -> int:
+    """An int seed in ``[0, 2**63)``, what ``torch.Generator.manual_seed`` takes."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if not 0 <= value < 2**63:
+        raise ValueError(f"{name} must be in [0, 2**63), got {value}")
+    return value
+
+
 def check_positive_float(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
@@ -97,6 +106,8 @@ def check_device(name: str, device: object) -> torch.device:
             raise ValueError(f"{name}={str(device)!r}: no such CUDA device here (devices: {have})")
     elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"{name}={str(device)!r}: MPS is not available here (devices: cpu)")
+    elif dev.type == "meta":
+        raise ValueError(f"{name}='meta' holds no values: train and construct on 'cpu' or 'cuda'")
     return dev
 
 

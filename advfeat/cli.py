@@ -111,6 +111,10 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     import os
     from pathlib import Path
 
+    if not args.out.strip():
+        parser.error("--out must name a folder, got an empty string (it would write into the current folder)")
+    if not 0 <= args.seed < 2**63:
+        parser.error(f"--seed must be in [0, 2**63), got {args.seed}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         parser.error(f"--out {args.out!r} is a file, not a folder")

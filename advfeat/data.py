@@ -30,6 +30,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ._checks import check_positive_int, check_seed
+
 __all__ = [
     "ImageDataset", "read_idx", "mnist", "fashion_mnist", "cifar10", "from_release", "Planted", "planted",
     "FASHION_MNIST_ROOT", "RELEASE_FOLDERS", "CLASS_NAMES",
@@ -303,6 +305,9 @@ def planted(
     at eps 0.5 (7 steps) keeps about 83% clean and 62% robust. The model learns the small non-robust feature
     only after it has fitted the large robust one: train long enough (30+ epochs), or it stays robust.
     """
+    check_positive_int("n_train", n_train)
+    check_positive_int("n_test", n_test)
+    check_seed("seed", seed)
     c, h, w = shape
     d = c * h * w
     if 2 * classes > d:

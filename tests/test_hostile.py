@@ -6,6 +6,7 @@ images covered by the resume check, and the command line's OpenMP waiting policy
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -213,3 +214,32 @@ def test_the_command_line_runs_with_passive_openmp_waiting_unless_told(given):
     done = subprocess.run([sys.executable, "-m", "advfeat", "env"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert f"OMP_WAIT_POLICY={given or 'PASSIVE'}" in done.stdout
+
+
+# -- also worth fixing: one line naming the argument ----------------------------------------------------------
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: af.data.planted(-5), "n_train must be >= 1"),
+    (lambda: af.data.planted(10, 10, seed=1.5), "seed must be an int"),
+    (lambda: af.robustify(_model(), _data(8), seed=1.5, steps=1, progress=False), "seed must be an int"),
+    (lambda: af.nonrobustify(_model(), _data(8), seed=2**70, steps=1, progress=False), r"seed must be in \[0"),
+    (lambda: af.robustify(_model(), _data(8), steps=1, device="meta", progress=False), "'meta' holds no values"),
+], ids=["planted-n", "planted-seed", "robustify-seed", "nonrobustify-seed", "meta-device"])
+def test_bad_arguments_are_named(call, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        call()
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--out", ""], "--out must name a folder"), (["--seed", str(2**70)], r"--seed must be in \[0"),
+    (["--device", "meta"], "'meta' holds no values"),
+], ids=["empty-out", "huge-seed", "meta"])
+def test_bad_replicate_flags_exit_2_naming_the_flag(flags, match, capsys, tmp_path, monkeypatch):
+    from advfeat.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as done:
+        main(["replicate", *flags])
+    assert done.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []  # nothing written

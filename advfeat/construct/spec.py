@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, Sampler, SequentialSampler, default_collate
 
-from .._checks import check_batch, check_labels, check_logits, check_positive_int
+from .._checks import check_batch, check_labels, check_logits, check_positive_int, check_seed
 from .._digest import fingerprint, tensor_bytes
 from ..adapters import batch_xy, check_keys, classifier
 from ..guard import device_of, frozen_model
@@ -238,6 +238,7 @@ def specify(kind: str, model: nn.Module, loader: Any, *, settings: Mapping[str, 
         raise ValueError(f"mode must be 'det' (t = y + 1 mod C) or 'rand' (t uniform over the other classes); "
                          f"got {mode!r}")
     check_positive_int("shard_size", shard_size)
+    check_seed("seed", seed)
     if storage not in STORAGE:
         raise ValueError(f"storage must be 'float32' (default, exact) or 'uint8' (quantised to 1/255, which can "
                          f"erase non-robust features); got {storage!r}")
