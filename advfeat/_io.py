@@ -141,19 +141,13 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object], size: i
             finally:
                 written = _position(f)
         os.replace(tmp, target)
-    except Exception as e:
+    except BaseException as e:  # Ctrl-C included: nothing partial is left
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        if _no_space(e):  # torch.save's RuntimeError and numpy's short write carry the ENOSPC inside
+        if isinstance(e, Exception) and _no_space(e):  # torch's and numpy's errors carry the ENOSPC inside
             raise _full(target, size, written) from None
-        raise
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     _fsync_dir(target.parent)
 

@@ -44,6 +44,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence, Sized
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -261,69 +262,73 @@ def build_cells(out: str | Path, cells: Sequence[Mapping[str, Any]], *, source: 
             sizes[k] = max(sizes.get(k, 0), c["n"])
         shape = tuple(data(full[0]["seed"])[0][0][0].shape)
         make = learners(shape)
+
+        def cell_set(c: Mapping[str, Any]) -> ConstructedDataset:
+            """The relabelled set a cell trains on (built once, for the largest n that uses it)."""
+            return relabelled(c, sizes[tuple(c[a] for a in set_key)])
+
+        def learning_rate(c: Mapping[str, Any]) -> float:
+            return s.lr_nr if c["mode"] == "rand" else s.lr
+
+        def cell(c: Mapping[str, Any], name: str) -> dict[str, Any]:
+            n, seed, ds = c["n"], c["seed"], cell_set(c)
+            if len(ds) < n:
+                raise ValueError(f"--sizes: {n} is more than the {len(ds)} images of the training set")
+            prefix: Dataset[Any] = Subset(ds, range(n))
+            test = data(seed)[1]
+            t0 = time.perf_counter()
+            model = trained(name, prefix, make[c["learner"]], "standard", c["learner_epochs"], learning_rate(c), seed)
+            train_s = time.perf_counter() - t0
+            return {"test_accuracy": shifted_accuracy(model, test), "fit": shifted_accuracy(model, prefix),
+                    "predicts_shift": shifted_accuracy(model, test, shift=1) if c["mode"] == "det" else None,
+                    "targets_reached": float(ds.meta["target_reached"][:n].double().mean()),
+                    "leakage": leakage_probe(robust_model(seed), prefix, test, seed=seed),
+                    "train_seconds": round(train_s, 2)}
+
+        def split(c: Mapping[str, Any], name: str) -> dict[str, Any]:
+            """Learners on the reached and the unreached parts apart (equal sizes) and on the unperturbed
+            images with the set's labels (the same size)."""
+            n, seed, ds = c["n"], c["seed"], cell_set(c)
+            reached = ds.meta["target_reached"][:n].bool()
+            parts = {"reached": reached.nonzero().squeeze(1), "unreached": (~reached).nonzero().squeeze(1)}
+            size = min(len(v) for v in parts.values())
+            out: dict[str, Any] = {"split_size": size, "reached_teaches": None, "unreached_teaches": None,
+                                   "random_labels_teach": None}
+            if size == 0:
+                return out
+            g = torch.Generator().manual_seed(seed)
+            chosen = {k: v[torch.randperm(len(v), generator=g)[:size]].sort().values.tolist()
+                      for k, v in parts.items()}
+            chosen["random_labels"] = torch.randperm(n, generator=g)[:size].sort().values.tolist()
+            for part, idx in chosen.items():
+                train: Dataset[Any] = (Subset(ds, idx) if part != "random_labels" else
+                                       Relabelled(Subset(data(seed)[0], idx), ds.labels[idx]))
+                model = trained(f"{name}_{part}", train, make[c["learner"]], "standard", c["learner_epochs"],
+                                learning_rate(c), seed)
+                out[f"{part}_teaches" if part != "random_labels" else "random_labels_teach"] = \
+                    shifted_accuracy(model, data(seed)[1])
+            return out
+
+        def poison(c: Mapping[str, Any], name: str) -> dict[str, Any]:
+            """A learner on D_det's images with their true labels, and one on the clean images with theirs."""
+            n, seed, ds = c["n"], c["seed"], cell_set(c)
+            poisoned = Relabelled(Subset(ds, range(n)), ds.meta["original_label"][:n].long())
+            model = trained(f"{name}_poison", poisoned, make[c["learner"]], "standard", c["learner_epochs"],
+                            s.lr, seed)
+            clean_name = f"clean_n{n}_{c['learner']}_e{c['learner_epochs']}_s{seed}"
+            clean = trained(clean_name, Subset(data(seed)[0], range(n)), make[c["learner"]], "standard",
+                            c["learner_epochs"], s.lr, seed)
+            return {"poison_accuracy": shifted_accuracy(model, data(seed)[1]),
+                    "clean_accuracy": shifted_accuracy(clean, data(seed)[1])}
+
         results = []
         for c in full:
-            n, seed = c["n"], c["seed"]
             name = "_".join(f"{a}{c[a]:g}" if isinstance(c[a], float) else f"{a}{c[a]}" for a in AXES)
-
-            def cell(c: Mapping[str, Any] = c, name: str = name, n: int = n, seed: int = seed) -> dict[str, Any]:
-                ds = relabelled(c, sizes[tuple(c[a] for a in set_key)])
-                if len(ds) < n:
-                    raise ValueError(f"--sizes: {n} is more than the {len(ds)} images of the training set")
-                prefix: Dataset[Any] = Subset(ds, range(n))
-                test = data(seed)[1]
-                t0 = time.perf_counter()
-                lr = s.lr_nr if c["mode"] == "rand" else s.lr
-                model = trained(name, prefix, make[c["learner"]], "standard", c["learner_epochs"], lr, seed)
-                train_s = time.perf_counter() - t0
-                return {"test_accuracy": shifted_accuracy(model, test), "fit": shifted_accuracy(model, prefix),
-                        "predicts_shift": shifted_accuracy(model, test, shift=1) if c["mode"] == "det" else None,
-                        "targets_reached": float(ds.meta["target_reached"][:n].double().mean()),
-                        "leakage": leakage_probe(robust_model(seed), prefix, test, seed=seed),
-                        "train_seconds": round(train_s, 2)}
-
-            def split(c: Mapping[str, Any] = c, name: str = name, n: int = n, seed: int = seed) -> dict[str, Any]:
-                """Learners on the reached and the unreached parts apart (equal sizes) and on the unperturbed
-                images with the set's labels (the same size)."""
-                ds = relabelled(c, sizes[tuple(c[a] for a in set_key)])
-                reached = ds.meta["target_reached"][:n].bool()
-                parts = {"reached": reached.nonzero().squeeze(1), "unreached": (~reached).nonzero().squeeze(1)}
-                size = min(len(v) for v in parts.values())
-                out: dict[str, Any] = {"split_size": size, "reached_teaches": None, "unreached_teaches": None,
-                                       "random_labels_teach": None}
-                if size == 0:
-                    return out
-                g = torch.Generator().manual_seed(seed)
-                lr = s.lr_nr if c["mode"] == "rand" else s.lr
-                chosen = {k: v[torch.randperm(len(v), generator=g)[:size]].sort().values.tolist()
-                          for k, v in parts.items()}
-                chosen["random_labels"] = torch.randperm(n, generator=g)[:size].sort().values.tolist()
-                for part, idx in chosen.items():
-                    train: Dataset[Any] = (Subset(ds, idx) if part != "random_labels" else
-                                           Relabelled(Subset(data(seed)[0], idx), ds.labels[idx]))
-                    model = trained(f"{name}_{part}", train, make[c["learner"]], "standard", c["learner_epochs"],
-                                    lr, seed)
-                    out[f"{part}_teaches" if part != "random_labels" else "random_labels_teach"] = \
-                        shifted_accuracy(model, data(seed)[1])
-                return out
-
-            def poison(c: Mapping[str, Any] = c, name: str = name, n: int = n, seed: int = seed) -> dict[str, Any]:
-                """A learner on D_det's images with their true labels, and one on the clean images with theirs."""
-                ds = relabelled(c, sizes[tuple(c[a] for a in set_key)])
-                poisoned = Relabelled(Subset(ds, range(n)), ds.meta["original_label"][:n].long())
-                model = trained(f"{name}_poison", poisoned, make[c["learner"]], "standard", c["learner_epochs"],
-                                s.lr, seed)
-                clean_name = f"clean_n{n}_{c['learner']}_e{c['learner_epochs']}_s{seed}"
-                clean = trained(clean_name, Subset(data(seed)[0], range(n)), make[c["learner"]], "standard",
-                                c["learner_epochs"], s.lr, seed)
-                return {"poison_accuracy": shifted_accuracy(model, data(seed)[1]),
-                        "clean_accuracy": shifted_accuracy(clean, data(seed)[1])}
-
             passes = rules(s)[c["rule"]](c["eps"])["steps"]  # forward+backward passes per image of the attack
-            found = {**c, **stage(name, cell), "passes": passes}
+            found = {**c, **stage(name, partial(cell, c, name)), "passes": passes}
             for m, fn in (("split", split), ("poison", poison)):
                 if m in measures and (m != "poison" or c["mode"] == "det"):
-                    found.update(stage(f"{name}_{m}", fn))
+                    found.update(stage(f"{name}_{m}", partial(fn, c, name)))
             results.append(found)
             result: dict[str, Any] = {
                 "from": None if src is None else str(src), "dataset": s.dataset, "settings": rep.settings_record(s),

@@ -11,7 +11,6 @@ from torch import Tensor, nn
 from .._checks import check_logits, check_positive_int
 from ..engine import optimize, working_dtype
 from ..steps import APGDStep, StepRule
-from ..threat import ThreatModel, ball
 from .base import Outcome, calls, keep, tile
 from .gradient import BallPGD
 from .losses import LossFn, cross_entropy, dlr, dlr_targeted
@@ -71,10 +70,6 @@ class APGD(BallPGD):
 
     def _norm(self) -> str:
         return self.norm
-
-    def _ball(self, eps: Tensor) -> ThreatModel:
-        """This attack's ball with the radii ``eps`` (the samples still attacked)."""
-        return ball(self._norm(), eps, lower=self.lower, upper=self.upper)
 
     @property
     def batched_restarts(self) -> bool:

@@ -168,7 +168,11 @@ class BallPGD(GradientAttack):
         raise NotImplementedError
 
     def threat_model(self) -> ThreatModel:
-        return ball(self._norm(), self.eps, lower=self.lower, upper=self.upper)
+        return self._ball(self.eps)
+
+    def _ball(self, eps: float | Tensor) -> ThreatModel:
+        """This attack's ball with the radii ``eps`` (APGD-T: those of the samples still attacked)."""
+        return ball(self._norm(), eps, lower=self.lower, upper=self.upper)
 
 
 @dataclass(frozen=True, eq=False, repr=False)
