@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import Tensor
 
-__all__ = ["check_batch", "check_device", "check_labels", "check_logits", "check_positive_int", "check_positive_float"]
+__all__ = ["check_batch", "check_device", "check_labels", "check_logits", "check_positive_int", "check_positive_float",
+           "describe_differences"]
 
 
 def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
@@ -113,3 +117,16 @@ def check_device(name: str, device: object) -> torch.device:
 
 def _show(v: float | Tensor) -> str:
     return f"tensor of shape {tuple(v.shape)}" if isinstance(v, Tensor) else f"{v:g}"
+
+
+def describe_differences(before: Mapping[str, Any], now: Mapping[str, Any], where: str = "there",
+                         here: str = "here") -> str:
+    """Every key whose value differs between two records, as ``"key: <before> <where>, <now> <here>"`` joined by
+    ``"; "`` in key order; ``""`` when they agree. The one wording of "what differs" in a refusal (a checkpoint,
+    a construction folder, a replication folder).
+
+    >>> describe_differences({"seed": 1, "n": 5}, {"seed": 0, "n": 5, "eps": 0.5})
+    'eps: None there, 0.5 here; seed: 1 there, 0 here'
+    """
+    keys = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    return "; ".join(f"{k}: {before.get(k)!r} {where}, {now.get(k)!r} {here}" for k in keys)

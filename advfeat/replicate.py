@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import data as afdata
 from . import figures, models, report
-from ._checks import check_device
+from ._checks import check_device, describe_differences
 from ._io import atomic_write, load_tensors
 from ._lock import exclusive, folder_lock
 from .attacks import L2PGD
@@ -311,13 +311,12 @@ def _same_settings(out: Path, record: dict[str, Any]) -> Callable[[], None]:
     if f.exists():
         before = json.loads(f.read_text())
         if before != record:
-            old, new = before.get("settings", {}), record["settings"]
-            diff = [f"{k}: {old.get(k)!r} there, {new.get(k)!r} here" for k in sorted(set(old) | set(new))
-                    if old.get(k) != new.get(k)]
-            diff += [f"{k}: {before.get(k)!r} there, {record[k]!r} here" for k in ("seed", "sources")
-                     if before.get(k) != record[k]]
+            diff = [describe_differences(before.get("settings", {}), record["settings"]),
+                    describe_differences({k: before.get(k) for k in ("seed", "sources")},
+                                         {k: record[k] for k in ("seed", "sources")})]
             raise ValueError(f"--out {str(out)!r} holds the stages of a run with other settings ("
-                             + "; ".join(diff) + "): use another --out, or delete this one to start afresh")
+                             + "; ".join(d for d in diff if d) + "): use another --out, or delete this one to "
+                             "start afresh")
         return lambda: None
 
     def write() -> None:  # called once the run has started work: a run that fails on its data leaves no record

@@ -295,3 +295,55 @@ def test_methods_that_attack_after_a_clean_forward_train_a_batchnorm_model(metho
     history = af.adversarial_train(model, DataLoader(data, batch_size=16), method=method,
                                    attack=af.L2PGD(0.5, steps=2), epochs=1, progress=False)
     assert len(history) == 1 and history[0]["train_loss"] == history[0]["train_loss"]
+
+
+class _Counting(af.train.Callback):
+    """A user's callback with memory to resume: counts batches, adds the count to every epoch's record."""
+
+    state_key = "counting"
+
+    def __init__(self) -> None:
+        self.batches, self.calls = 0, []
+
+    def on_fit_start(self, trainer):
+        self.calls.append("fit_start")
+
+    def on_batch(self, trainer, x, y):
+        self.batches += 1
+
+    def on_epoch_end(self, trainer, record):
+        self.calls.append("epoch_end")
+        record["batches_so_far"] = self.batches
+
+    def on_epoch_saved(self, trainer, record):
+        self.calls.append("saved")
+        assert trainer.history[-1] is record
+
+    def on_fit_end(self, trainer):
+        self.calls.append("fit_end")
+
+    def state_dict(self):
+        return {"batches": self.batches}
+
+    def load_state_dict(self, state):
+        self.batches = state["batches"]
+
+
+def test_a_users_callback_gets_every_hook_in_order_and_its_state_survives_a_resume(tmp_path):
+    data = af.data.planted(96, 32, seed=0)
+    loader = DataLoader(data.train, batch_size=32)
+    ck = tmp_path / "ck.pt"
+    first = _Counting()
+    torch.manual_seed(0)
+    hist = af.adversarial_train(af.models.PlantedNet(hidden=8), loader, method="standard", epochs=2, progress=False,
+                                callbacks=[first], checkpoint=ck, history_file=tmp_path / "h.jsonl")
+    assert first.calls == ["fit_start", "epoch_end", "saved", "epoch_end", "saved", "fit_end"]
+    assert [h["batches_so_far"] for h in hist] == [3, 6]
+    assert [json.loads(line)["batches_so_far"] for line in (tmp_path / "h.jsonl").read_text().splitlines()] == [3, 6]
+    assert read_checkpoint(ck)["counting"] == {"batches": 6}
+    resumed = _Counting()
+    more = af.adversarial_train(af.models.PlantedNet(hidden=8), loader, method="standard", epochs=2, progress=False,
+                                callbacks=[resumed], checkpoint=ck, resume=True)
+    assert resumed.batches == 6 and resumed.calls == ["fit_start", "fit_end"] and more == hist
+    with pytest.raises(TypeError, match="callbacks must be advfeat.train.Callback"):
+        af.AdversarialTrainer(af.models.PlantedNet(), loader, method="standard", callbacks=[print])

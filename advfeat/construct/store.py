@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .._checks import describe_differences
 from .._digest import sha256_file
 from .._io import atomic_write
 
@@ -255,10 +256,8 @@ def check_directory(root: Path, manifest: dict[str, Any]) -> bool:
     m = root / "manifest.json"
     if m.exists():
         old = read_manifest(root)
-        mine, theirs = manifest["config"], old.get("config", {})
-        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-        if diff:
-            shown = "; ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in diff)
+        shown = describe_differences(old.get("config", {}), manifest["config"], "there", "now")
+        if shown:
             raise ValueError(f"out={str(root)!r} holds a construction with other settings ({shown}); "
                              "choose another directory or the original settings")
         return True
