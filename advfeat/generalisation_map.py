@@ -46,7 +46,7 @@ from collections.abc import Callable, Mapping, Sequence, Sized
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any, cast
+from typing import IO, Any, cast
 
 import torch
 from torch import nn
@@ -336,7 +336,7 @@ def build_cells(out: str | Path, cells: Sequence[Mapping[str, Any]], *, source: 
                 "complete": len(results) == len(full), "total_seconds": round(time.perf_counter() - t_start, 2)}
             # after every cell, so a sweep of hours can be read (and published) while it runs
             for file, text in (("map.json", json.dumps(result, indent=1)), ("map.md", render(result))):
-                atomic_write(outdir / file, lambda f, text=text: f.write(text.encode()))  # type: ignore[misc]
+                atomic_write(outdir / file, partial(_write, text.encode()))
         varying = [a for a in AXES if len({json.dumps(c[a]) for c in results}) > 1]
         if set(varying) <= {"mode", "eps", "n", "learner"}:  # a grid over the first map's axes: the heat map
             fig = figures.generalisation_map([{**c, "mode": f"D_{c['mode']}"} for c in results])
@@ -460,3 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _write(data: bytes, f: IO[bytes]) -> None:
+    f.write(data)

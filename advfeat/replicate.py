@@ -21,11 +21,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -45,7 +45,7 @@ from .train import adversarial_train
 from .transfer import transfer_rates
 
 __all__ = ["replicate", "Settings", "SCALES", "settings_for", "load_data", "make_model", "settings_record",
-           "cached_stage"]
+           "cached_stage", "Stage", "CONSTRUCTED"]
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
@@ -112,8 +112,8 @@ _FMNIST_FULL_V1 = replace(_FMNIST, scale="full", n_test=None, n_construct=None, 
                           constructed_epochs=15, robustify_steps=50, robustify_step=0.24)
 # D_rand and D_det: the setting docs/replication.md's protocol chose from the Fashion-MNIST map at 20,000 images
 # (seed 0) and confirmed at 60,000 (seeds 0 and 1): L2 eps 3, 50 constant steps of 0.2, through a standard SmallCNN
-# trained 3 epochs. Until 2026-12-02: eps 2.0, the default rule, through row 1's model (15 epochs): D_det 14.7%.
-# The bugs keep twice D_det's budget, as at the quick scale (4.0 there).
+# trained 3 epochs (docs/results.md keeps the earlier setting's numbers). The bugs keep twice D_det's budget, as at
+# the quick scale (4.0 there).
 _FMNIST_FULL = replace(_FMNIST_FULL_V1, nonrobust_eps=3.0, nonrobust_step=0.2, nonrobust_steps=50,
                        nonrobust_source_epochs=3, controls_eps=6.0)
 
@@ -199,6 +199,7 @@ class _Run:
         self.s, self.out, self.device, self.seed, self.progress, self.log = s, out, device, seed, progress, log
         self.given: dict[str, nn.Module] = {}  # models read from the authors' checkpoints instead of trained
         self.started: Callable[[], None] = lambda: None  # records the settings once the data is loaded
+        self.done: dict[str, dict[str, Any]] = {}  # the records of the stages run so far, by name
         for sub in ("models", "datasets", "stages", "checkpoints", "grids"):
             (out / sub).mkdir(parents=True, exist_ok=True)
 
@@ -208,8 +209,15 @@ class _Run:
         attack: row 1's, or the ``source`` stage's when the settings give ``nonrobust_source_epochs``."""
         return "standard" if self.s.nonrobust_source_epochs is None else "source"
 
-    def stage(self, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        return cached_stage(self.out / "stages", name, fn, self.log)
+    def stages(self, stages: list[Stage]) -> dict[str, dict[str, Any]]:
+        """Run ``stages`` in order, each computed once (``cached_stage``); returns their records by name. A stage
+        whose ``needs`` have not run (here or earlier in this run) is a declaration error."""
+        for st in stages:
+            missing = [n for n in st.needs if n not in self.done]
+            if missing:
+                raise RuntimeError(f"stage {st.name!r} needs {missing} to run before it")
+            self.done[st.name] = cached_stage(self.out / "stages", st.name, st.compute, self.log)
+        return {st.name: self.done[st.name] for st in stages}
 
     def train(self, name: str, data: Dataset[Any], test: Dataset[Any], method: str, epochs: int,
               lr: float | None = None, make: Callable[[], nn.Module] | None = None,
@@ -327,70 +335,95 @@ def _same_settings(out: Path, record: dict[str, Any]) -> Callable[[], None]:
     return write
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One cached step of a run, declared as data: its ``name`` (the cache file ``stages/<name>.json`` and, for a
+    trained model, ``models/<name>.pt``), the stages whose outputs it reads (``needs``: run before it, by the
+    run's order) and the function that computes its record."""
+
+    name: str
+    compute: Callable[[], dict[str, Any]]
+    needs: tuple[str, ...] = ()
+
+
+CONSTRUCTED = ("d_r", "d_nr", "d_rand", "d_det")
+"""The constructed sets of the six experiments, in the order they are built and learned."""
+
+
+def _experiment_stages(run: _Run, train: Dataset[Any], test: Dataset[Any], source: Dataset[Any],
+                       planted: Any, sources: dict[str, str]) -> list[Stage]:
+    """The six experiments and the control, in run order."""
+    s = run.s
+    stages = [Stage(name, partial(_given, run, run.given[name], test, sources[name])) if name in run.given
+              else Stage(name, partial(run.train, name, train, test, method, epochs))
+              for name, method, epochs in (("standard", "standard", s.std_epochs),
+                                           ("robust", s.robust_method, s.robust_epochs))]
+    if s.nonrobust_source_epochs is not None:  # a standard model of that length: the one the attacks relabel by
+        stages.append(Stage("source", partial(run.train, "source", train, test, "standard",
+                                              s.nonrobust_source_epochs)))
+    for name in CONSTRUCTED:
+        model = ("robust" if name == "d_r" else "standard") if name in ("d_r", "d_nr") else run.source
+        lr = s.lr_nr if name in ("d_nr", "d_rand") else s.lr
+        stages += [Stage(f"build_{name}", partial(_construct, run, name, model, source, planted), (model,)),
+                   Stage(name, partial(_learn, run, name, test, lr), (f"build_{name}",))]
+    stages.append(Stage("d_det_shift", partial(_shift, run, test), ("d_det",)))
+    if not _control_is_row_1(run, train):
+        stages.append(Stage("control", partial(run.train, "control", source, test, "standard",
+                                               s.constructed_epochs)))
+    return stages
+
+
+def _control_stages(run: _Run, train: Dataset[Any], test: Dataset[Any], source: Dataset[Any]) -> list[Stage]:
+    """The critics' controls (``advfeat.controls``), in run order. The cheap ones come first (Goh's leakage probes
+    take seconds; the shortcuts and Wallace's distillation one model each), so a long run shows them early; the
+    bugs set, whose ensemble of standard models is most of the cost, comes last."""
+    s, seed = run.s, run.seed
+    stages = [Stage(f"leakage_{mode}", partial(_leakage, run, mode, test), ("robust", f"build_d_{mode}"))
+              for mode in ("rand", "det")]
+    for mode in ("rand", "det"):
+        lr = s.lr_nr if mode == "rand" else s.lr
+        stages += [Stage(f"build_shortcut_{mode}", partial(_build_shortcut, run, mode, source), (run.source,)),
+                   Stage(f"shortcut_{mode}", partial(_learn, run, f"shortcut_{mode}", test, lr),
+                         (f"build_shortcut_{mode}",))]
+    stages += [Stage("weak", partial(run.train, "weak", train, test, "standard", s.weak_epochs, seed=seed + 100)),
+               Stage("distill_wrong", partial(_distill, run, train, test), ("weak",))]
+    # independently trained standard models: the ones the bugs must not fool (seeds seed+1, seed+2, ...), and a fresh
+    # one to measure transfer, whose seed no ensemble member can take whatever the ensemble's size
+    members = _ensemble(run)
+    stages += [Stage(name, partial(run.train, name, train, test, "standard", s.std_epochs, seed=model_seed,
+                                   robust=False)) for name, model_seed in members.items()]
+    stages += [Stage("build_d_det_bugs", partial(_build_bugs, run, source), (run.source, *members)),
+               Stage("d_det_bugs", partial(_learn, run, "d_det_bugs", test, s.lr), ("build_d_det_bugs",)),
+               Stage("d_det_transfer", partial(_transfer_rate, run, "d_det"), ("build_d_det", "transfer_probe"))]
+    return stages
+
+
 def _replicate(run: _Run, root: str | None, transfer: bool, controls: bool, sources: dict[str, str]
                ) -> dict[str, Any]:
-    s, outdir, dev, seed, progress, log = run.s, run.out, run.device, run.seed, run.progress, run.log
+    s, outdir, seed, log = run.s, run.out, run.seed, run.log
     t_start = time.perf_counter()
     train, test, planted = load_data(s, root, seed)
     run.started()
-    n = len(train) if s.n_construct is None else min(s.n_construct, len(train))  # type: ignore[arg-type]
-    source: Dataset[Any] = Subset(train, range(n))
-    results: dict[str, dict[str, Any]] = {}
-    for name, method, epochs in (("standard", "standard", s.std_epochs), ("robust", s.robust_method, s.robust_epochs)):
-        if name in run.given:  # the authors' checkpoint: evaluated, not trained
-            results[name] = run.stage(name, partial(_given, run, run.given[name], test, sources[name]))
-        else:
-            results[name] = run.stage(name, partial(run.train, name, train, test, method, epochs))
-    extra: dict[str, Any] = {}  # results.json's keys beside the rows
-    if run.source != "standard":  # a standard model trained nonrobust_source_epochs: the one the attacks relabel by
-        assert s.nonrobust_source_epochs is not None  # what makes run.source another model than "standard"
-        extra["source"] = run.stage("source", partial(run.train, "source", train, test, "standard",
-                                                      s.nonrobust_source_epochs))
-    built: dict[str, ConstructedDataset] = {}
-
-    def construct(name: str) -> dict[str, Any]:
-        common: dict[str, Any] = dict(out=outdir / "datasets" / name, device=dev, progress=progress, seed=seed,
-                      batch_size=s.batch_size, shard_size=1024)
-        if name in ("d_r", "d_nr"):
-            model = run.load_model("robust" if name == "d_r" else "standard")
-            ds = robustify(model, source, steps=s.robustify_steps, step_size=s.robustify_step, **common)
-            d = ds.meta["rel_distance"]
-            info = {"rel_distance_median": float(d.median()), "rel_distance_p90": float(d.quantile(0.9))}
-        else:
-            ds = nonrobustify(run.load_model(run.source), source, mode=name[2:], eps=s.nonrobust_eps,
-                              **s.nonrobust_kwargs(), **common)
-            info = {"targets_reached": float(ds.meta["target_reached"].double().mean())}
-        if planted is not None:
-            x, _ = ds.tensors()
-            fa, fb = planted.features(x)
-            y = ds.meta["original_label"] if "original_label" in ds.meta else ds.labels
-            info["robust_feature_says_y"] = float((fa.argmax(1) == y).double().mean())
-            info["nonrobust_feature_says_y"] = float((fb.argmax(1) == y).double().mean())
-            info["nonrobust_feature_says_label"] = float((fb.argmax(1) == ds.labels).double().mean())
-        return {"construction": info, "n": len(ds)}
-
-    for name in ("d_r", "d_nr", "d_rand", "d_det"):
-        c = run.stage(f"build_{name}", partial(construct, name))
-        built[name] = ConstructedDataset.load(outdir / "datasets" / name)
-        lr = s.lr_nr if name in ("d_nr", "d_rand") else s.lr
-        r = run.stage(name, partial(run.train, name, built[name], test, "standard", s.constructed_epochs, lr))
-        results[name] = {**r, **c, "seconds": r["seconds"] + c["seconds"]}
-        if name == "d_det":
-            results[name]["predicts_y_plus_1"] = run.stage("d_det_shift", lambda: _shift(run, test))["value"]
-    if n == len(train) and s.constructed_epochs == s.std_epochs and "standard" not in run.given:  # type: ignore[arg-type]
-        # the source is all of D, trained as row 1 is (same data, order, lr and epochs): the control is row 1
-        results["control"] = {**results["standard"], "seconds": 0.0, "same_as": "standard"}
-    else:
-        results["control"] = run.stage("control", lambda: run.train("control", source, test, "standard",
-                                                                     s.constructed_epochs))
+    source: Dataset[Any] = Subset(train, range(_construct_count(s, train)))
+    done = run.stages(_experiment_stages(run, train, test, source, planted, sources))
+    results = {name: _row(done, name) for name in ("standard", "robust", *CONSTRUCTED)}
+    results["d_det"]["predicts_y_plus_1"] = done["d_det_shift"]["value"]
+    results["control"] = done["control"] if "control" in done else {**done["standard"], "seconds": 0.0,
+                                                                      "same_as": "standard"}
+    extra: dict[str, Any] = {"source": done["source"]} if "source" in done else {}  # results.json beside the rows
     if controls:
-        results.update(_controls(run, train, test, source, built, results))
-    summary: dict[str, Any] = {"settings": settings_record(s), "seed": seed, "device": str(dev),
+        c = run.stages(_control_stages(run, train, test, source))
+        results |= {name: _row(c, name) for name in ("leakage_rand", "leakage_det", "shortcut_rand", "shortcut_det",
+                                                     "distill_wrong", "d_det_bugs")}
+        results["d_det"]["transfer_rate"] = c["d_det_transfer"]["value"]
+    built = {name: ConstructedDataset.load(outdir / "datasets" / name) for name in CONSTRUCTED}
+    summary: dict[str, Any] = {"settings": settings_record(s), "seed": seed, "device": str(run.device),
                                "rows": results, "labels": {k: report.SHORT[k] for k in results}, "paper": report.PAPER,
                                **extra}
     if transfer:
-        summary["transfer"] = [run.stage(f"transfer_{arch}", partial(_transfer, run, arch, make, built["d_det"], test))
-                               for arch, make in _architectures(s).items()]
+        summary["transfer"] = list(run.stages(
+            [Stage(f"transfer_{arch}", partial(_transfer, run, arch, make, test), ("build_d_det", run.source))
+             for arch, make in _architectures(s).items()]).values())
         t = list(summary["transfer"])
         if "d_det_bugs" in results:  # the bugs set as a point (the authors' reply: it sits near the origin)
             b = results["d_det_bugs"]
@@ -408,81 +441,109 @@ def _replicate(run: _Run, root: str | None, transfer: bool, controls: bool, sour
     return summary
 
 
+def _row(done: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
+    """A row of the results: its stage's record, with its set's construction (``build_<name>``) when it has one
+    and the time of both."""
+    r, c = done[name], done.get(f"build_{name}")
+    return dict(r) if c is None else {**r, **c, "seconds": r["seconds"] + c["seconds"]}
+
+
+def _construct_count(s: Settings, train: Dataset[Any]) -> int:
+    """How many training images the constructed sets come from (the first ``n_construct``; all by default)."""
+    n = len(cast(Sized, train))
+    return n if s.n_construct is None else min(s.n_construct, n)
+
+
+def _control_is_row_1(run: _Run, train: Dataset[Any]) -> bool:
+    """Whether the same-size control would train row 1 again: the sets come from all of D, learned as row 1 is
+    (same data, order, lr and epochs) by a model the run trains itself."""
+    s = run.s
+    return (_construct_count(s, train) == len(cast(Sized, train)) and s.constructed_epochs == s.std_epochs
+            and "standard" not in run.given)
+
+
+def _construct(run: _Run, name: str, model: str, source: Dataset[Any], planted: Any) -> dict[str, Any]:
+    """Build one of the four sets from ``source`` through the run's model ``model``."""
+    s = run.s
+    common: dict[str, Any] = dict(out=run.out / "datasets" / name, device=run.device, progress=run.progress,
+                                  seed=run.seed, batch_size=s.batch_size, shard_size=1024)
+    if name in ("d_r", "d_nr"):
+        ds = robustify(run.load_model(model), source, steps=s.robustify_steps, step_size=s.robustify_step, **common)
+        d = ds.meta["rel_distance"]
+        info = {"rel_distance_median": float(d.median()), "rel_distance_p90": float(d.quantile(0.9))}
+    else:
+        ds = nonrobustify(run.load_model(model), source, mode=name[2:], eps=s.nonrobust_eps, **s.nonrobust_kwargs(),
+                          **common)
+        info = {"targets_reached": float(ds.meta["target_reached"].double().mean())}
+    if planted is not None:
+        x, _ = ds.tensors()
+        fa, fb = planted.features(x)
+        y = ds.meta["original_label"] if "original_label" in ds.meta else ds.labels
+        info["robust_feature_says_y"] = float((fa.argmax(1) == y).double().mean())
+        info["nonrobust_feature_says_y"] = float((fb.argmax(1) == y).double().mean())
+        info["nonrobust_feature_says_label"] = float((fb.argmax(1) == ds.labels).double().mean())
+    return {"construction": info, "n": len(ds)}
+
+
+def _learn(run: _Run, name: str, test: Dataset[Any], lr: float) -> dict[str, Any]:
+    """A fresh standard model trained on the built set ``datasets/<name>`` and evaluated."""
+    built = ConstructedDataset.load(run.out / "datasets" / name)
+    return run.train(name, built, test, "standard", run.s.constructed_epochs, lr)
+
+
 def _given(run: _Run, model: nn.Module, test: Dataset[Any], source: str) -> dict[str, Any]:
     """A stage of an authors' checkpoint: evaluated, not trained, with where it came from."""
     return {**run.evaluate(model, test), "source": source}
 
 
-def _leakage(run: _Run, robust: nn.Module, ds: ConstructedDataset, test: Dataset[Any]) -> dict[str, Any]:
-    """Goh's probe on ``ds``: a linear classifier on the robust model's logits, scored on the real test set."""
-    return {"clean": leakage_probe(robust, ds, test, device=run.device, seed=run.seed), "n": len(ds),
-            "features": "logits"}
+def _leakage(run: _Run, mode: str, test: Dataset[Any]) -> dict[str, Any]:
+    """Goh's probe on D_<mode>: a linear classifier on the robust model's logits, scored on the real test set."""
+    ds = ConstructedDataset.load(run.out / "datasets" / f"d_{mode}")
+    return {"clean": leakage_probe(run.load_model("robust"), ds, test, device=run.device, seed=run.seed),
+            "n": len(ds), "features": "logits"}
 
 
-def _controls(run: _Run, train: Dataset[Any], test: Dataset[Any], source: Dataset[Any],
-              built: dict[str, ConstructedDataset], results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The critics' controls (``advfeat.controls``), each stage cached like the six experiments. The cheap ones
-    come first (Goh's leakage probes take seconds; the shortcuts and Wallace's distillation one model each), so a
-    long run shows them early; the bugs set, whose ensemble of standard models is most of the cost, comes last."""
-    s, out, seed = run.s, run.out, run.seed
-    rows: dict[str, dict[str, Any]] = {}
-    standard = run.load_model(run.source)
-    robust = run.load_model("robust")
-    for mode in ("rand", "det"):
-        rows[f"leakage_{mode}"] = run.stage(f"leakage_{mode}", partial(_leakage, run, robust, built[f"d_{mode}"],
-                                                                        test))
-    for mode in ("rand", "det"):
-        def build_shortcut(mode: str = mode) -> dict[str, Any]:
-            ds = shortcut(standard, source, mode=mode, eps=s.nonrobust_eps, seed=seed, device=run.device,
-                          out=out / "datasets" / f"shortcut_{mode}", progress=run.progress, batch_size=s.batch_size,
-                          shard_size=1024)
-            return {"targets_reached": float(ds.meta["target_reached"].double().mean()), "n": len(ds)}
+def _build_shortcut(run: _Run, mode: str, source: Dataset[Any]) -> dict[str, Any]:
+    """Jordan's class-keyed shortcut control in place of D_<mode>'s perturbations."""
+    s = run.s
+    ds = shortcut(run.load_model(run.source), source, mode=mode, eps=s.nonrobust_eps, seed=run.seed,
+                  device=run.device, out=run.out / "datasets" / f"shortcut_{mode}", progress=run.progress,
+                  batch_size=s.batch_size, shard_size=1024)
+    return {"targets_reached": float(ds.meta["target_reached"].double().mean()), "n": len(ds)}
 
-        info = run.stage(f"build_shortcut_{mode}", build_shortcut)
-        ds = ConstructedDataset.load(out / "datasets" / f"shortcut_{mode}")
-        lr = s.lr_nr if mode == "rand" else s.lr
-        trained = run.stage(f"shortcut_{mode}", partial(run.train, f"shortcut_{mode}", ds, test, "standard",
-                                                        s.constructed_epochs, lr))
-        rows[f"shortcut_{mode}"] = {**trained, **info, "seconds": trained["seconds"] + info["seconds"]}
-    weak = run.stage("weak", lambda: run.train("weak", train, test, "standard", s.weak_epochs, seed=seed + 100))
 
-    def distill() -> dict[str, Any]:
-        wrong = wrong_labels(run.load_model("weak"), train, device=run.device, progress=run.progress)
-        r = run.train("distill_wrong", wrong, test, "standard", s.constructed_epochs)
-        return {**r, "n": len(wrong), "teacher_accuracy": weak["clean"]}
+def _distill(run: _Run, train: Dataset[Any], test: Dataset[Any]) -> dict[str, Any]:
+    """Wallace's distillation: a fresh model learns the weak model's wrong labels alone."""
+    wrong = wrong_labels(run.load_model("weak"), train, device=run.device, progress=run.progress)
+    r = run.train("distill_wrong", wrong, test, "standard", run.s.constructed_epochs)
+    return {**r, "n": len(wrong), "teacher_accuracy": run.done["weak"]["clean"]}
 
-    rows["distill_wrong"] = run.stage("distill_wrong", distill)
-    # independently trained standard models: the ones the bugs must not fool (seeds seed+1, seed+2, ...), and a fresh
-    # one to measure transfer, whose seed no ensemble member can take whatever the ensemble's size
-    seeds = {f"ensemble_{i}": seed + 1 + i for i in range(s.controls_ensemble)} | {"transfer_probe": seed + 10_000}
-    for name, model_seed in seeds.items():
-        run.stage(name, partial(run.train, name, train, test, "standard", s.std_epochs, seed=model_seed,
-                                robust=False))
-    ensemble = [run.load_model(n) for n in seeds if n.startswith("ensemble_")]
+
+def _ensemble(run: _Run) -> dict[str, int]:
+    """The bugs' ensemble members and the fresh transfer probe, with their seeds."""
+    seed = run.seed
+    return {f"ensemble_{i}": seed + 1 + i for i in range(run.s.controls_ensemble)} | {"transfer_probe": seed + 10_000}
+
+
+def _transfer_rate(run: _Run, name: str) -> dict[str, Any]:
+    """The share of the relabelled set ``datasets/<name>`` that the fresh model classifies as the new label."""
+    x, t = ConstructedDataset.load(run.out / "datasets" / name).tensors()
     fresh = run.load_model("transfer_probe")
+    with torch.no_grad():
+        pred = torch.cat([fresh(x[i:i + 500].to(run.device)).argmax(1).cpu() for i in range(0, len(x), 500)])
+    return {"value": float((pred == t).double().mean())}
 
-    def transfer(ds: ConstructedDataset) -> float:
-        """The share of a relabelled set that the fresh model classifies as the new label."""
-        x, t = ds.tensors()
-        with torch.no_grad():
-            pred = torch.cat([fresh(x[i:i + 500].to(run.device)).argmax(1).cpu() for i in range(0, len(x), 500)])
-        return float((pred == t).double().mean())
 
-    def build_bugs() -> dict[str, Any]:
-        ds = nonrobustify(standard, source, mode="det", eps=s.controls_eps, rule=Cosine(),
-                          step_size=s.controls_eps, steps=s.controls_steps, keep_correct=ensemble,
-                          out=out / "datasets" / "d_det_bugs", device=run.device, progress=run.progress, seed=seed,
-                          batch_size=s.batch_size, shard_size=1024)
-        return {"targets_reached": float(ds.meta["target_reached"].double().mean()), "transfer_rate": transfer(ds),
-                "n": len(ds)}
-
-    bugs_info = run.stage("build_d_det_bugs", build_bugs)
-    bugs = ConstructedDataset.load(out / "datasets" / "d_det_bugs")
-    trained = run.stage("d_det_bugs", lambda: run.train("d_det_bugs", bugs, test, "standard", s.constructed_epochs))
-    plain = run.stage("d_det_transfer", lambda: {"value": transfer(built["d_det"])})
-    results["d_det"]["transfer_rate"] = plain["value"]
-    rows["d_det_bugs"] = {**trained, **bugs_info, "seconds": trained["seconds"] + bugs_info["seconds"]}
-    return rows
+def _build_bugs(run: _Run, source: Dataset[Any]) -> dict[str, Any]:
+    """Nakkiran's bugs: D_det's targets reached while the independently trained ensemble stays right."""
+    s = run.s
+    ensemble = [run.load_model(n) for n in _ensemble(run) if n.startswith("ensemble_")]
+    ds = nonrobustify(run.load_model(run.source), source, mode="det", eps=s.controls_eps, rule=Cosine(),
+                      step_size=s.controls_eps, steps=s.controls_steps, keep_correct=ensemble,
+                      out=run.out / "datasets" / "d_det_bugs", device=run.device, progress=run.progress,
+                      seed=run.seed, batch_size=s.batch_size, shard_size=1024)
+    return {"targets_reached": float(ds.meta["target_reached"].double().mean()),
+            "transfer_rate": _transfer_rate(run, "d_det_bugs")["value"], "n": len(ds)}
 
 
 def _architectures(s: Settings) -> dict[str, Callable[[], nn.Module]]:
@@ -503,10 +564,12 @@ def _architectures(s: Settings) -> dict[str, Callable[[], nn.Module]]:
     }
 
 
-def _transfer(run: _Run, arch: str, make: Callable[[], nn.Module], d_det: Dataset[Any],
-              test: Dataset[Any]) -> dict[str, Any]:
+def _transfer(run: _Run, arch: str, make: Callable[[], nn.Module], test: Dataset[Any]) -> dict[str, Any]:
+    """Figure 3's point for ``arch``: its test accuracy after learning D_det, and the rate at which the source's
+    adversarial examples transfer to it."""
     s = run.s
     name = f"transfer_{arch.replace(' ', '_')}"
+    d_det = ConstructedDataset.load(run.out / "datasets" / "d_det")
     acc = run.train(name, d_det, test, "standard", s.constructed_epochs, s.lr, make=make)["clean"]
     target = run.load_model(name, make)
     torch.manual_seed(run.seed)
