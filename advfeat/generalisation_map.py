@@ -78,10 +78,10 @@ def render(result: dict[str, Any]) -> str:
 
 def rules(settings: rep.Settings) -> dict[str, Callable[[float], dict[str, Any]]]:
     """The constructions by name: each gives ``nonrobustify``'s keyword arguments for a budget ``eps``, as
-    ``replicate`` would with those ``Settings.nonrobust_*`` fields (``default``: nonrobustify's default until
-    2026-12-02, 25 cosine steps from eps; ``fixed``: 50 constant steps of 0.2; ``kumano``: 100 constant steps of
-    eps/5, keeping the best; ``quarter``: 50 constant steps of eps/4, the planted benchmark's choice and
-    nonrobustify's default since)."""
+    ``replicate`` would with those ``Settings.nonrobust_*`` fields (``default``: 25 cosine steps from eps, an
+    earlier default of nonrobustify (CHANGELOG.md); ``fixed``: 50 constant steps of 0.2; ``kumano``: 100 constant
+    steps of eps/5, keeping the best; ``quarter``: 50 constant steps of eps/4, the planted benchmark's choice and
+    nonrobustify's default)."""
     def recipe(step: float | None, steps: int, keep_best: bool = False) -> dict[str, Any]:
         return replace(settings, nonrobust_step=step, nonrobust_steps=steps,
                        nonrobust_keep_best=keep_best).nonrobust_kwargs()
