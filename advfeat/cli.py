@@ -1,5 +1,5 @@
 """The ``advfeat`` console script (also ``python -m advfeat``): ``advfeat replicate [options]``, ``advfeat map
-[options]`` (``advfeat.generalisation_map``), and ``advfeat env`` (what this process runs with, for a bug report).
+[options]`` (``advfeat.replicate.map``), and ``advfeat env`` (what this process runs with, for a bug report).
 
 The command line runs with ``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets the variable: OpenMP's default
 busy-waiting threads make two jobs on one machine each four to six times slower than alone (docs/benchmarks.md).
@@ -27,12 +27,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  "command line.")
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("env", help="print what this process runs with (versions, threads, OpenMP policy, devices)")
-    from . import generalisation_map
+    from .replicate import map as the_map
+    from .replicate import map_cli
 
     m = sub.add_parser("map", help="map when non-robust features generalise: D_rand / D_det cells with the leakage "
-                       "probe", description=generalisation_map.__doc__,
+                       "probe", description=the_map.__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    generalisation_map.add_arguments(m)
+    map_cli.add_arguments(m)
     r = sub.add_parser("replicate", help="run the paper's six experiments and write a report",
                        description="Train standard and robust models, build D_R, D_NR, D_rand and D_det, train on "
                        "each, evaluate, and write report.md, results.json and image grids to --out. Finished "
@@ -62,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "env":
         return _env()
     if args.command == "map":
-        return generalisation_map.run(args, m)
+        return map_cli.run(args, m)
     _check(r, args)
     from ._lock import InUseError
     from .allocator import tune

@@ -4,9 +4,7 @@ checkpoints (``advfeat.train.checkpoint``) and the callbacks (``advfeat.train.ca
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterable, Mapping, Sequence, Sized
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, cast
 
@@ -17,20 +15,19 @@ from .._checks import (
     check_batch,
     check_device,
     check_labels,
-    check_logits,
     check_positive_float,
     check_positive_int,
     describe_differences,
 )
 from .._dist import barrier, rank_world
 from .._lock import exclusive_for_job, file_lock
-from ..adapters import batch_xy, check_keys, classifier
+from ..adapters import batch_xy, check_keys
 from ..attacks import Attack
-from ..guard import frozen_model
-from ..methods import DEFAULT_METHOD, NAMES, TrainContext, TrainingMethod, from_name
-from ..progress import interrupted, progress_bar
+from ..methods import DEFAULT_METHOD, NAMES, TrainingMethod, from_name
+from ..progress import interrupted
 from .callbacks import Callback, EpochEvaluation, Guard, HistoryFile
 from .checkpoint import read_checkpoint, recover, rng_state, save_checkpoint, set_rng_state
+from .epoch import train_epoch
 
 __all__ = ["AdversarialTrainer", "adversarial_train", "METHODS"]
 
@@ -233,7 +230,7 @@ class AdversarialTrainer:
         for cb in self.callbacks:
             cb.on_fit_start(self)
         while self.epoch < self.epochs:
-            record = self._train_epoch()
+            record = train_epoch(self)
             for cb in self.callbacks:
                 cb.on_epoch_end(self, record)
             self.epoch += 1
@@ -259,85 +256,6 @@ class AdversarialTrainer:
         except (TypeError, ValueError) as e:
             raise type(e)(f"loader, {where}: {e}") from None
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-    def _train_epoch(self) -> dict[str, Any]:
-        sampler = getattr(self.loader, "sampler", None)
-        set_epoch = getattr(sampler, "set_epoch", None)
-        if set_epoch is not None:
-            set_epoch(self.epoch)
-        ctx = TrainContext(classifier(self.model), classifier(self.module), self.attack_eval_mode, {}, self.epoch)
-        start = time.perf_counter()
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        correct = torch.zeros((), device=self.device, dtype=torch.int64)
-        seen = 0
-        first_bad = torch.full((), -1, device=self.device, dtype=torch.int64)  # first non-finite batch
-        expected = self._per_epoch // self.method.steps_per_batch if self._per_epoch is not None else None
-        said = f"len() = {expected} said when training started (the schedule is set by it): a loader must yield " \
-               "the same number of batches every epoch"
-        desc = f"{type(self.method).__name__} epoch {self.epoch + 1}/{self.epochs}"
-        with progress_bar(self.loader, desc=desc, enabled=self.progress and rank_world()[0] == 0,
-                          unit="batch") as bar:
-            for b, batch in enumerate(bar):
-                where = f"epoch {self.epoch + 1}, batch {b + 1}"
-                if expected is not None and b >= expected:
-                    raise ValueError(f"loader yielded more batches in epoch {self.epoch + 1} than its {said}")
-                x, y = self.batch_on_device(batch, where)
-                for cb in self.callbacks:
-                    cb.on_batch(self, x, y)
-                loss, logits = self._optimise(x, y, ctx, where)
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), b + 1, first_bad)
-                seen += y.shape[0]
-                loss_sum += loss.detach().double() * y.shape[0]
-                correct += (logits.detach().argmax(1) == y).sum()
-        if seen == 0:
-            raise ValueError(f"loader yielded no batches in epoch {self.epoch + 1}")
-        bad = int(first_bad)  # the epoch's one host sync for it, where the loop syncs anyway
-        if bad > 0:
-            last = f"; the last good checkpoint ({self.checkpoint}) is kept" if self.checkpoint is not None else ""
-            raise FloatingPointError(f"non-finite training loss at epoch {self.epoch + 1}, batch {bad} (first); "
-                                     f"training stopped at the epoch's end{last}")
-        if expected is not None and b + 1 < expected:
-            raise ValueError(f"loader yielded {b + 1} batches in epoch {self.epoch + 1}, {expected - b - 1} fewer "
-                             f"than its {said}")
-        return {"epoch": self.epoch + 1, "train_loss": float(loss_sum) / seen, "train_accuracy": int(correct) / seen,
-                "lr": float(self.optimizer.param_groups[0]["lr"]), "seconds": time.perf_counter() - start}
-
-    def _optimise(self, x: Tensor, y: Tensor, ctx: TrainContext, where: str) -> tuple[Tensor, Tensor]:
-        """Every optimiser step the method asks for on this batch; returns the last step's loss and logits."""
-        steps = self.method.batch(ctx.model, x, y, ctx)
-        last: tuple[Tensor, Tensor] | None = None
-        while True:
-            self.model.train()
-            try:
-                with self._autocast():
-                    loss, logits = next(steps)
-            except StopIteration:
-                break
-            except (RuntimeError, ValueError, IndexError):
-                if self.epoch == 0 and self.optimizer.state == {}:
-                    self._explain(x, y)  # a clear message when the model's output is what went wrong
-                raise
-            if self._classes is None:
-                self._classes = check_logits(logits, y)  # once: later batches are checked on the CPU copy
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            last = (loss, logits)
-        if last is None:
-            raise RuntimeError(f"{type(self.method).__name__}.batch yielded no loss at {where}")
-        return last
-
-    def _autocast(self) -> AbstractContextManager[Any]:
-        if self.amp is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
-
-    def _explain(self, x: Tensor, y: Tensor) -> None:
-        inner = classifier(self.module)
-        with torch.no_grad(), frozen_model(inner):
-            check_logits(inner(x), y)
 
 
 def _callbacks(method: TrainingMethod, attack: Attack | None, eval_loader: Batches | None,

@@ -1,0 +1,89 @@
+"""``advfeat map``: the generalisation map's command line (``advfeat.replicate.map`` computes it)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .. import report
+from .._lock import InUseError
+from ..allocator import tune
+from .map import AXES, LEARNERS, build_cells, choose, design
+
+__all__ = ["add_arguments", "run", "main"]
+
+
+def _parse(value: str, axis: str) -> Any:
+    if axis in ("mode", "learner", "rule"):
+        return value
+    if axis == "eps":
+        return float(value)
+    return int(value)
+
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The map's options, on ``ap`` (``advfeat map`` and ``scripts/generalisation_map.py`` share them)."""
+    ap.add_argument("--from", dest="source", default=None, help="a finished `advfeat replicate --out` folder")
+    ap.add_argument("--dataset", default="fashion-mnist", help="without --from: the settings' dataset")
+    ap.add_argument("--scale", default="full", help="without --from: the settings' scale (quick or full)")
+    ap.add_argument("--out", help="where the map's sets, models and outputs are cached")
+    ap.add_argument("--choose", metavar="MAP_JSON", default=None,
+                    help="only read a map.json (also one still being filled) and print the protocol's choice "
+                         "(docs/replication.md): the admissible D_det cells of --choose-n images, seed 0")
+    ap.add_argument("--choose-n", type=int, default=20000)
+    ap.add_argument("--design", default="grid", help="grid (every combination) or axes (one axis at a time)")
+    ap.add_argument("--base", nargs="*", default=[], metavar="AXIS=VALUE", help=f"the base point; axes: {AXES}")
+    ap.add_argument("--vary", nargs="*", default=[], metavar="AXIS=V1,V2",
+                    help="the values of each axis to map (default with --from: eps=1,2,3 mode=rand,det "
+                         "n=5000,20000,60000 learner=cnn,mlp,resnet)")
+    ap.add_argument("--root", default=None, help="the dataset's folder, as given to replicate")
+    ap.add_argument("--measure", nargs="*", default=[], choices=report.MEASURES,
+                    help="measurements added to every cell: split (the reached and unreached parts apart, and the "
+                         "unperturbed images with the set's labels), poison (D_det cells: its images with their "
+                         "true labels against the clean images)")
+    ap.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
+    """Run the map the parsed ``args`` describe; the exit status (2: a bad option or a folder in use)."""
+    if args.choose:
+        print(choose(json.loads(Path(args.choose).read_text())["cells"], n=args.choose_n)[1])
+        return 0
+    if not args.out:
+        ap.error("--out is required (unless --choose)")
+    tune()
+    try:
+        base, vary = {}, {}
+        for item in args.base:
+            k, _, v = item.partition("=")
+            base[k] = _parse(v, k)
+        for item in args.vary:
+            k, _, v = item.partition("=")
+            vary[k] = [_parse(x, k) for x in v.split(",")]
+        if not vary and args.design == "grid":
+            vary = {"eps": [1.0, 2.0, 3.0], "mode": ["rand", "det"], "n": [5000, 20000, 60000],
+                    "learner": list(LEARNERS)}
+        build_cells(args.out, design(args.design, base, vary), source=args.source, dataset=args.dataset,
+                    scale=args.scale, root=args.root, progress=not args.no_progress,
+                    measures=args.measure)
+    except (ValueError, InUseError) as e:
+        print(f"{ap.prog}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``advfeat map`` as a function: parse ``argv`` (default: the process's) and run."""
+    ap = argparse.ArgumentParser(prog="advfeat map", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    return run(ap.parse_args(argv), ap)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
