@@ -157,9 +157,12 @@ def image_grid(images: Tensor, labels: Tensor, class_names: Sequence[str] | None
 
 
 def transfer_scatter(rates: Sequence[float], accuracies: Sequence[float], names: Sequence[str] | None = None, *,
-                     title: str = "Transfer and learning from D_det (the paper's Figure 3)") -> Figure:
+                     title: str = "Transfer and learning from D_det (the paper's Figure 3)",
+                     xlabel: str = "transfer rate of the source model's adversarial examples (%)",
+                     ylabel: str = "test accuracy after training on D_det (%)") -> Figure:
     """Test accuracy of models trained on D_det against the rate at which the source model's adversarial
-    examples transfer to them (fractions in [0, 1]), each point named, with a least-squares line."""
+    examples transfer to them (fractions in [0, 1]), each point named, with a least-squares line. The map's
+    teaching-against-transfer figure is the same plot with its own labels."""
     fig = _figure(5.2, 4.0)
     ax = fig.add_subplot()
     xs = [100 * r for r in rates]
@@ -176,10 +179,31 @@ def transfer_scatter(rates: Sequence[float], accuracies: Sequence[float], names:
         ax.plot(grid.numpy(), (slope * grid + intercept).numpy(), color="#ee6677", lw=1,
                 label=f"fit: {float(slope):.2f} x {'-' if intercept < 0 else '+'} {abs(float(intercept)):.1f}")
         ax.legend(fontsize=7)
-    ax.set_xlabel("transfer rate of the source model's adversarial examples (%)")
-    ax.set_ylabel("test accuracy after training on D_det (%)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
+    return fig
+
+
+def learning_curves(curves: Mapping[str, Sequence[float]], *, chance: float = 0.1,
+                    title: str = "Real test accuracy of each learner after every epoch") -> Figure:
+    """One line per learner (its name: the label) of its per-epoch accuracy (fractions), its peak marked, and
+    chance as a dashed line."""
+    fig = _figure(5.6, 4.0)
+    ax = fig.add_subplot()
+    for name, curve in curves.items():
+        ys = [100 * v for v in curve]
+        epochs = list(range(1, len(ys) + 1))
+        (line,) = ax.plot(epochs, ys, marker="o", ms=2, lw=1, label=name)
+        best = max(range(len(ys)), key=ys.__getitem__)
+        ax.plot([epochs[best]], [ys[best]], marker="*", ms=8, color=line.get_color())
+    ax.axhline(100 * chance, color="gray", ls="--", lw=0.8)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("real test accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
     return fig
 
 

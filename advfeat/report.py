@@ -18,7 +18,7 @@ from . import figures
 from .construct import ConstructedDataset
 
 __all__ = ["PAPER", "ROWS", "SHORT", "CONTROLS", "MAP_AXES", "MEASURES", "render_report", "headline_table",
-           "map_table", "measures_table", "draw"]
+           "map_table", "measures_table", "teaching_table", "spearman", "curve_summary", "draw"]
 
 PAPER = {  # CIFAR-10, ResNet-50: clean / under L2 eps 0.25 (docs/paper.md)
     "standard": (95, 4), "robust": (91, 82), "d_r": (84, 48), "d_nr": (88, 0), "d_rand": (63, 0),
@@ -205,6 +205,12 @@ def render_report(summary: dict[str, Any]) -> str:
         lines += ["", f"D_rand, D_det and the bugs were built through a standard model trained "
                   f"{s['nonrobust_source_epochs']} epochs (not row 1's {s['std_epochs']}): {_pct(src['clean'])}% "
                   "clean on the real test set.", ""]
+    curves = [f"{label} {_pct(peak)}% at epoch {epoch}, final {_pct(final)}%" for key, label in
+              (("d_rand", "D_rand"), ("d_det", "D_det")) if "curve" in rows.get(key, {})
+              for peak, epoch, final in [curve_summary(rows[key]["curve"])]]
+    if curves:
+        lines += ["", "Learners' real-test accuracy over their epochs (peak, its epoch, final): "
+                  + "; ".join(curves) + ". The table reports the final epoch, as the protocol does.", ""]
     controls, transfer = controls_table(summary), transfer_table(summary)
     if controls:
         lines += ["## The critics' controls", "",
@@ -237,10 +243,83 @@ MAP_AXES = ("mode", "eps", "n", "learner", "source_epochs", "rule", "learner_epo
 """The axes of a generalisation map's cell (``advfeat map``, ``advfeat.generalisation_map``)."""
 
 
-MEASURES = ("split", "poison")
+MEASURES = ("split", "poison", "transfer")
 """The map's measurements beside a cell's teaching (``advfeat map --measure``): ``split``, learners trained on the
 reached and the unreached parts of the set apart (equal sizes) and on the unperturbed images with the set's labels;
-``poison``, a D_det's images with their true labels against the clean images (Fowl et al. 2021)."""
+``poison``, a D_det's images with their true labels against the clean images (Fowl et al. 2021); ``transfer``, how
+often independently trained models (two of the source's architecture, one of another) classify the set's moved
+images as the set's label, beside the same for the unperturbed images."""
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Spearman's rank correlation (average ranks for ties); None for fewer than 3 pairs or a constant side.
+
+    >>> spearman([0.1, 0.2, 0.3, 0.4], [10, 30, 20, 40])
+    0.8
+    """
+    if len(xs) != len(ys):
+        raise ValueError(f"xs and ys must have the same length, got {len(xs)} and {len(ys)}")
+    if len(xs) < 3:
+        return None
+
+    def ranks(v: list[float]) -> list[float]:
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2 + 1
+            i = j + 1
+        return r
+
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return None if sxx == 0 or syy == 0 else round(sxy / (sxx * syy) ** 0.5, 4)
+
+
+def curve_summary(curve: list[float]) -> tuple[float, int, float]:
+    """A learner's per-epoch real-test curve as (peak, the peak's epoch counted from 1, final)."""
+    peak = max(curve)
+    return peak, curve.index(peak) + 1, curve[-1]
+
+
+def teaching_table(result: dict[str, Any]) -> str:
+    """The cells of a map that carry a learning curve or transfer rates, as Markdown: teaching (the learner's
+    final, peak and its epoch), transfer to independent models, and the rank correlation of teaching with transfer
+    over the cells; empty when no cell has either."""
+    cells = [c for c in result["cells"] if "curve" in c or "transfer_same" in c]
+    if not cells:
+        return ""
+    varying = [a for a in MAP_AXES if len({json.dumps(c[a]) for c in result["cells"]}) > 1] or ["mode"]
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f}"
+
+    lines = [f"Teaching and transfer ({result['n_test']:,} test images, {result['dataset']}): the learner's real test "
+             "accuracy % at the end (test), at its best epoch (peak, epoch) and the drop from peak to end; the share "
+             "% of the set's moved images that independently trained models classify as the set's label (transfer: "
+             "the source's architecture, two seeds; other: another architecture) and the same for the unperturbed "
+             "images (clean: the control).", "",
+             "| " + "".join(f"{a} | " for a in varying)
+             + "test | peak | epoch | peak - test | transfer | other | clean |",
+             "|" + "---|" * (len(varying) + 7)]
+    for c in cells:
+        peak, epoch, _ = curve_summary(c["curve"]) if "curve" in c else (None, "-", None)
+        drop = "-" if peak is None else f"{100 * (peak - c['test_accuracy']):+.1f}"
+        lines.append("| " + "".join((f"{c[a]:g}" if isinstance(c[a], float) else f"{c[a]}") + " | " for a in varying)
+                     + f"{pct(c['test_accuracy'])} | {pct(peak)} | {epoch} | {drop} | {pct(c.get('transfer_same'))} | "
+                     f"{pct(c.get('transfer_other'))} | {pct(c.get('transfer_clean'))} |")
+    measured = [c for c in cells if "transfer_same" in c]
+    rho = spearman([c["transfer_same"] for c in measured], [c["test_accuracy"] for c in measured])
+    if measured:
+        lines += ["", f"Rank correlation (Spearman) of test with transfer over these {len(measured)} cells: "
+                  + ("- (fewer than 3 cells, or a constant column)" if rho is None else f"{rho:+.2f}") + "."]
+    return "\n".join(lines) + "\n"
 
 
 def measures_table(result: dict[str, Any]) -> str:

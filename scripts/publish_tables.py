@@ -11,7 +11,8 @@ with a line naming the run's settings and time; ``NAME/KIND`` by the table ``adv
 (``results``, ``constructions``, ``features``, ``controls``, ``transfer``) of the same run. One results.json,
 every table of it. A generalisation map's ``map.json`` (``scripts/generalisation_map.py``) fills a ``NAME`` region
 with its cells (``advfeat.report.map_table``), a ``NAME/measures`` region with the cells'
-``--measure`` results (``advfeat.report.measures_table``).
+``--measure`` results (``advfeat.report.measures_table``) and a ``NAME/teaching`` region with their learning curves
+and transfer rates (``advfeat.report.teaching_table``).
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from advfeat.report import TABLES, headline_table, map_table, measures_table
+from advfeat.report import TABLES, headline_table, map_table, measures_table, teaching_table
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "docs" / "results.md"]
+MAP_TABLES = {"headline": map_table, "measures": measures_table, "teaching": teaching_table}
 
 
 def region(name: str, kind: str | None = None) -> re.Pattern[str]:
@@ -36,12 +38,12 @@ def region(name: str, kind: str | None = None) -> re.Pattern[str]:
 
 
 def render(summary: dict, eps: str | None = None, kind: str = "headline") -> str:
-    if "cells" in summary:  # a generalisation map's map.json: its cells, or (NAME/measures) their measurements
-        if kind not in ("headline", "measures"):
-            raise SystemExit(f"publish_tables: a map.json has two tables (NAME and NAME/measures), not {kind!r}")
+    if "cells" in summary:  # a map.json: its cells, their measurements (NAME/measures), teaching (NAME/teaching)
+        if kind not in MAP_TABLES:
+            raise SystemExit(f"publish_tables: a map.json has three tables (NAME, NAME/measures, NAME/teaching), "
+                             f"not {kind!r}")
         k = len(summary["cells"])
-        table = map_table(summary) if kind == "headline" else (
-            measures_table(summary) or "(no cell of this map has measurements: run it with --measure)\n")
+        table = MAP_TABLES[kind](summary) or f"(no cell of this map has {kind}: run it with --measure)\n"
         return table + (f"\n({k} cell{'s' * (k != 1)}, {summary['dataset']}, "
                                      "`scripts/generalisation_map.py`; regenerate with `scripts/publish_tables.py`)\n")
     s = summary["settings"]
@@ -73,7 +75,7 @@ def publish(name: str, results: Path, eps: str | None = None, docs: Sequence[Pat
         new, k = region(name).subn(lambda m: m.group(1) + render(summary, eps) + m.group(3), text)
         found += k
         for kind in sorted({m.group(2) for m in region(name, "*").finditer(new)}):
-            if kind not in TABLES and not ("cells" in summary and kind == "measures"):
+            if kind not in TABLES and not ("cells" in summary and kind in MAP_TABLES):
                 raise SystemExit(f"publish_tables: {doc.name} names an unknown table {name}/{kind} "
                                  f"(known: {', '.join(TABLES)})")
             new, k = region(name, kind).subn(lambda m, kind=kind: m.group(1) + render(summary, eps, kind)

@@ -322,17 +322,30 @@ def test_advfeat_map_is_a_command_of_the_package(run, tmp_path, capsys):
 
 
 @pytest.mark.filterwarnings("ignore::advfeat.construct.LowTargetsWarning")  # eps 0.3 reaches half its targets
-def test_the_maps_measurements_split_the_set_and_poison_the_true_task(run, tmp_path):
-    """--measure split poison on planted cells: the unperturbed images with D_rand's random labels teach nothing,
-    the reached targets teach more than the unreached ones, and D_det's images with their true labels teach less
-    than the clean images (measured, seed 0, MLP, 30 epochs, 2,000 images: rand eps 0.3 reached / unreached /
-    random labels 20.8 / 0.1 / 1.1 of 855 each; det eps 0.5 poison 74.8 against clean 89.3)."""
+def test_the_maps_measurements_split_the_set_poison_the_true_task_and_transfer(run, tmp_path):
+    """--measure split poison transfer on planted cells: the unperturbed images with D_rand's random labels teach
+    nothing, the reached targets teach more than the unreached ones, and D_det's images with their true labels teach
+    less than the clean images (measured, seed 0, MLP, 30 epochs, 2,000 images: rand eps 0.3 reached / unreached /
+    random labels 20.8 / 0.1 / 1.1 of 855 each; det eps 0.5 poison 74.8 against clean 89.3). D_det's perturbations
+    move independently trained models to its labels and its unperturbed images do not (the control); D_rand at
+    eps 0.3, which reached about half its targets, transfers less (det 0.5: 90.0 / other architecture 85.9 /
+    clean 0.0). Every learner's per-epoch real-test curve ends at the cell's test accuracy."""
     mapper = _script("generalisation_map")
     cells = [{"mode": "rand", "eps": 0.3, "n": 2000, "learner": "mlp"}, {"mode": "det", "eps": 0.5, "n": 2000,
                                                                          "learner": "mlp"}]
     res = mapper.build_cells(tmp_path, cells, source=run[0], progress=False, log=lambda line: None,
-                             measures=["split", "poison"])
+                             measures=["split", "poison", "transfer"])
     rand, det = res["cells"]
+    for c in res["cells"]:
+        assert len(c["curve"]) == c["learner_epochs"] and c["curve"][-1] == pytest.approx(c["test_accuracy"])
+        assert all(0.0 <= v <= 1.0 for v in c["curve"]) and c["transfer_n"] > 0
+    assert det["transfer_same"] >= 0.5 and det["transfer_other"] >= 0.3 and det["transfer_other_arch"] == "mlp"
+    assert det["transfer_clean"] <= 0.05 and rand["transfer_clean"] <= 0.05  # no perturbation, no transfer
+    assert rand["transfer_same"] <= det["transfer_same"] - 0.2
+    assert af.report.teaching_table(res) in (tmp_path / "map.md").read_text()
+    assert {p.name for p in tmp_path.iterdir()} >= {"curves.png", "teaching.png"}
+    peak, epoch, final = af.report.curve_summary(det["curve"])
+    assert peak >= final and 1 <= epoch <= len(det["curve"])
     chance = 1 / 10
     assert 100 <= rand["split_size"] <= 1000  # about half the targets reached: two parts of equal size
     assert rand["random_labels_teach"] <= chance + 0.05  # random labels on clean images teach nothing
@@ -346,10 +359,13 @@ def test_the_maps_measurements_split_the_set_and_poison_the_true_task(run, tmp_p
     doc.write_text("<!-- advfeat:table m/measures -->\n<!-- /advfeat:table -->\n")
     assert _script("publish_tables").publish("m", tmp_path / "map.json", docs=[doc]) == 1
     assert af.report.measures_table(res) in doc.read_text()
+    doc.write_text("<!-- advfeat:table m/teaching -->\n<!-- /advfeat:table -->\n")
+    assert _script("publish_tables").publish("m", tmp_path / "map.json", docs=[doc]) == 1
+    assert af.report.teaching_table(res) in doc.read_text()
     again = mapper.build_cells(tmp_path, cells, source=run[0], progress=False, log=lambda line: None,
-                               measures=["split", "poison"])
+                               measures=["split", "poison", "transfer"])
     assert again["cells"] == res["cells"]  # every measurement cached
-    with pytest.raises(ValueError, match="measures must be among split, poison"):
+    with pytest.raises(ValueError, match="measures must be among split, poison, transfer"):
         mapper.build_cells(tmp_path, cells, source=run[0], measures=["curve"])
 
 
@@ -455,6 +471,18 @@ def test_results_json_carries_what_its_figures_need(run):
     assert res["labels"]["d_det"] == "D_det" and res["paper"]["d_r"] == [84, 48]
     fig = __import__("advfeat").figures.results_bars(res)  # a notebook can redraw the report's figure
     assert fig.axes[0].get_title() == "advfeat replicate: planted (quick)"
+
+
+def test_rows_5_and_6_carry_their_learners_curves_and_the_report_names_peak_and_final(run):
+    """D_rand's and D_det's learners record their real-test accuracy after every epoch; the last is the row's
+    clean accuracy, and report.md names the peak, its epoch and the final value."""
+    out, res = run
+    for key in ("d_rand", "d_det"):
+        curve = res["rows"][key]["curve"]
+        assert len(curve) == res["settings"]["constructed_epochs"] and curve[-1] == res["rows"][key]["clean"]
+    assert "curve" not in res["rows"]["d_r"]
+    peak, epoch, final = af.report.curve_summary(res["rows"]["d_det"]["curve"])
+    assert f"D_det {100 * peak:.1f}% at epoch {epoch}, final {100 * final:.1f}%" in (out / "report.md").read_text()
 
 
 def test_replicate_names_the_extra_when_matplotlib_is_missing(tmp_path, capsys, monkeypatch):

@@ -352,3 +352,21 @@ def test_a_users_callback_gets_every_hook_in_order_and_its_state_survives_a_resu
     assert resumed.batches == 6 and resumed.calls == ["fit_start", "fit_end"] and more == hist
     with pytest.raises(TypeError, match="callbacks must be advfeat.train.Callback"):
         af.AdversarialTrainer(af.models.PlantedNet(), loader, method="standard", callbacks=[print])
+
+
+@pytest.mark.parametrize("isolate", [True, False])
+def test_a_learning_curve_that_isolates_the_rng_does_not_change_the_training(isolate):
+    """EpochEvaluation(isolate_rng=True) measures without drawing from the training's random streams: the weights
+    are bitwise those of a run without it; without isolation the evaluation's loader draws a seed and the shuffles
+    that follow differ (the check itself)."""
+    data = af.data.planted(256, 64, seed=0)
+
+    def weights(callbacks):
+        torch.manual_seed(0)
+        model = af.models.PlantedNet(hidden=8)
+        af.adversarial_train(model, DataLoader(data.train, batch_size=32, shuffle=True), method="standard", epochs=3,
+                             progress=False, callbacks=callbacks)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    curve = af.train.EpochEvaluation(DataLoader(data.test, batch_size=64), prefix="test_", isolate_rng=isolate)
+    assert torch.equal(weights([curve]), weights([])) == isolate

@@ -31,8 +31,11 @@ set and cell is cached in ``--out`` (a rerun resumes; one run per folder). Each 
 ``targets_reached``, ``fit`` (accuracy on the set's own labels: "never fit" told apart from "did not generalise"),
 ``predicts_shift`` (D_det: the share of test images predicted ``y + 1``, the shifted robust features),
 ``leakage`` (``advfeat.controls.leakage_probe`` with the robust model on the same prefix: what robust features
-alone teach), ``passes`` (the attack's passes per image) and ``seconds``. Writes ``map.json`` and ``map.md``
-after every cell (``"complete": false`` until the last) and ``map.png`` at the end.
+alone teach), ``curve`` (the learner's real-test accuracy after every epoch, measured without touching its
+training's random streams), ``passes`` (the attack's passes per image) and ``seconds``. ``--measure`` adds
+``split``, ``poison`` and ``transfer`` (``advfeat.report.MEASURES``), each a cached stage of its own. Writes
+``map.json`` and ``map.md`` after every cell (``"complete": false`` until the last), and ``map.png``,
+``curves.png`` and (with ``transfer``) ``teaching.png`` at the end.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .. import figures, models, report, steps
@@ -59,7 +62,7 @@ from ..construct.controls import leakage_probe
 from ..evaluate import shifted_accuracy
 from ..train import adversarial_train
 from . import settings as rep
-from .stages import cached_stage
+from .stages import cached_stage, curve_of, learning_curve
 
 __all__ = ["build_cells", "build_map", "design", "choose", "rules", "learners", "same_recipe", "render",
            "Relabelled", "LEARNERS", "AXES", "DEFAULT_BASE"]
@@ -70,8 +73,8 @@ AXES = report.MAP_AXES
 
 def render(result: dict[str, Any]) -> str:
     """What ``map.md`` holds: the map's table, and its measurements' table when it has any."""
-    measured = report.measures_table(result)
-    return report.map_table(result) + ("\n" + measured if measured else "")
+    extra = [t for t in (report.measures_table(result), report.teaching_table(result)) if t]
+    return "\n".join([report.map_table(result), *extra])
 
 
 def rules(settings: rep.Settings) -> dict[str, Callable[[float], dict[str, Any]]]:
@@ -194,14 +197,22 @@ def build_cells(out: str | Path, cells: Sequence[Mapping[str, Any]], *, source: 
         def stage(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
             return cached_stage(outdir / "stages", name, fn, log)
 
+        curves: dict[str, list[float]] = {}  # a learner's real-test accuracy after every epoch, by name
+
         def trained(name: str, train: Dataset[Any], make: Callable[[], nn.Module], method: str, epochs: int,
-                    lr: float, seed: int) -> nn.Module:
-            """A model trained once (checkpointed every epoch, resumed), then read back from its checkpoint."""
+                    lr: float, seed: int, curve_on: Dataset[Any] | None = None) -> nn.Module:
+            """A model trained once (checkpointed every epoch, resumed), then read back from its checkpoint; with
+            ``curve_on``, its accuracy there after every epoch (``curves[name]``; the weights are those of a run
+            without it)."""
             torch.manual_seed(seed)
             model = make()
-            adversarial_train(model, DataLoader(train, batch_size=s.batch_size, shuffle=True), method=method,
-                                 attack=L2PGD(s.eps, steps=s.train_steps), epochs=epochs, lr=lr,
-                                 checkpoint=outdir / "checkpoints" / f"{name}.pt", resume=True, progress=progress)
+            history = adversarial_train(
+                model, DataLoader(train, batch_size=s.batch_size, shuffle=True), method=method,
+                attack=L2PGD(s.eps, steps=s.train_steps), epochs=epochs, lr=lr, progress=progress,
+                checkpoint=outdir / "checkpoints" / f"{name}.pt", resume=True,
+                callbacks=[learning_curve(curve_on)] if curve_on is not None else [])
+            if curve_on is not None:
+                curves[name] = curve_of(history)
             return model.eval()
 
         def from_run(name: str) -> nn.Module:
@@ -267,9 +278,11 @@ def build_cells(out: str | Path, cells: Sequence[Mapping[str, Any]], *, source: 
             prefix: Dataset[Any] = Subset(ds, range(n))
             test = data(seed)[1]
             t0 = time.perf_counter()
-            model = trained(name, prefix, make[c["learner"]], "standard", c["learner_epochs"], learning_rate(c), seed)
+            model = trained(name, prefix, make[c["learner"]], "standard", c["learner_epochs"], learning_rate(c), seed,
+                            curve_on=test)
             train_s = time.perf_counter() - t0
             return {"test_accuracy": shifted_accuracy(model, test), "fit": shifted_accuracy(model, prefix),
+                    "curve": curves[name],
                     "predicts_shift": shifted_accuracy(model, test, shift=1) if c["mode"] == "det" else None,
                     "targets_reached": float(ds.meta["target_reached"][:n].double().mean()),
                     "leakage": leakage_probe(robust_model(seed), prefix, test, seed=seed),
@@ -311,12 +324,40 @@ def build_cells(out: str | Path, cells: Sequence[Mapping[str, Any]], *, source: 
             return {"poison_accuracy": shifted_accuracy(model, data(seed)[1]),
                     "clean_accuracy": shifted_accuracy(clean, data(seed)[1])}
 
+        other_arch = "cnn" if s.model == "SmallResNet" else "mlp"  # planted: a 1024-wide MLP beside its 256-wide one
+
+        def independent(seed: int) -> dict[str, nn.Module]:
+            """Standard models the sources never saw, trained here as row 1 is: two of the settings' architecture
+            (seeds ``seed`` + 1001, + 1002) and one of another (``other_arch``, + 1003)."""
+            found: dict[str, nn.Module] = {}
+            for k, arch in ((1, "same"), (2, "same"), (3, other_arch)):
+                name = f"independent_{arch}{k}_s{seed}"
+                build = (lambda: rep.make_model(s)) if arch == "same" else make[arch]
+                stage(name, partial(dict, epochs=s.std_epochs, architecture=arch, seed=seed + 1000 + k))
+                found[name] = trained(name, data(seed)[0], build, "standard", s.std_epochs, s.lr, seed + 1000 + k)
+            return found
+
+        def transfer(c: Mapping[str, Any], name: str) -> dict[str, Any]:
+            """How often independently trained models classify the set's images (those whose label moved) as the
+            set's label: its perturbations' transfer, beside the same for the unperturbed images (the control)."""
+            n, seed, ds = c["n"], c["seed"], cell_set(c)
+            x, t = ds.tensors()
+            moved = (t[:n] != ds.meta["original_label"][:n]).nonzero().squeeze(1)
+            clean = torch.stack([data(seed)[0][int(i)][0] for i in moved]) if len(moved) else x[:0]
+            rates = {k: (_agreement(m, x[moved], t[moved]), _agreement(m, clean, t[moved]))
+                     for k, m in independent(seed).items()}
+            same = [v for k, v in rates.items() if "_same" in k]
+            other = [v for k, v in rates.items() if "_same" not in k]
+            return {"transfer_same": sum(r for r, _ in same) / len(same), "transfer_other": other[0][0],
+                    "transfer_clean": sum(r for _, r in same) / len(same), "transfer_other_arch": other_arch,
+                    "transfer_n": len(moved)}
+
         results = []
         for c in full:
             name = "_".join(f"{a}{c[a]:g}" if isinstance(c[a], float) else f"{a}{c[a]}" for a in AXES)
             passes = rules(s)[c["rule"]](c["eps"])["steps"]  # forward+backward passes per image of the attack
             found = {**c, **stage(name, partial(cell, c, name)), "passes": passes}
-            for m, fn in (("split", split), ("poison", poison)):
+            for m, fn in (("split", split), ("poison", poison), ("transfer", transfer)):
                 if m in measures and (m != "poison" or c["mode"] == "det"):
                     found.update(stage(f"{name}_{m}", partial(fn, c, name)))
             results.append(found)
@@ -333,6 +374,17 @@ def build_cells(out: str | Path, cells: Sequence[Mapping[str, Any]], *, source: 
         else:
             fig = figures.map_axes(results, varying)
         figures.save(fig, outdir / "map.png")
+        label = {id(c): ", ".join(f"{a} {c[a]}" for a in varying) or "cell" for c in results}
+        if any("curve" in c for c in results):
+            figures.save(figures.learning_curves({label[id(c)]: c["curve"] for c in results if "curve" in c}),
+                         outdir / "curves.png")
+        measured = [c for c in results if "transfer_same" in c]
+        if measured:
+            figures.save(figures.transfer_scatter(
+                [c["transfer_same"] for c in measured], [c["test_accuracy"] for c in measured],
+                [label[id(c)] for c in measured], title="Teaching against transfer, cell by cell",
+                xlabel="the set's moved images classified as its label by independent models (%)",
+                ylabel="real test accuracy of the set's learner (%)"), outdir / "teaching.png")
         log(render(result))
         return result
 
@@ -391,3 +443,13 @@ def choose(cells: Sequence[Mapping[str, Any]], *, n: int = 20000, seed: int = 0,
 
 def _write(data: bytes, f: IO[bytes]) -> None:
     f.write(data)
+
+
+def _agreement(model: nn.Module, x: Tensor, labels: Tensor) -> float:
+    """The share of ``x`` that ``model`` classifies as ``labels`` (0 for no images)."""
+    if len(x) == 0:
+        return 0.0
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        pred = torch.cat([model(x[i:i + 500].to(device)).argmax(1).cpu() for i in range(0, len(x), 500)])
+    return float((pred == labels).double().mean())

@@ -45,7 +45,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--measure", nargs="*", default=[], choices=report.MEASURES,
                     help="measurements added to every cell: split (the reached and unreached parts apart, and the "
                          "unperturbed images with the set's labels), poison (D_det cells: its images with their "
-                         "true labels against the clean images)")
+                         "true labels against the clean images), transfer (independently trained models: how "
+                         "often they classify the set's moved images as its label)")
     ap.add_argument("--no-progress", action="store_true")
 
 

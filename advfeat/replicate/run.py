@@ -245,9 +245,10 @@ def _construct(run: Run, name: str, model: str, source: Dataset[Any], planted: A
 
 
 def _learn(run: Run, name: str, test: Dataset[Any], lr: float) -> dict[str, Any]:
-    """A fresh standard model trained on the built set ``datasets/<name>`` and evaluated."""
+    """A fresh standard model trained on the built set ``datasets/<name>`` and evaluated; D_rand's and D_det's
+    learners with their per-epoch real-test curve."""
     built = ConstructedDataset.load(run.out / "datasets" / name)
-    return run.train(name, built, test, "standard", run.s.constructed_epochs, lr)
+    return run.train(name, built, test, "standard", run.s.constructed_epochs, lr, curve=name in ("d_rand", "d_det"))
 
 
 def _given(run: Run, model: nn.Module, test: Dataset[Any], source: str) -> dict[str, Any]:

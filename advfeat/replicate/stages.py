@@ -19,10 +19,10 @@ from .. import models
 from .._io import atomic_write, load_tensors
 from ..attacks import L2PGD
 from ..evaluate import evaluate
-from ..train import adversarial_train
+from ..train import Callback, EpochEvaluation, adversarial_train
 from .settings import Settings, make_model
 
-__all__ = ["Stage", "Run", "cached_stage"]
+__all__ = ["Stage", "Run", "cached_stage", "learning_curve", "curve_of"]
 
 
 def cached_stage(folder: Path, name: str, fn: Callable[[], dict[str, Any]],
@@ -53,6 +53,17 @@ class Stage:
     name: str
     compute: Callable[[], dict[str, Any]]
     needs: tuple[str, ...] = ()
+
+
+def learning_curve(test: Dataset[Any]) -> Callback:
+    """The callback that records a learner's real-test accuracy after every epoch (``test_clean_accuracy``),
+    without drawing from the training's random streams."""
+    return EpochEvaluation(DataLoader(test, batch_size=500), prefix="test_", isolate_rng=True)
+
+
+def curve_of(history: list[dict[str, Any]]) -> list[float]:
+    """The per-epoch real-test accuracies that ``learning_curve`` recorded in a trainer's history."""
+    return [float(h["test_clean_accuracy"]) for h in history]
 
 
 class Run:
@@ -86,21 +97,25 @@ class Run:
 
     def train(self, name: str, data: Dataset[Any], test: Dataset[Any], method: str, epochs: int,
               lr: float | None = None, make: Callable[[], nn.Module] | None = None,
-              seed: int | None = None, robust: bool = True) -> dict[str, Any]:
+              seed: int | None = None, robust: bool = True, curve: bool = False) -> dict[str, Any]:
         """Train ``name`` and evaluate it: clean, and under L2 PGD at every ``eval_eps`` unless ``robust`` is off
-        (the controls' ensemble, whose robustness nothing reads: the attacks would cost 40% of its training)."""
+        (the controls' ensemble, whose robustness nothing reads: the attacks would cost 40% of its training).
+        ``curve``: also its real-test accuracy after every epoch (``curve``), measured without touching the
+        training's random streams (the weights are those of a run without it)."""
         s = self.s
         torch.manual_seed(self.seed if seed is None else seed)
         model = (make or (lambda: make_model(s)))().to(self.device)
         loader = DataLoader(data, batch_size=s.batch_size, shuffle=True)
         attack = L2PGD(s.eps, steps=s.train_steps)
-        adversarial_train(model, loader, method=method, attack=attack, epochs=epochs, lr=lr or s.lr, device=self.device,
-                          checkpoint=self.out / "checkpoints" / f"{name}.pt", resume=True, progress=self.progress,
-                          history_file=self.out / "checkpoints" / f"{name}.jsonl")
+        callbacks = [learning_curve(test)] if curve else []
+        history = adversarial_train(model, loader, method=method, attack=attack, epochs=epochs, lr=lr or s.lr,
+                                    device=self.device, checkpoint=self.out / "checkpoints" / f"{name}.pt",
+                                    resume=True, progress=self.progress, callbacks=callbacks,
+                                    history_file=self.out / "checkpoints" / f"{name}.jsonl")
         atomic_write(self.out / "models" / f"{name}.pt", lambda f: torch.save(model.state_dict(), f))
         models.save_safetensors(model, self.out / "models" / f"{name}.safetensors",
                                 {"advfeat_model": type(model).__name__, "dataset": s.dataset, "stage": name})
-        return self.evaluate(model, test, robust)
+        return {**self.evaluate(model, test, robust), **({"curve": curve_of(history)} if curve else {})}
 
     def evaluate(self, model: nn.Module, test: Dataset[Any], robust: bool = True) -> dict[str, Any]:
         s = self.s

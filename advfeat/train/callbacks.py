@@ -131,17 +131,25 @@ class Guard(Callback):
 
 
 class EpochEvaluation(Callback):
-    """After every epoch, clean accuracy on ``loader`` (``clean_accuracy``) and, with an ``attack``, accuracy
-    under it (``robust_accuracy``; None without one)."""
+    """After every epoch, clean accuracy on ``loader`` (``<prefix>clean_accuracy``) and, with an ``attack``,
+    accuracy under it (``<prefix>robust_accuracy``; None without one).
 
-    def __init__(self, loader: Any, attack: Attack | None) -> None:
-        self.loader, self.attack = loader, attack
+    ``isolate_rng``: evaluate without drawing from the training's random streams (a loader's iterator draws its
+    seed from torch's generator), so that a run with this callback trains bitwise as one without it: a learning
+    curve that does not change what it measures. Off by default, as the trainer's ``eval_loader=`` has always run.
+    """
+
+    def __init__(self, loader: Any, attack: Attack | None = None, *, prefix: str = "",
+                 isolate_rng: bool = False) -> None:
+        self.loader, self.attack, self.prefix, self.isolate_rng = loader, attack, prefix, isolate_rng
 
     def on_epoch_end(self, trainer: AdversarialTrainer, record: dict[str, Any]) -> None:
         attacks = {"robust": self.attack} if self.attack is not None else {}
-        res = evaluate(trainer.module, self.loader, attacks, device=trainer.device, progress=False)
-        record["clean_accuracy"] = res.clean_accuracy
-        record["robust_accuracy"] = res.robust_accuracy("robust") if self.attack is not None else None
+        devices = [trainer.device] if self.isolate_rng and trainer.device.type == "cuda" else []
+        with torch.random.fork_rng(devices, enabled=self.isolate_rng):
+            res = evaluate(trainer.module, self.loader, attacks, device=trainer.device, progress=False)
+        record[f"{self.prefix}clean_accuracy"] = res.clean_accuracy
+        record[f"{self.prefix}robust_accuracy"] = res.robust_accuracy("robust") if self.attack is not None else None
 
 
 class HistoryFile(Callback):
