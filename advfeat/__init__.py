@@ -7,7 +7,7 @@ model and data loader. See README.md and docs/.
 
 import sys as _sys
 
-from . import adapters, allocator, construct, data, engine, figures, guard, methods, models, steps, train
+from . import adapters, allocator, construct, data, engine, figures, guard, methods, models, stats, steps, train
 from ._lock import InUseError
 from .attacks import (
     APGD,
@@ -27,7 +27,7 @@ from .attacks import (
     frozen_model,
 )
 from .construct import ConstructedDataset, controls, nonrobustify, robustify
-from .evaluate import EvalResult, evaluate
+from .evaluate import Comparison, EvalResult, RobustnessCurve, compare, evaluate, robustness_curve
 from .methods import FGSMRS, MART, TRADES, FreeTraining, PGDTraining, StandardTraining, TrainingMethod
 from .models import Normalize
 from .threat import Box, L2Ball, LinfBall, ThreatModel
@@ -44,10 +44,11 @@ __all__ = [
     "Attack", "GradientAttack", "PGD", "L2PGD", "LinfPGD", "FGSM", "APGD", "Restarts", "WorstOf", "Outcome",
     "cross_entropy", "cw_margin", "dlr", "dlr_targeted", "frozen_model",
     "ThreatModel", "L2Ball", "LinfBall", "Box",
-    "evaluate", "EvalResult", "Normalize", "AdversarialTrainer", "adversarial_train",
+    "evaluate", "EvalResult", "compare", "Comparison", "robustness_curve", "RobustnessCurve",
+    "Normalize", "AdversarialTrainer", "adversarial_train",
     "TrainingMethod", "StandardTraining", "PGDTraining", "FGSMRS", "FreeTraining", "TRADES", "MART",
     "robustify", "nonrobustify", "ConstructedDataset", "transfer_rates", "InUseError",
     "adapters", "allocator", "construct", "controls", "data", "engine", "figures", "guard", "methods", "models",
-    "steps", "train",
+    "stats", "steps", "train",
     "__version__",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["rank_world", "barrier", "broadcast_object"]
+__all__ = ["rank_world", "barrier", "broadcast_object", "all_gather_object"]
 
 
 def rank_world() -> tuple[int, int]:
@@ -30,3 +30,13 @@ def broadcast_object(obj: object) -> object:
     box = [obj]
     d.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_gather_object(obj: object) -> list[object]:
+    """Every rank's ``obj``, in rank order, on every rank; ``[obj]`` in one process."""
+    d = torch.distributed
+    if not (d.is_available() and d.is_initialized()):
+        return [obj]
+    out: list[object] = [None] * d.get_world_size()
+    d.all_gather_object(out, obj)
+    return out

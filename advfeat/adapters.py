@@ -113,8 +113,15 @@ def batch_xy(batch: object, keys: tuple[str, str] | None = None, where: str = "l
                 raise ValueError(f"{where}: keys={keys!r}: the batch has no {missing}; its keys are "
                                  f"{sorted(map(str, batch))}")
             return batch[keys[0]], batch[keys[1]]
-        return batch[_find(batch, IMAGE_KEYS, "image", where)], batch[_find(batch, LABEL_KEYS, "label", where)]
+        found = batch[_find(batch, IMAGE_KEYS, "image", where)], batch[_find(batch, LABEL_KEYS, "label", where)]
+        if isinstance(found[0], list):
+            raise TypeError(f"{where}: the batch's images are a Python list, not a tensor: give a Hugging Face "
+                            "dataset torch format first (dataset.with_format('torch'))")
+        return found
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        if keys is not None:
+            raise ValueError(f"{where}: keys={keys!r} names a mapping's keys, but the loader yields "
+                             f"{type(batch).__name__}s (x, y, ...): drop keys= or yield mappings")
         return batch[0], batch[1]
     shown = type(batch).__name__ + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
     raise TypeError(f"{where}: the loader must yield (x, y, ...) tuples or mappings with image and label keys "

@@ -21,6 +21,7 @@ from __future__ import annotations
 import gzip
 import io
 import pickle
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,15 +53,25 @@ CLASS_NAMES: dict[str, tuple[str, ...]] = {
 
 class ImageDataset(Dataset[tuple[Tensor, Tensor]]):
     """Images ``(N, C, H, W)`` (uint8, or floating in [0, 1]) and int64 labels ``(N,)``; items are
-    ``(float32 image in [0, 1], label)``. ``tensors()`` gives the whole set at once."""
+    ``(float32 image in [0, 1], label)``. ``tensors()`` gives the whole set at once. Pixels outside [0, 1] and
+    labels below 0 (or, with ``classes``, not below it) are refused."""
 
-    def __init__(self, images: Tensor, labels: Tensor) -> None:
+    def __init__(self, images: Tensor, labels: Tensor, classes: int | None = None) -> None:
         if images.ndim != 4:
             raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
         if labels.shape != (images.shape[0],):
             raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
         if images.dtype != torch.uint8 and not images.is_floating_point():
             raise TypeError(f"images must be uint8 or floating, got {images.dtype}")
+        if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+            raise TypeError(f"labels must be integer class indices, got {labels.dtype}")
+        if images.is_floating_point() and images.numel() and not bool(((images >= 0) & (images <= 1)).all()):
+            raise ValueError(f"images must be pixels in [0, 1] (or uint8 in 0..255), found values in "
+                             f"[{float(images.min()):g}, {float(images.max()):g}]")
+        top = "C" if classes is None else str(classes)
+        if labels.numel() and not (0 <= int(labels.min()) and (classes is None or int(labels.max()) < classes)):
+            raise ValueError(f"labels must be class indices in [0, {top}), found [{int(labels.min())}, "
+                             f"{int(labels.max())}]")
         self.images = images
         self.labels = labels.long()
 
@@ -98,7 +109,11 @@ def read_idx(path: str | Path) -> np.ndarray:
     path = Path(path)
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise ValueError(f"{path} is a damaged gzip file ({type(e).__name__}: {e}); download or copy it again"
+                             ) from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
         raise ValueError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})")
     ndim = raw[3]
@@ -122,10 +137,15 @@ def _idx_pair(root: str | Path, train: bool, hint: str) -> ImageDataset:
     r = Path(root)
     prefix = "train" if train else "t10k"
     images = read_idx(_find(r, f"{prefix}-images-idx3-ubyte", hint))
-    labels = read_idx(_find(r, f"{prefix}-labels-idx1-ubyte", hint))
+    label_file = _find(r, f"{prefix}-labels-idx1-ubyte", hint)
+    labels = read_idx(label_file)
     if images.ndim != 3 or labels.shape != (images.shape[0],):
         raise ValueError(f"{r}: images {images.shape} and labels {labels.shape} do not match")
-    return ImageDataset(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
+    try:
+        return ImageDataset(torch.from_numpy(images.copy()).unsqueeze(1),
+                            torch.from_numpy(labels.astype(np.int64)), classes=10)
+    except ValueError as e:
+        raise ValueError(f"{label_file}: {e}") from None
 
 
 def mnist(root: str | Path, train: bool = True) -> ImageDataset:
@@ -195,7 +215,7 @@ def cifar10(root: str | Path, train: bool = True) -> ImageDataset:
     y = np.concatenate([p[1] for p in parts])
     if y.size and (y.min() < 0 or y.max() > 9):
         raise ValueError(f"CIFAR-10 labels must be in [0, 10), found [{y.min()}, {y.max()}]")
-    return ImageDataset(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y))
+    return ImageDataset(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y), classes=10)
 
 
 # -- the authors' released constructed datasets ---------------------------------------------------------------

@@ -290,3 +290,25 @@ def map_axes(cells: Sequence[Mapping[str, Any]], axes: Sequence[str], *, chance:
     panels[0].legend(fontsize=6, loc="upper left")
     fig.suptitle(title, fontsize=9)
     return fig
+
+
+def robustness_curve(curve: Any, *, title: str = "") -> Figure:
+    """Accuracy (%) against the budget of an ``advfeat.RobustnessCurve`` (or several, a sequence), with its 95%
+    intervals as a band and the clean accuracy at budget 0."""
+    curves = list(curve) if isinstance(curve, Sequence) else [curve]
+    fig = _figure(5.2, 3.8)
+    ax = fig.add_subplot()
+    for c in curves:
+        xs = [0.0, *c.eps]
+        ys = [100 * c.clean, *(100 * a for a in c.accuracy)]
+        (line,) = ax.plot(xs, ys, marker="o", ms=3, label=c.name or None)
+        ax.fill_between(list(c.eps), [100 * lo for lo, _ in c.intervals], [100 * hi for _, hi in c.intervals],
+                        color=line.get_color(), alpha=0.2, lw=0)
+    ax.set_xlabel("budget (eps)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title or f"Robustness curve ({curves[0].total:,} samples, 95% intervals)", fontsize=9)
+    ax.grid(alpha=0.3)
+    if any(c.name for c in curves):
+        ax.legend(fontsize=7)
+    return fig

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ._checks import check_device
 from .adapters import logits_of
 
-__all__ = ["frozen_model", "device_of", "predict"]
+__all__ = ["frozen_model", "device_of", "predict", "check_input"]
 
 
 @contextmanager
@@ -69,6 +69,21 @@ def device_of(model: nn.Module, device: str | torch.device | None = None) -> tor
     for b in model.buffers():
         return b.device
     return torch.device("cpu")
+
+
+def check_input(model: nn.Module, x: Tensor, what: str = "x") -> None:
+    """Refuse a batch the model cannot take, naming both: ``x`` on another device than every parameter of the
+    model (a meta model included), or of another floating dtype than every floating parameter outside
+    ``torch.autocast`` (fp16 / bf16 pixels into a float32 model). No host sync."""
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    if not params:
+        return
+    if all(p.device != x.device for p in params):
+        raise ValueError(f"{what} is on {x.device} but the model's parameters are on {params[0].device}: move the "
+                         f"batch or the model (a model on the meta device holds no weights to compute with)")
+    if all(p.dtype != x.dtype for p in params) and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"{what} has dtype {x.dtype} but the model's parameters are {params[0].dtype}: cast the "
+                        f"batch ({what}.to({params[0].dtype})) or the model, or run under torch.autocast")
 
 
 def predict(model: nn.Module, x: Tensor) -> Tensor:

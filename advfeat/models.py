@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_positive_int
+
 __all__ = ["Normalize", "PlantedNet", "SmallCNN", "SmallResNet", "CifarResNet", "last_linear", "from_robustness",
            "save_safetensors", "load_safetensors",
            "ROBUSTNESS_ARCHS", "CIFAR_MEAN", "CIFAR_STD"]
@@ -78,6 +80,7 @@ class PlantedNet(nn.Module):
 
     def __init__(self, shape: Sequence[int] = (1, 16, 16), num_classes: int = 10, hidden: int = 256) -> None:
         super().__init__()
+        _sizes(num_classes=num_classes, hidden=hidden, **{f"shape[{i}]": v for i, v in enumerate(shape)})
         d = 1
         for s in shape:
             d *= int(s)
@@ -143,6 +146,7 @@ class SmallCNN(nn.Module):
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, hidden: int = 128, size: int = 28) -> None:
         super().__init__()
+        _sizes(in_channels=in_channels, num_classes=num_classes, hidden=hidden, size=size)
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -181,6 +185,7 @@ class SmallResNet(nn.Module):
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 16, blocks: int = 1) -> None:
         super().__init__()
+        _sizes(in_channels=in_channels, num_classes=num_classes, width=width, blocks=blocks)
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
                                   nn.ReLU())
         layers: list[nn.Module] = []
@@ -239,6 +244,7 @@ class CifarResNet(nn.Module):
         super().__init__()
         if len(blocks) != 4 or any(int(b) < 1 for b in blocks):
             raise ValueError(f"blocks must be four counts >= 1 (one per stage), got {tuple(blocks)}")
+        _sizes(width=width, num_classes=num_classes)
         self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         cin = width
@@ -396,3 +402,9 @@ def load_safetensors(model: nn.Module, path: str | Path, map_location: str | tor
         raise ValueError(f"path: {p} holds weights of another architecture than {type(model).__name__}: "
                          f"{str(e).splitlines()[0]}") from None
     return model.eval()
+
+
+def _sizes(**sizes: object) -> None:
+    """Refuse a layer size that is not a positive int, naming it (``width=-8`` would fail deep inside torch)."""
+    for name, value in sizes.items():
+        check_positive_int(name, value)

@@ -54,11 +54,13 @@ class _Over:
         return getattr(self.bar, name)
 
 
-def interrupted(message: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)``; on Ctrl-C, one line on stderr saying what was kept and how to resume, then the
-    ``KeyboardInterrupt`` again (with that line, and without the traceback from inside autograd)."""
+def interrupted(message: str | Callable[[], str], fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``; on Ctrl-C, one line on stderr saying what was kept and how to resume (``message``,
+    or what ``message()`` says at that moment), then the ``KeyboardInterrupt`` again (with that line, and without
+    the traceback from inside autograd)."""
     try:
         return fn(*args, **kwargs)
     except KeyboardInterrupt:
+        message = message() if callable(message) else message
         print(f"\n{message}", file=sys.stderr)
         raise KeyboardInterrupt(message) from None

@@ -112,3 +112,101 @@ def test_a_sample_counts_as_broken_if_any_iterate_is_misclassified(step_size):
         assert res.clean_correct == 400
         assert res.robust_correct["a"] == int((~broken).sum())
     assert int((~broken).sum()) < int(last.sum())  # last-iterate accuracy would overstate robustness
+
+
+# -- per-sample results, intervals, paired comparison, curves, ranks (issue 32) --------------------------------------
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from conftest import HANG_GUARD_S, reaped  # noqa: E402
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+WORKER = Path(__file__).parent / "workers" / "evaluate_worker.py"
+
+
+def test_per_sample_results_agree_with_the_counts_and_round_trip_through_json():
+    model, loader = trained_model_and_loader()
+    attacks = {"l2": af.L2PGD(0.5, steps=5), "linf": af.LinfPGD(0.1, steps=5)}
+    counts = af.evaluate(model, loader, attacks, progress=False)
+    r = af.evaluate(model, loader, attacks, progress=False, per_sample=True)
+    assert r.as_dict() == counts.as_dict()  # keeping the flags changes no count
+    assert r.samples is not None and set(r.samples) == {"clean", "l2", "linf", "worst"}
+    assert all(v.shape == (256,) and v.dtype == torch.bool for v in r.samples.values())
+    assert int(r.samples["l2"].sum()) == r.robust_correct["l2"] and int(r.samples["worst"].sum()) == r.worst_correct
+    assert not (r.samples["l2"] & ~r.samples["clean"]).any()  # broken clean means broken
+    assert torch.equal(r.samples["worst"], r.samples["l2"] & r.samples["linf"])
+    back = af.EvalResult.from_json(r.to_json())
+    assert back.as_dict() == r.as_dict() and all(torch.equal(back.samples[k], r.samples[k]) for k in r.samples)
+    lo, hi = r.interval("l2")
+    assert lo <= r.robust_accuracy("l2") <= hi and json.loads(r.to_json())["interval_95"]["l2"] == [lo, hi]
+    assert "95% CI" in str(r)
+    merged = af.EvalResult.merge(r, r)
+    assert merged.total == 512 and merged.robust_correct["l2"] == 2 * r.robust_correct["l2"]
+    assert merged.samples["clean"].shape == (512,)
+
+
+@given(p=st.floats(0.05, 0.95), n=st.integers(30, 400), seed=st.integers(0, 2**31 - 1))
+def test_the_95_percent_interval_covers_the_true_accuracy_about_95_percent_of_the_time(p, n, seed):
+    """Simulated: 2,000 binomial draws; Wilson's interval must cover p at least 90% of the time (its coverage
+    oscillates around 95%; a normal interval at z = 1 would cover about 68%, and fail)."""
+    g = torch.Generator().manual_seed(seed)
+    draws = torch.binomial(torch.full((2000,), float(n)), torch.full((2000,), p), generator=g).long().tolist()
+    covered = sum(lo <= p <= hi for lo, hi in (af.stats.wilson(k, n) for k in draws))
+    assert covered / 2000 >= 0.90
+
+
+def test_mcnemar_and_compare_pair_two_models_on_the_same_samples():
+    assert af.stats.mcnemar(12, 2) == 0.0129 and af.stats.mcnemar(0, 0) == 1.0 and af.stats.mcnemar(5, 5) == 1.0
+    assert af.stats.mcnemar(0, 10) == round(2 * 0.5**10, 4)
+    model, loader = trained_model_and_loader()
+    other, _ = trained_model_and_loader(seed=1)
+    attack = {"l2": af.L2PGD(0.5, steps=5)}
+    a = af.evaluate(model, loader, attack, progress=False, per_sample=True)
+    b = af.evaluate(other, loader, attack, progress=False, per_sample=True)
+    c = af.compare(a, b, "l2")
+    assert c.only_a - c.only_b == a.robust_correct["l2"] - b.robust_correct["l2"]
+    assert c.p_value == af.stats.mcnemar(c.only_a, c.only_b) and af.compare(a, a, "l2").p_value == 1.0
+    with pytest.raises(ValueError, match="per-sample results"):
+        af.compare(af.evaluate(model, loader, attack, progress=False), b)
+
+
+def test_a_robustness_curve_in_one_pass_reuses_what_smaller_budgets_broke():
+    model, loader = trained_model_and_loader()
+    eps = [0.1, 0.3, 0.6, 1.0]
+    curve = af.robustness_curve(model, loader, lambda e: af.L2PGD(e, steps=5), eps, progress=False)
+    alone = [af.evaluate(model, loader, {"a": af.L2PGD(e, steps=5)}, progress=False).robust_accuracy("a")
+             for e in eps]
+    assert list(curve.accuracy) == sorted(curve.accuracy, reverse=True)  # monotone by construction
+    assert curve.accuracy[0] == alone[0]  # the first budget is a plain evaluation
+    assert all(c <= a for c, a in zip(curve.accuracy, alone, strict=True))  # a worse-or-equal attack at every budget
+    assert curve.clean == af.evaluate(model, loader, progress=False).clean_accuracy and curve.total == 256
+    assert all(lo <= acc <= hi for acc, (lo, hi) in zip(curve.accuracy, curve.intervals, strict=True))
+    assert curve.figure().axes[0].get_xlabel() == "budget (eps)"
+    with pytest.raises(ValueError, match="ascending"):
+        af.robustness_curve(model, loader, lambda e: af.L2PGD(e), [0.5, 0.1])
+
+
+def test_evaluate_under_two_gloo_ranks_equals_one_process_exactly(tmp_path, rendezvous):
+    """37 samples on 2 ranks: DistributedSampler (shuffled) pads one rank with a repeated sample, which must be
+    counted once; every rank returns the global result, sample for sample the one process's."""
+    one = subprocess.run([sys.executable, str(WORKER), str(tmp_path), "0", "1", "-"], capture_output=True, text=True,
+                         timeout=HANG_GUARD_S)
+    assert one.returncode == 0, one.stderr
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path / f"r{r}"), str(r), "2", str(rendezvous)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for r in range(2):
+        (tmp_path / f"r{r}").mkdir()
+    with reaped(*procs):
+        for p in procs:
+            _, err = p.communicate(timeout=HANG_GUARD_S)
+            assert p.returncode == 0, err
+    alone = af.EvalResult.from_json((tmp_path / "rank0.json").read_text())
+    for r in range(2):
+        ranked = af.EvalResult.from_json((tmp_path / f"r{r}" / f"rank{r}.json").read_text())
+        assert ranked.total == alone.total == 37 and ranked.as_dict() == alone.as_dict()
+        assert ranked.indices.tolist() == list(range(37))
+        assert all(torch.equal(ranked.samples[k], alone.samples[k]) for k in alone.samples)

@@ -243,3 +243,133 @@ def test_bad_replicate_flags_exit_2_naming_the_flag(flags, match, capsys, tmp_pa
     assert done.value.code == 2
     assert re.search(match, capsys.readouterr().err)
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+# -- the "also worth fixing" list: raw errors and silent acceptance, each now one message naming the argument -------
+
+from dataclasses import dataclass  # noqa: E402
+
+
+@dataclass(frozen=True, eq=False)
+class _Yields(af.TrainingMethod):
+    """A user's method that says one optimiser step per batch and takes two."""
+
+    how: str = "steps"
+
+    def loss(self, model, x, y, ctx):
+        logits = model(x)
+        return nn.functional.cross_entropy(logits, y), logits
+
+    def batch(self, model, x, y, ctx):
+        yield self.loss(model, x, y, ctx)
+        if self.how == "steps":  # says one step per batch, takes two
+            yield self.loss(model, x, y, ctx)
+
+    @property
+    def steps_per_batch(self):
+        return 1
+
+
+@dataclass(frozen=True, eq=False)
+class _NaNLogits(af.TrainingMethod):
+    def loss(self, model, x, y, ctx):
+        logits = model(x)
+        return nn.functional.cross_entropy(logits, y), torch.full_like(logits, float("nan"))
+
+
+@dataclass(frozen=True, eq=False)
+class _ShapeShifter(af.TrainingMethod):
+    def loss(self, model, x, y, ctx):
+        logits = model(x)
+        shown = logits if ctx.state.setdefault("calls", 0) == 0 else logits[:, :5]
+        ctx.state["calls"] += 1
+        return nn.functional.cross_entropy(logits, y), shown
+
+
+def _train(method, data=None, **kw):
+    loader = DataLoader(data if data is not None else _data(32), batch_size=8)
+    return af.adversarial_train(_model(), loader, method=method, epochs=1, progress=False, **kw)
+
+
+def _idx(path: Path, kind: int, array: np.ndarray) -> Path:
+    """An IDX file of uint8 ``array`` (kind 8), as MNIST's."""
+    path.write_bytes(bytes([0, 0, kind, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+                     + array.astype(np.uint8).tobytes())
+    return path
+
+
+def _mnist_with_label(root: Path, label: int) -> Path:
+    root.mkdir()
+    _idx(root / "train-images-idx3-ubyte", 8, np.zeros((2, 28, 28)))
+    _idx(root / "train-labels-idx1-ubyte", 8, np.array([1, label]))
+    return root
+
+
+def _bn_model() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(256, 8), nn.BatchNorm1d(8), nn.Linear(8, 10))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: af.L2PGD(0.5, steps=2)(_model().eval(), torch.rand(2, 1, 16, 16).half(), torch.tensor([0, 1])),
+     r"x has dtype torch.float16 but the model's parameters are torch.float32"),
+    (lambda: af.evaluate(_model(), [(torch.rand(2, 1, 16, 16).bfloat16(), torch.tensor([0, 1]))], progress=False),
+     r"loader, batch 0: x has dtype torch.bfloat16"),
+    (lambda: af.L2PGD(0.5, steps=2)(_model().to("meta"), torch.rand(2, 1, 16, 16), torch.tensor([0, 1])),
+     r"x is on cpu but the model's parameters are on meta"),
+    (lambda: af.adversarial_train(_bn_model(), DataLoader(_data(9), batch_size=4), method="standard", epochs=1,
+                                  progress=False),
+     r"batch 3: a batch of one sample cannot train a model with BatchNorm"),
+    (lambda: af.adversarial_train(_model(), [(torch.rand(0, 1, 16, 16), torch.zeros(0, dtype=torch.long))],
+                                  method="standard", epochs=1, progress=False, schedule="constant"),
+     r"batch 1: an empty batch \(0 samples\)"),
+    (lambda: _train("standard", keys=("img", "lab")), r"keys=\('img', 'lab'\) names a mapping's keys"),
+    (lambda: af.evaluate(_model(), [{"image": [[0.0]], "label": torch.tensor([0])}], progress=False),
+     r"images are a Python list.*with_format\('torch'\)"),
+    (lambda: _train(_Yields("steps")), r"_Yields.batch yielded more than its steps_per_batch = 1"),
+    (lambda: _train(_ShapeShifter()), r"_ShapeShifter.batch yielded logits of shape \(8, 5\) at epoch 1, batch 2"),
+    (lambda: _train(_NaNLogits()), r"non-finite training loss or logits at epoch 1, batch 1"),
+    (lambda: af.data.ImageDataset(torch.full((2, 1, 4, 4), 7.0), torch.tensor([0, 1])),
+     r"images must be pixels in \[0, 1\].*found values in \[7, 7\]"),
+    (lambda: af.models.SmallResNet(width=-8), "width must be >= 1, got -8"),
+    (lambda: af.models.PlantedNet(hidden=0), "hidden must be >= 1, got 0"),
+], ids=["fp16-attack", "bf16-evaluate", "meta-model", "bn-batch-of-one", "empty-batch", "keys-on-tuples",
+        "hf-list", "method-steps", "method-logits-shape", "method-nan-logits", "pixels-7", "width-8", "hidden-0"])
+def test_more_bad_input_is_named(call, match):
+    with pytest.raises((TypeError, ValueError, FloatingPointError), match=match):
+        call()
+
+
+def test_bad_files_are_named(tmp_path):
+    """A damaged gzip, an MNIST label of 250, out= an existing file, a corrupt or FIFO settings.json."""
+    gz = tmp_path / "train-images-idx3-ubyte.gz"
+    gz.write_bytes(b"\x1f\x8b\x08\x00garbage")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(gz))} is a damaged gzip file"):
+        af.data.read_idx(gz)
+    root = _mnist_with_label(tmp_path / "mnist", 250)
+    with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte: labels must be class indices in \[0, 10\), "
+                                         r"found \[1, 250\]"):
+        af.data.mnist(root)
+    file = tmp_path / "a-file"
+    file.write_text("mine")
+    with pytest.raises(ValueError, match="is an existing file, not a folder"):
+        af.nonrobustify(_model(), _data(8), steps=1, out=file, progress=False)
+    assert file.read_text() == "mine"
+    from advfeat.replicate import replicate
+
+    for name, make in (("corrupt", lambda f: f.write_text("{not json")), ("fifo", lambda f: os.mkfifo(f))):
+        out = tmp_path / name
+        out.mkdir()
+        make(out / "settings.json")
+        what = "is damaged" if name == "corrupt" else "is not a regular file"
+        with pytest.raises(ValueError, match=rf"settings.json {what}"):
+            replicate(out=out, progress=False, log=lambda line: None)
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_kept(tmp_path, capsys):
+    class Stop(af.train.Callback):
+        def on_batch(self, trainer, x, y):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt, match="before its first epoch finished: nothing was kept"):
+        _train("standard", checkpoint=tmp_path / "ck.pt", callbacks=[Stop()])
+    assert not (tmp_path / "ck.pt").exists()

@@ -210,7 +210,7 @@ def test_a_loader_that_changes_its_length_is_refused(tmp_path):
 def test_a_non_finite_loss_stops_training_without_a_per_step_sync(tmp_path):
     Nan = _Nan
     loader = [(torch.rand(4, 1, 16, 16), torch.arange(4))] * 3
-    with pytest.raises(FloatingPointError, match="non-finite training loss at epoch 1, batch 1"):
+    with pytest.raises(FloatingPointError, match="non-finite training loss or logits at epoch 1, batch 1"):
         af.adversarial_train(Nan(), loader, method="standard", epochs=1, progress=False,
                              checkpoint=tmp_path / "ck.pt")
     assert not (tmp_path / "ck.pt").exists()  # nothing non-finite is saved
@@ -334,20 +334,30 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, capsys):
     assert "call again with the same settings" in capsys.readouterr().err
     assert len(list((tmp_path / "d").glob("shard-*.json"))) == 2
 
-    def interrupting():
-        yield torch.rand(4, 1, 16, 16), torch.arange(4)
+    def interrupting(after: int):
+        for _ in range(after):
+            yield torch.rand(4, 1, 16, 16), torch.arange(4)
         raise KeyboardInterrupt
 
     class Loader:
+        """Two batches an epoch; Ctrl-C after ``stop`` batches in all."""
+
+        def __init__(self, stop: int) -> None:
+            self.left = stop
+
         def __len__(self):
             return 2
 
         def __iter__(self):
-            return interrupting()
+            now, self.left = min(self.left, 2), self.left - 2
+            return interrupting(now) if now < 2 else iter([(torch.rand(4, 1, 16, 16), torch.arange(4))] * 2)
 
-    with pytest.raises(KeyboardInterrupt, match="call again with resume=True"):
-        af.adversarial_train(_model(), Loader(), method="standard", epochs=2, progress=False,
+    with pytest.raises(KeyboardInterrupt, match="before its first epoch finished: nothing was kept"):
+        af.adversarial_train(_model(), Loader(1), method="standard", epochs=2, progress=False,
                              checkpoint=tmp_path / "ck.pt")
+    with pytest.raises(KeyboardInterrupt, match="holds every finished epoch: call again with resume=True"):
+        af.adversarial_train(_model(), Loader(3), method="standard", epochs=2, progress=False,
+                             checkpoint=tmp_path / "ck2.pt")
 
 
 def test_stale_temporaries_of_a_killed_write_are_removed(tmp_path):

@@ -15,7 +15,7 @@ from typing_extensions import final
 from .._checks import check_batch, check_labels
 from .._config import Config
 from ..adapters import Classifier, classifier
-from ..guard import frozen_model
+from ..guard import check_input, frozen_model
 from ..threat import column
 from .losses import LossFn, cross_entropy
 
@@ -167,6 +167,7 @@ class Attack(Config, ABC):
         lower, upper = self.box
         if validate:
             x, y = check_batch(x, y, lower, upper)
+            check_input(model, x)
         if x.shape[0] == 0:
             return x.clone()
         if generator is None and self.seed is not None:

@@ -253,6 +253,9 @@ def check_directory(root: Path, manifest: dict[str, Any]) -> bool:
 
     Refuses (ValueError) a directory holding something else or built with another configuration.
     """
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"out={str(root)!r} is an existing file, not a folder: a constructed dataset is a folder of "
+                         "shards; choose a new or empty folder")
     m = root / "manifest.json"
     if m.exists():
         old = read_manifest(root)

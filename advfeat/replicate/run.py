@@ -86,8 +86,18 @@ def _same_settings(out: Path, record: dict[str, Any]) -> Callable[[], None]:
     """A cached stage is only reused by a run with the same settings: ``out/settings.json`` records them, and a
     run with other settings stops before it mixes its results with the cache's."""
     f = out / "settings.json"
-    if f.exists():
-        before = json.loads(f.read_text())
+    if f.exists() or f.is_symlink():
+        if not f.is_file():
+            raise ValueError(f"--out {str(out)!r}: {f} is not a regular file (a FIFO, a folder or a broken link); "
+                             "remove it, or use another --out")
+        try:
+            before = json.loads(f.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"--out {str(out)!r}: {f} is damaged ({type(e).__name__}); delete the folder to start "
+                             "afresh, or use another --out") from None
+        if not isinstance(before, dict):
+            raise ValueError(f"--out {str(out)!r}: {f} does not hold a settings record; delete the folder to start "
+                             "afresh, or use another --out")
         if before != record:
             diff = [describe_differences(before.get("settings", {}), record["settings"]),
                     describe_differences({k: before.get(k) for k in ("seed", "sources")},

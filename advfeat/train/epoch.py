@@ -49,8 +49,8 @@ def train_epoch(self: AdversarialTrainer) -> dict[str, Any]:
             x, y = self.batch_on_device(batch, where)
             for cb in self.callbacks:
                 cb.on_batch(self, x, y)
-            loss, logits = _optimise(self, x, y, ctx, where)
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), b + 1, first_bad)
+            loss, logits, finite = _optimise(self, x, y, ctx, where)
+            first_bad = torch.where((first_bad < 0) & ~finite, b + 1, first_bad)
             seen += y.shape[0]
             loss_sum += loss.detach().double() * y.shape[0]
             correct += (logits.detach().argmax(1) == y).sum()
@@ -59,19 +59,24 @@ def train_epoch(self: AdversarialTrainer) -> dict[str, Any]:
     bad = int(first_bad)  # the epoch's one host sync for it, where the loop syncs anyway
     if bad > 0:
         last = f"; the last good checkpoint ({self.checkpoint}) is kept" if self.checkpoint is not None else ""
-        raise FloatingPointError(f"non-finite training loss at epoch {self.epoch + 1}, batch {bad} (first); "
-                                 f"training stopped at the epoch's end{last}")
+        raise FloatingPointError(f"non-finite training loss or logits at epoch {self.epoch + 1}, batch {bad} "
+                                 f"(first); training stopped at the epoch's end{last}")
     if expected is not None and b + 1 < expected:
         raise ValueError(f"loader yielded {b + 1} batches in epoch {self.epoch + 1}, {expected - b - 1} fewer "
                          f"than its {said}")
     return {"epoch": self.epoch + 1, "train_loss": float(loss_sum) / seen, "train_accuracy": int(correct) / seen,
             "lr": float(self.optimizer.param_groups[0]["lr"]), "seconds": time.perf_counter() - start}
 
+
 def _optimise(self: AdversarialTrainer, x: Tensor, y: Tensor, ctx: TrainContext, where: str
-              ) -> tuple[Tensor, Tensor]:
-    """Every optimiser step the method asks for on this batch; returns the last step's loss and logits."""
-    steps = self.method.batch(ctx.model, x, y, ctx)
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """Every optimiser step the method asks for on this batch (at most its ``steps_per_batch``); returns the last
+    step's loss and logits, and a device flag: every step's loss and logits were finite (no host sync)."""
+    method = self.method
+    steps = method.batch(ctx.model, x, y, ctx)
     last: tuple[Tensor, Tensor] | None = None
+    finite = torch.ones((), dtype=torch.bool, device=self.device)
+    taken = 0
     while True:
         self.model.train()
         try:
@@ -83,8 +88,17 @@ def _optimise(self: AdversarialTrainer, x: Tensor, y: Tensor, ctx: TrainContext,
             if self.epoch == 0 and self.optimizer.state == {}:
                 _explain(self, x, y)  # a clear message when the model's output is what went wrong
             raise
+        taken += 1
+        if taken > method.steps_per_batch:
+            raise ValueError(f"{type(method).__name__}.batch yielded more than its steps_per_batch = "
+                             f"{method.steps_per_batch} losses at {where}: set steps_per_batch to the optimiser "
+                             "steps it takes per batch (the schedule's length is set by it)")
         if self._classes is None:
             self._classes = check_logits(logits, y)  # once: later batches are checked on the CPU copy
+        elif logits.shape != (y.shape[0], self._classes):  # shapes only: no host sync
+            raise ValueError(f"{type(method).__name__}.batch yielded logits of shape {tuple(logits.shape)} at "
+                             f"{where}; expected ({y.shape[0]}, {self._classes}) as on the first step")
+        finite &= torch.isfinite(loss.detach()) & torch.isfinite(logits.detach()).all()
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
         self.scaler.step(self.optimizer)
@@ -92,13 +106,15 @@ def _optimise(self: AdversarialTrainer, x: Tensor, y: Tensor, ctx: TrainContext,
         self.scheduler.step()
         last = (loss, logits)
     if last is None:
-        raise RuntimeError(f"{type(self.method).__name__}.batch yielded no loss at {where}")
-    return last
+        raise RuntimeError(f"{type(method).__name__}.batch yielded no loss at {where}")
+    return (*last, finite)
+
 
 def _autocast(self: AdversarialTrainer) -> AbstractContextManager[Any]:
     if self.amp is None:
         return nullcontext()
     return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
+
 
 def _explain(self: AdversarialTrainer, x: Tensor, y: Tensor) -> None:
     inner = classifier(self.module)

@@ -128,6 +128,7 @@ class AdversarialTrainer:
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
         self._classes: int | None = None  # known after the first step
+        self._batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
     @property
     def module(self) -> nn.Module:
@@ -214,9 +215,17 @@ class AdversarialTrainer:
             history: list[dict[str, Any]] = interrupted(
                 "training interrupted; no checkpoint= was given, so nothing was kept", self._fit)
             return history
-        with exclusive_for_job(file_lock(self.checkpoint), f"checkpoint={str(self.checkpoint)!r}"):
-            history = interrupted(f"training interrupted; the checkpoint {self.checkpoint} holds every finished "
-                                  "epoch: call again with resume=True to continue", self._fit)
+        checkpoint = self.checkpoint
+
+        def kept() -> str:
+            if not checkpoint.exists():
+                return (f"training interrupted before its first epoch finished: nothing was kept (the checkpoint "
+                        f"{checkpoint} is written at the end of each epoch)")
+            return (f"training interrupted; the checkpoint {checkpoint} holds every finished epoch: call again with "
+                    "resume=True to continue")
+
+        with exclusive_for_job(file_lock(checkpoint), f"checkpoint={str(checkpoint)!r}"):
+            history = interrupted(kept, self._fit)
             return history
 
     def _fit(self) -> list[dict[str, Any]]:
@@ -251,6 +260,11 @@ class AdversarialTrainer:
         lower, upper = self.method.box
         try:
             x, y = check_batch(x, y, lower, upper)  # on the loader's CPU copy: no device sync
+            if y.shape[0] == 0:
+                raise ValueError("an empty batch (0 samples): the loader must not yield one")
+            if y.shape[0] == 1 and self._batchnorm:
+                raise ValueError("a batch of one sample cannot train a model with BatchNorm (its batch statistics "
+                                 "need 2 or more): pass drop_last=True to the DataLoader or use larger batches")
             if self._classes is not None:
                 check_labels(y, self._classes, "y")
         except (TypeError, ValueError) as e:
