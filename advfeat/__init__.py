@@ -19,6 +19,7 @@ from .attacks import (
     LinfPGD,
     Outcome,
     Restarts,
+    Square,
     WorstOf,
     cross_entropy,
     cw_margin,
@@ -41,7 +42,8 @@ _sys.modules[f"{__name__}.controls"] = controls
 _sys.modules[f"{__name__}.store"] = construct.store
 
 __all__ = [
-    "Attack", "GradientAttack", "PGD", "L2PGD", "LinfPGD", "FGSM", "APGD", "Restarts", "WorstOf", "Outcome",
+    "Attack", "GradientAttack", "PGD", "L2PGD", "LinfPGD", "FGSM", "APGD", "Square", "Restarts", "WorstOf",
+    "Outcome",
     "cross_entropy", "cw_margin", "dlr", "dlr_targeted", "frozen_model",
     "ThreatModel", "L2Ball", "LinfBall", "Box",
     "evaluate", "EvalResult", "compare", "Comparison", "robustness_curve", "RobustnessCurve",

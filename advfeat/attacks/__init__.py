@@ -15,7 +15,8 @@ Every attack call, built in or user-written, goes through ``Attack.__call__``, w
    dtype and device.
 
 A module per family: ``base`` (``Attack``, ``Outcome``, the success criteria), ``losses``, ``gradient`` (the
-engine-backed ``GradientAttack`` and PGD, L2PGD, LinfPGD, FGSM), ``apgd`` and ``compose`` (Restarts, WorstOf).
+engine-backed ``GradientAttack`` and PGD, L2PGD, LinfPGD, FGSM), ``apgd``, ``square`` (the gradient-free Square
+Attack) and ``compose`` (Restarts, WorstOf).
 
 Examples:
     >>> import torch, advfeat as af
@@ -35,12 +36,13 @@ from .base import Attack, Criterion, Misclassified, Outcome, ReachedTarget
 from .compose import Restarts, WorstOf
 from .gradient import FGSM, L2PGD, PGD, GradientAttack, LinfPGD
 from .losses import LossFn, cross_entropy, cw_margin, dlr, dlr_targeted
+from .square import Square
 
 EnginePGD = GradientAttack
 """The name ``GradientAttack`` had before it was public (kept as an alias)."""
 
 __all__ = [
-    "Attack", "GradientAttack", "PGD", "L2PGD", "LinfPGD", "FGSM", "APGD", "Restarts", "WorstOf", "Outcome",
+    "Attack", "GradientAttack", "PGD", "L2PGD", "LinfPGD", "FGSM", "APGD", "Square", "Restarts", "WorstOf", "Outcome",
     "Criterion", "Misclassified", "ReachedTarget",
     "cross_entropy", "cw_margin", "dlr", "dlr_targeted", "frozen_model", "LossFn", "EnginePGD",
 ]
