@@ -247,6 +247,11 @@ def from_release(folder: str | Path) -> ImageDataset:
             raise ValueError(f"{f}: expected a list of tensors, got {type(loaded).__name__}")
         parts.append(torch.cat(list(chunks)))
     images, labels = parts
+    if images.dtype != torch.uint8 and not (images.is_floating_point() and not images.is_complex()):
+        raise ValueError(f"{root / 'CIFAR_ims'}: expected uint8 pixels (0..255) or real floating pixels in [0, 1], got "
+                         f"{images.dtype}")
+    if labels.dtype == torch.bool or labels.is_complex():
+        raise ValueError(f"{root / 'CIFAR_lab'}: expected integer class labels, got {labels.dtype}")
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"{root / 'CIFAR_ims'}: expected images (N, 3, H, W), got {tuple(images.shape)}")
     if labels.shape != (images.shape[0],) or labels.is_floating_point():
@@ -260,7 +265,7 @@ def from_release(folder: str | Path) -> ImageDataset:
     if images.is_floating_point() and images.numel() and (images.min() < 0 or images.max() > 1):
         raise ValueError(f"{root / 'CIFAR_ims'}: pixel values must lie in [0, 1], found "
                          f"[{float(images.min()):g}, {float(images.max()):g}]")
-    return ImageDataset(images if images.dtype == torch.uint8 else images.float(), labels.long())
+    return ImageDataset(images if images.dtype == torch.uint8 else images.float(), labels.long(), classes=10)
 
 
 # -- planted features --------------------------------------------------------------------------------------

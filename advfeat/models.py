@@ -323,6 +323,7 @@ def from_robustness(
             weights[k[len("model."):] if k.startswith("model.") else k] = value
     net = CifarResNet(blocks, bottleneck=bottleneck, width=width, num_classes=num_classes)
     _check_state(net, weights, p)
+    _check_values(net, weights, p)
     net.load_state_dict(weights)
     mean = norm.get("new_mean", torch.tensor(CIFAR_MEAN)).flatten().tolist()
     std = norm.get("new_std", torch.tensor(CIFAR_STD)).flatten().tolist()
@@ -344,6 +345,22 @@ def _check_state(net: nn.Module, weights: dict[str, Tensor], path: Path) -> None
             parts.append(f"{len(items)} {what}: {', '.join(items[:4])}{', ...' if len(items) > 4 else ''}")
     raise ValueError(f"{path} holds another architecture than CifarResNet{_describe_state(mine)}: "
                      f"{'; '.join(parts)}. The checkpoint looks like{_describe_state(weights)}")
+
+
+def _check_values(net: nn.Module, weights: dict[str, Tensor], path: Path) -> None:
+    """Refuse weights that ``load_state_dict`` would cast or that hold NaN / inf: a float16, integer or bool tensor
+    where the model keeps float32 (or any other dtype the model does not), a non-finite floating tensor."""
+    mine = net.state_dict()
+    cast = [f"{k} ({str(v.dtype).replace('torch.', '')}, the model's is {str(mine[k].dtype).replace('torch.', '')})"
+            for k, v in weights.items() if k in mine and v.dtype != mine[k].dtype]
+    if cast:
+        raise ValueError(f"{path}: {len(cast)} weights are of another dtype than the model's, which loading would "
+                         f"cast silently: {', '.join(cast[:3])}{', ...' if len(cast) > 3 else ''}; convert the model "
+                         "(e.g. model.half()) or the file first")
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} weights hold NaN or inf ({', '.join(bad[:3])}): the file is damaged "
+                         "or its training diverged")
 
 
 def _describe_state(state: dict[str, Tensor]) -> str:
@@ -397,6 +414,7 @@ def load_safetensors(model: nn.Module, path: str | Path, map_location: str | tor
         raise ValueError(f"path: {p} is not a readable safetensors file ({e}); it may be truncated or of "
                          "another format") from None
     try:
+        _check_values(model, state, p)
         model.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"path: {p} holds weights of another architecture than {type(model).__name__}: "

@@ -373,3 +373,73 @@ def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_kept(tmp_path, caps
     with pytest.raises(KeyboardInterrupt, match="before its first epoch finished: nothing was kept"):
         _train("standard", checkpoint=tmp_path / "ck.pt", callbacks=[Stop()])
     assert not (tmp_path / "ck.pt").exists()
+
+
+def test_weights_are_never_cast_silently_nor_loaded_with_nan(tmp_path):
+    from safetensors.torch import save_file
+
+    state = af.models.PlantedNet().state_dict()
+    for name, weights, match in (
+        ("half", {k: v.half() for k, v in state.items()}, r"6 weights are of another dtype.*float16, the model's is "
+                                                          r"float32"),
+        ("int", {k: (v * 100).long() for k, v in state.items()}, r"int64, the model's is float32"),
+        ("nan", {k: v.clone().fill_(float("nan")) for k, v in state.items()}, r"6 weights hold NaN or inf"),
+    ):
+        save_file(weights, str(tmp_path / f"{name}.safetensors"))
+        with pytest.raises(ValueError, match=match):
+            af.models.load_safetensors(af.models.PlantedNet(), tmp_path / f"{name}.safetensors")
+    net = af.models.CifarResNet((2, 2, 2, 2), bottleneck=False, width=8)
+    torch.save({"model": {f"module.model.{k}": v.half() if v.is_floating_point() else v
+                          for k, v in net.state_dict().items()}}, tmp_path / "half.pt")
+    with pytest.raises(ValueError, match="another dtype than the model's"):
+        af.models.from_robustness(tmp_path / "half.pt", arch="resnet18", width=8)
+
+
+@pytest.mark.parametrize("images, labels, match", [
+    (torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.int16), torch.arange(4), r"CIFAR_ims: expected uint8 pixels"),
+    (torch.rand(4, 3, 8, 8, dtype=torch.complex64), torch.arange(4), r"CIFAR_ims: expected uint8 pixels"),
+    (torch.rand(4, 3, 8, 8), torch.tensor([True, False, True, False]), r"CIFAR_lab: expected integer class labels"),
+], ids=["int16-0-255", "complex", "bool-labels"])
+def test_a_release_of_other_dtypes_is_refused(tmp_path, images, labels, match):
+    torch.save([images], tmp_path / "CIFAR_ims")
+    torch.save([labels], tmp_path / "CIFAR_lab")
+    with pytest.raises(ValueError, match=match):
+        af.data.from_release(tmp_path)
+
+
+def test_an_object_array_in_a_shard_is_named_not_unpickled(tmp_path):
+    out = tmp_path / "d"
+    af.nonrobustify(_model(), _data(8), steps=1, out=out, progress=False)
+    labels = next(out.glob("shard-*.labels.npy"))
+    np.save(labels, np.array([{"x": 1}] * 8, dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(labels))}: not a plain numeric .npy array"):
+        af.ConstructedDataset.load(out, verify=False)
+
+
+def test_batched_restarts_hold_one_calls_starts_whatever_their_number(monkeypatch):
+    """Restarts(batched=True, max_batch=...) bounds memory as its docs say: the starts of the 200 runs are drawn
+    call by call, so no more than one call's starts are alive when the model runs (all 200 were before)."""
+    import weakref
+
+    alive: weakref.WeakSet = weakref.WeakSet()
+    most, calls = [0], [0]
+    init = af.L2Ball.init
+
+    def counted(self, x, bounds, generator):
+        start = init(self, x, bounds, generator)
+        alive.add(start)
+        return start
+
+    class Watching(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = _model()
+
+        def forward(self, x):
+            most[0], calls[0] = max(most[0], len(alive)), calls[0] + 1
+            return self.inner(x)
+
+    monkeypatch.setattr(af.L2Ball, "init", counted)
+    x, y = torch.rand(16, 1, 16, 16), torch.randint(0, 10, (16,))
+    af.Restarts(af.L2PGD(0.5, steps=2, random_start=True), 200, batched=True, max_batch=32)(Watching(), x, y)
+    assert calls[0] > 0 and most[0] <= 2

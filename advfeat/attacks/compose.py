@@ -67,13 +67,16 @@ class Restarts(Attack):
 
     def _batched(self, a: GradientAttack, model: nn.Module, x: Tensor, y: Tensor,
                  generator: torch.Generator | None) -> Iterator[Tensor]:
-        """The ``n`` runs' results, in order, computed ``per_call`` runs at a time as one batch each."""
+        """The ``n`` runs' results, in order, computed ``per_call`` runs at a time as one batch each. Each call's
+        starts are drawn just before it, in the sequential runs' order (a run given its start draws nothing else),
+        so memory holds one call's batch, at most ``max_batch`` samples, whatever ``n``."""
         threat = a.threat_model()
         xw = x.detach().to(working_dtype(x.dtype))
         bounds = threat.bounds(xw)
-        starts = [threat.init(xw, bounds, generator) for _ in range(self.n)]  # the sequential runs' draws, in order
-        for i, k in calls(self.n, x.shape[0], self.max_batch):
-            out = a.run_from(model, tile(x, k), tile(y, k), generator, torch.cat(starts[i:i + k]))
+        for _, k in calls(self.n, x.shape[0], self.max_batch):
+            starts = torch.cat([threat.init(xw, bounds, generator) for _ in range(k)])
+            out = a.run_from(model, tile(x, k), tile(y, k), generator, starts)
+            del starts
             yield from out.detach().to(x.dtype).chunk(k)
 
     def for_evaluation(self, early_stop: bool) -> Attack:

@@ -131,15 +131,24 @@ class ConstructedDataset(Dataset[tuple[Tensor, Tensor]]):
                 raise ValueError(f"{root / 'manifest.json'} was changed by hand: its fields {fields} do not match "
                                  f"shard {i}'s files {sorted(info['files'])}")
             img = root / info["files"]["images"]
-            images.append(np.load(img, allow_pickle=False,
-                                  mmap_mode="r" if img.stat().st_size > _MMAP_BYTES else None))
-            labels.append(np.load(root / info["files"]["labels"], allow_pickle=False))
+            images.append(_npy(img, mmap=img.stat().st_size > _MMAP_BYTES))
+            labels.append(_npy(root / info["files"]["labels"]))
             for f in fields:
-                meta.setdefault(f, []).append(np.load(root / info["files"][f], allow_pickle=False))
+                meta.setdefault(f, []).append(_npy(root / info["files"][f]))
         ds = cls(images, labels, meta, manifest["config"], path=root)
         if "target_reached" in ds.meta:  # a relabelling: the share of targets reached, as its constructor says
             ds.config["targets_reached"] = float(ds.meta["target_reached"].double().mean())
         return ds
+
+
+def _npy(path: Path, mmap: bool = False) -> np.ndarray:
+    """A shard's ``.npy`` array, never unpickled; an object array or a damaged file is refused naming the file."""
+    try:
+        arr: np.ndarray = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+    except ValueError as e:
+        raise ValueError(f"{path}: not a plain numeric .npy array ({e}); advfeat never unpickles: delete the folder "
+                         "and build it again") from None
+    return arr
 
 
 def shard_name(i: int) -> str:
