@@ -11,6 +11,7 @@ from . import adapters, allocator, construct, data, engine, figures, guard, meth
 from ._lock import InUseError
 from .attacks import (
     APGD,
+    EOT,
     FGSM,
     L2PGD,
     PGD,
@@ -42,7 +43,7 @@ _sys.modules[f"{__name__}.controls"] = controls
 _sys.modules[f"{__name__}.store"] = construct.store
 
 __all__ = [
-    "Attack", "GradientAttack", "PGD", "L2PGD", "LinfPGD", "FGSM", "APGD", "Square", "Restarts", "WorstOf",
+    "Attack", "GradientAttack", "PGD", "L2PGD", "LinfPGD", "FGSM", "APGD", "Square", "Restarts", "WorstOf", "EOT",
     "Outcome",
     "cross_entropy", "cw_margin", "dlr", "dlr_targeted", "frozen_model",
     "ThreatModel", "L2Ball", "LinfBall", "Box",

@@ -16,7 +16,7 @@ Every attack call, built in or user-written, goes through ``Attack.__call__``, w
 
 A module per family: ``base`` (``Attack``, ``Outcome``, the success criteria), ``losses``, ``gradient`` (the
 engine-backed ``GradientAttack`` and PGD, L2PGD, LinfPGD, FGSM), ``apgd``, ``square`` (the gradient-free Square
-Attack) and ``compose`` (Restarts, WorstOf).
+Attack) and ``compose`` (Restarts, WorstOf, EOT).
 
 Examples:
     >>> import torch, advfeat as af
@@ -33,7 +33,7 @@ Examples:
 from ..guard import frozen_model
 from .apgd import APGD
 from .base import Attack, Criterion, Misclassified, Outcome, ReachedTarget
-from .compose import Restarts, WorstOf
+from .compose import EOT, Restarts, WorstOf
 from .gradient import FGSM, L2PGD, PGD, GradientAttack, LinfPGD
 from .losses import LossFn, cross_entropy, cw_margin, dlr, dlr_targeted
 from .square import Square
@@ -42,7 +42,8 @@ EnginePGD = GradientAttack
 """The name ``GradientAttack`` had before it was public (kept as an alias)."""
 
 __all__ = [
-    "Attack", "GradientAttack", "PGD", "L2PGD", "LinfPGD", "FGSM", "APGD", "Square", "Restarts", "WorstOf", "Outcome",
+    "Attack", "GradientAttack", "PGD", "L2PGD", "LinfPGD", "FGSM", "APGD", "Square", "Restarts", "WorstOf", "EOT",
+    "Outcome",
     "Criterion", "Misclassified", "ReachedTarget",
     "cross_entropy", "cw_margin", "dlr", "dlr_targeted", "frozen_model", "LossFn", "EnginePGD",
 ]

@@ -12,7 +12,7 @@ from .._checks import check_logits, check_positive_int
 from ..engine import optimize, working_dtype
 from ..steps import APGDStep, StepRule
 from .base import Outcome, calls, keep, tile
-from .gradient import BallPGD
+from .gradient import BallPGD, expected
 from .losses import LossFn, cross_entropy, dlr, dlr_targeted
 
 __all__ = ["APGD"]
@@ -98,7 +98,8 @@ class APGD(BallPGD):
             if alive is not None and isinstance(threat.eps, Tensor):
                 region = self._ball(threat.eps.index_select(0, alive.to(threat.eps.device)))
             return optimize(
-                _TowardsTarget(model, ys, targets, self.loss or cross_entropy), xs, region, steps=self.steps,
+                expected(_TowardsTarget(model, ys, targets, self.loss or cross_entropy), self.draws), xs, region,
+                steps=self.steps,
                 step_size=self.step_length(region), start=z0, keep_best=True, early_stop=self.early_stop,
                 generator=generator, rule=self.rule,
             ).x.to(x.dtype)

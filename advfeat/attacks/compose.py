@@ -1,5 +1,5 @@
 """Attacks made of attacks: ``Restarts`` (one attack n times) and ``WorstOf`` (several attacks), each keeping the
-per-sample worst case."""
+per-sample worst case, and ``EOT`` (an attack's gradients averaged over draws of a randomised model)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from .base import Attack, Outcome, calls, tile, worst_of
 from .gradient import GradientAttack
 from .losses import LossFn
 
-__all__ = ["Restarts", "WorstOf"]
+__all__ = ["Restarts", "WorstOf", "EOT"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -134,6 +134,28 @@ class WorstOf(Attack):
     def __repr__(self) -> str:
         extra = "" if self.loss is None else f", loss={short(self.loss)}"
         return f"WorstOf({', '.join(map(repr, self.attacks))}{extra})"
+
+
+def EOT(attack: Attack, draws: int = 20) -> Attack:  # noqa: N802 (an attack's constructor, named like one)
+    """``attack`` with Expectation over Transformation (Athalye et al. 2018) for randomised models: every gradient
+    step averages the loss and its gradient over ``draws`` forward passes, each drawing the model's randomness anew
+    (AutoAttack's "rand" version: 20). Applies to the gradient family (PGD, APGD, APGD-T) and to those inside
+    ``Restarts`` and ``WorstOf``; the result is an attack like any other (immutable, printable).
+
+    Examples:
+        >>> import advfeat as af
+        >>> af.EOT(af.Restarts(af.APGD(0.03), 2), draws=20)
+        Restarts(attack=APGD(eps=0.03, draws=20), n=2, seed=None)
+    """
+    check_positive_int("draws", draws)
+    if isinstance(attack, GradientAttack):
+        return dataclasses.replace(attack, draws=draws)
+    if isinstance(attack, Restarts):
+        return dataclasses.replace(attack, attack=EOT(attack.attack, draws))
+    if isinstance(attack, WorstOf):
+        return WorstOf(*(EOT(a, draws) for a in attack.attacks), loss=attack.loss, seed=attack.seed)
+    raise TypeError(f"attack: EOT averages gradients, so it takes the gradient family (PGD, APGD) or Restarts / "
+                    f"WorstOf of them; got {type(attack).__name__}")
 
 
 def _same_box(a: tuple[float | Tensor, float | Tensor], b: tuple[float | Tensor, float | Tensor]) -> bool:

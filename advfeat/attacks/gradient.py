@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +20,7 @@ from ..threat import ThreatModel, ball
 from .base import Attack, Criterion
 from .losses import LossFn, cross_entropy
 
-__all__ = ["GradientAttack", "PGD", "L2PGD", "LinfPGD", "FGSM", "BallPGD", "Classification"]
+__all__ = ["GradientAttack", "PGD", "L2PGD", "LinfPGD", "FGSM", "BallPGD", "Classification", "Expected", "expected"]
 
 
 class Classification:
@@ -41,6 +42,29 @@ class Classification:
         return loss, self.criterion(logits, y)
 
 
+class Expected:
+    """An objective averaged over ``draws`` calls (EOT, Athalye et al. 2018): for a randomised model each call draws
+    its randomness anew, so the loss (and its gradient) is the mean over draws; a sample succeeds where most draws
+    succeed. ``draws`` forward passes and one backward pass through all of them per step."""
+
+    def __init__(self, objective: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], draws: int) -> None:
+        self.objective, self.draws = objective, draws
+
+    def __call__(self, x: Tensor, index: Tensor | None) -> tuple[Tensor, Tensor]:
+        total, votes = self.objective(x, index)
+        votes = votes.to(torch.int32)
+        for _ in range(self.draws - 1):
+            loss, success = self.objective(x, index)
+            total, votes = total + loss, votes + success
+        return total / self.draws, votes * 2 > self.draws
+
+
+def expected(objective: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]],
+             draws: int) -> Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]]:
+    """``objective`` itself for one draw, else averaged over ``draws`` (``Expected``)."""
+    return objective if draws == 1 else Expected(objective, draws)
+
+
 @dataclass(frozen=True, eq=False, kw_only=True, repr=False)
 class GradientAttack(Attack):
     """Base class of the attacks that run the engine's projected-gradient loop on a classification loss: the fields
@@ -50,7 +74,8 @@ class GradientAttack(Attack):
     ``rel_step_size * eps`` (default ``2.5 / steps``, Madry et al.'s rule), from ``x`` or a ``random_start`` in the
     threat model; untargeted attacks raise ``loss`` (default cross-entropy), targeted ones lower it towards ``y``;
     ``keep_best`` returns each sample's best iterate (one more forward), ``early_stop`` stops a sample once it
-    succeeds.
+    succeeds; ``draws`` > 1 averages the loss and its gradient over that many forward passes (EOT, for randomised
+    models; ``advfeat.EOT`` sets it on an attack and on those inside ``Restarts`` and ``WorstOf``).
     """
 
     steps: int = 10
@@ -64,9 +89,11 @@ class GradientAttack(Attack):
     eval_mode: bool = True
     seed: int | None = None
     rule: StepRule = field(default_factory=Constant)
+    draws: int = 1
 
     def __post_init__(self) -> None:
         check_positive_int("steps", self.steps)
+        check_positive_int("draws", self.draws)
         if not isinstance(self.rule, StepRule):
             raise TypeError(f"rule must be an advfeat StepRule (see advfeat.steps), got {self.rule!r}")
         if self.step_size is not None and self.rel_step_size is not None:
@@ -118,7 +145,7 @@ class GradientAttack(Attack):
         """``run``, from ``start`` (projected first) instead of the attack's own start when one is given."""
         threat = self.threat_model()
         criterion = self.criterion
-        objective = Classification(model, y, self.loss or cross_entropy, criterion)
+        objective = expected(Classification(model, y, self.loss or cross_entropy, criterion), self.draws)
         return optimize(
             objective, x, threat, steps=self.steps, step_size=self.step_length(threat),
             maximize=not criterion.descends, random_start=self.random_start and start is None, start=start,
