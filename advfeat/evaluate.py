@@ -21,7 +21,7 @@ Examples:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -293,11 +293,7 @@ def evaluate(
     worst = torch.zeros((), dtype=torch.long, device=dev)
     lower, upper = next(iter(runs.values())).box if runs else (0.0, 1.0)
     with frozen_model(model) as m, progress_bar(loader, desc="evaluate", enabled=progress) as bar:
-        for batch_no, batch in enumerate(bar):
-            x, y = batch_xy(batch, keys, f"loader, batch {batch_no}")
-            x, y = check_batch(x, y, lower, upper)
-            x, y = x.to(dev), y.to(dev)
-            check_input(m, x, f"loader, batch {batch_no}: x")
+        for batch_no, x, y in _checked(bar, m, keys, (lower, upper), dev):
             with torch.no_grad():
                 logits = m(x)
             check_logits(logits, y)
@@ -341,6 +337,18 @@ def evaluate(
         robust_correct={k: int(v) for k, v in robust.items()},
         worst_correct=int(worst) if runs else None,
     )
+
+
+def _checked(batches: Iterable[Any], model: nn.Module, keys: tuple[str, str] | None,
+             box: tuple[float | Tensor, float | Tensor], dev: torch.device) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """``(batch number, x, y)`` of every batch: read from any batch form, checked (box, labels, the model's device
+    and dtype) and moved to ``dev``; an error names the batch."""
+    for batch_no, batch in enumerate(batches):
+        x, y = batch_xy(batch, keys, f"loader, batch {batch_no}")
+        x, y = check_batch(x, y, *box)
+        x, y = x.to(dev), y.to(dev)
+        check_input(model, x, f"loader, batch {batch_no}: x")
+        yield batch_no, x, y
 
 
 def _gathered(flags: dict[str, list[Tensor]], indices: list[int], total: int, attacked: bool) -> EvalResult:
@@ -420,11 +428,7 @@ def robustness_curve(
     total, clean = 0, torch.zeros((), dtype=torch.long, device=dev)
     standing = torch.zeros(len(runs), dtype=torch.long, device=dev)
     with frozen_model(model) as m, progress_bar(loader, desc="robustness curve", enabled=progress) as bar:
-        for batch_no, batch in enumerate(bar):
-            x, y = batch_xy(batch, keys, f"loader, batch {batch_no}")
-            x, y = check_batch(x, y, lower, upper)
-            x, y = x.to(dev), y.to(dev)
-            check_input(m, x, f"loader, batch {batch_no}: x")
+        for _, x, y in _checked(bar, m, keys, (lower, upper), dev):
             with torch.no_grad():
                 correct = m(x).argmax(1) == y
             total += y.shape[0]

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from . import figures
 from .construct import ConstructedDataset
 
 __all__ = ["PAPER", "ROWS", "SHORT", "CONTROLS", "MAP_AXES", "MEASURES", "render_report", "headline_table",
-           "map_table", "measures_table", "teaching_table", "spearman", "curve_summary", "draw"]
+           "map_table", "measures_table", "teaching_table", "spearman", "curve_summary", "gradient_free_table", "draw"]
 
 PAPER = {  # CIFAR-10, ResNet-50: clean / under L2 eps 0.25 (docs/paper.md)
     "standard": (95, 4), "robust": (91, 82), "d_r": (84, 48), "d_nr": (88, 0), "d_rand": (63, 0),
@@ -185,8 +186,33 @@ def features_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def gradient_free_table(summary: dict[str, Any]) -> str:
+    """The gradient-free check: robust accuracy (%) of each row's model on the same test images under L2 PGD and
+    under the Square Attack at the run's eps, with 95% intervals; empty for a run without it."""
+    rows = summary["rows"]
+    checked = [(key, label) for key, label, _ in ROWS if "gradient_free" in rows.get(key, {})]
+    if not checked:
+        return ""
+    g0 = rows[checked[0][0]]["gradient_free"]
+    lines = [f"Robust accuracy (%) on the first {g0['n']:,} test images at L2 eps {g0['eps']:g}: PGD (the table's "
+             f"attack) and the Square Attack ({g0['queries']:,} queries, no gradient), with 95% intervals. Square "
+             "well below PGD would mean the robustness PGD sees is gradient masking.", "",
+             "| experiment | PGD | Square | Square - PGD |", "|---|---|---|---|"]
+
+    def cell(g: dict[str, Any]) -> str:
+        lo, hi = g["interval_95"]
+        return f"{_pct(g['accuracy'])} [{_pct(lo)}, {_pct(hi)}]"
+
+    for key, label in checked:
+        g = rows[key]["gradient_free"]
+        lines.append(f"| {label} | {cell(g['pgd'])} | {cell(g['square'])} | "
+                     f"{100 * (g['square']['accuracy'] - g['pgd']['accuracy']):+.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 TABLES = {"headline": None, "results": results_table, "constructions": constructions_table,
-          "features": features_table, "controls": controls_table, "transfer": transfer_table}
+          "features": features_table, "controls": controls_table, "transfer": transfer_table,
+          "gradient_free": gradient_free_table}
 """The tables a run's ``results.json`` renders (``scripts/publish_tables.py`` publishes them by these names;
 ``headline`` is ``headline_table`` at the run's eps)."""
 
@@ -211,6 +237,9 @@ def render_report(summary: dict[str, Any]) -> str:
     if curves:
         lines += ["", "Learners' real-test accuracy over their epochs (peak, its epoch, final): "
                   + "; ".join(curves) + ". The table reports the final epoch, as the protocol does.", ""]
+    gradient_free = gradient_free_table(summary)
+    if gradient_free:
+        lines += ["## Gradient-free check", "", gradient_free]
     controls, transfer = controls_table(summary), transfer_table(summary)
     if controls:
         lines += ["## The critics' controls", "",
@@ -295,25 +324,19 @@ def teaching_table(result: dict[str, Any]) -> str:
     cells = [c for c in result["cells"] if "curve" in c or "transfer_same" in c]
     if not cells:
         return ""
-    varying = [a for a in MAP_AXES if len({json.dumps(c[a]) for c in result["cells"]}) > 1] or ["mode"]
 
-    def pct(v: float | None) -> str:
-        return "-" if v is None else f"{100 * v:.1f}"
-
-    lines = [f"Teaching and transfer ({result['n_test']:,} test images, {result['dataset']}): the learner's real test "
-             "accuracy % at the end (test), at its best epoch (peak, epoch) and the drop from peak to end; the share "
-             "% of the set's moved images that independently trained models classify as the set's label (transfer: "
-             "the source's architecture, two seeds; other: another architecture) and the same for the unperturbed "
-             "images (clean: the control).", "",
-             "| " + "".join(f"{a} | " for a in varying)
-             + "test | peak | epoch | peak - test | transfer | other | clean |",
-             "|" + "---|" * (len(varying) + 7)]
-    for c in cells:
+    def row(c: dict[str, Any]) -> list[str]:
         peak, epoch, _ = curve_summary(c["curve"]) if "curve" in c else (None, "-", None)
         drop = "-" if peak is None else f"{100 * (peak - c['test_accuracy']):+.1f}"
-        lines.append("| " + "".join((f"{c[a]:g}" if isinstance(c[a], float) else f"{c[a]}") + " | " for a in varying)
-                     + f"{pct(c['test_accuracy'])} | {pct(peak)} | {epoch} | {drop} | {pct(c.get('transfer_same'))} | "
-                     f"{pct(c.get('transfer_other'))} | {pct(c.get('transfer_clean'))} |")
+        return [_pct(c["test_accuracy"]), _pct(peak), str(epoch), drop, _pct(c.get("transfer_same")),
+                _pct(c.get("transfer_other")), _pct(c.get("transfer_clean"))]
+
+    lines = _cells_table(result, cells, "Teaching and transfer ({n} test images, {dataset}): the learner's real test "
+                         "accuracy % at the end (test), at its best epoch (peak, epoch) and the drop from peak to end; "
+                         "the share % of the set's moved images that independently trained models classify as the "
+                         "set's label (transfer: the source's architecture, two seeds; other: another architecture) "
+                         "and the same for the unperturbed images (clean: the control).",
+                         ["test", "peak", "epoch", "peak - test", "transfer", "other", "clean"], row)
     measured = [c for c in cells if "transfer_same" in c]
     rho = spearman([c["transfer_same"] for c in measured], [c["test_accuracy"] for c in measured])
     if measured:
@@ -322,32 +345,38 @@ def teaching_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cells_table(result: dict[str, Any], cells: list[dict[str, Any]], intro: str, columns: list[str],
+                 row: Callable[[dict[str, Any]], list[str]]) -> list[str]:
+    """A Markdown table of a map's ``cells``: the axes that vary across the map, then ``columns`` (``row(c)``), under
+    ``intro`` (formatted with ``n`` test images and ``dataset``)."""
+    varying = [a for a in MAP_AXES if len({json.dumps(c[a]) for c in result["cells"]}) > 1] or ["mode"]
+    lines = [intro.format(n=f"{result['n_test']:,}", dataset=result["dataset"]), "",
+             "| " + " | ".join([*varying, *columns]) + " |", "|" + "---|" * (len(varying) + len(columns))]
+    for c in cells:
+        axes = [f"{c[a]:g}" if isinstance(c[a], float) else f"{c[a]}" for a in varying]
+        lines.append("| " + " | ".join([*axes, *row(c)]) + " |")
+    return lines
+
+
 def measures_table(result: dict[str, Any]) -> str:
     """The cells of a map that carry measurements (``MEASURES``) as Markdown: real test accuracy % of each learner;
     empty when no cell has any."""
     cells = [c for c in result["cells"] if "split_size" in c or "poison_accuracy" in c]
     if not cells:
         return ""
-    varying = [a for a in MAP_AXES if len({json.dumps(c[a]) for c in result["cells"]}) > 1] or ["mode"]
 
-    def pct(v: float | None) -> str:
-        return "-" if v is None else f"{100 * v:.1f}"
-
-    lines = [f"Real test accuracy % ({result['n_test']:,} test images, {result['dataset']}) of learners trained on "
-             "parts of each cell's set (the cell's recipe): the reached and the unreached targets apart (equal "
-             "sizes, subsampled: size), the unperturbed images with the set's labels (random labels for D_rand), "
-             "D_det's images with their true labels (poison) and the clean images with theirs (clean).", "",
-             "| " + "".join(f"{a} | " for a in varying)
-             + "test | size | reached | unreached | random labels | poison | clean | poison - clean |",
-             "|" + "---|" * (len(varying) + 8)]
-    for c in cells:
+    def row(c: dict[str, Any]) -> list[str]:
         poison, clean = c.get("poison_accuracy"), c.get("clean_accuracy")
         gap = "-" if poison is None or clean is None else f"{100 * (poison - clean):+.1f}"
-        lines.append("| " + "".join((f"{c[a]:g}" if isinstance(c[a], float) else f"{c[a]}") + " | " for a in varying)
-                     + f"{pct(c['test_accuracy'])} | {c.get('split_size', '-')} | {pct(c.get('reached_teaches'))} | "
-                     f"{pct(c.get('unreached_teaches'))} | {pct(c.get('random_labels_teach'))} | {pct(poison)} | "
-                     f"{pct(clean)} | {gap} |")
-    return "\n".join(lines) + "\n"
+        return [_pct(c["test_accuracy"]), str(c.get("split_size", "-")), _pct(c.get("reached_teaches")),
+                _pct(c.get("unreached_teaches")), _pct(c.get("random_labels_teach")), _pct(poison), _pct(clean), gap]
+
+    return "\n".join(_cells_table(
+        result, cells, "Real test accuracy % ({n} test images, {dataset}) of learners trained on parts of each cell's "
+        "set (the cell's recipe): the reached and the unreached targets apart (equal sizes, subsampled: size), the "
+        "unperturbed images with the set's labels (random labels for D_rand), D_det's images with their true labels "
+        "(poison) and the clean images with theirs (clean).",
+        ["test", "size", "reached", "unreached", "random labels", "poison", "clean", "poison - clean"], row)) + "\n"
 
 
 def map_table(result: dict[str, Any]) -> str:

@@ -124,7 +124,7 @@ def _experiment_stages(run: Run, train: Dataset[Any], test: Dataset[Any], source
     """The six experiments and the control, in run order."""
     s = run.s
     stages = [Stage(name, partial(_given, run, run.given[name], test, sources[name])) if name in run.given
-              else Stage(name, partial(run.train, name, train, test, method, epochs))
+              else Stage(name, partial(run.train, name, train, test, method, epochs, square=True))
               for name, method, epochs in (("standard", "standard", s.std_epochs),
                                            ("robust", s.robust_method, s.robust_epochs))]
     if s.nonrobust_source_epochs is not None:  # a standard model of that length: the one the attacks relabel by
@@ -138,7 +138,7 @@ def _experiment_stages(run: Run, train: Dataset[Any], test: Dataset[Any], source
     stages.append(Stage("d_det_shift", partial(_shift, run, test), ("d_det",)))
     if not _control_is_row_1(run, train):
         stages.append(Stage("control", partial(run.train, "control", source, test, "standard",
-                                               s.constructed_epochs)))
+                                               s.constructed_epochs, square=True)))
     return stages
 
 
@@ -258,7 +258,8 @@ def _learn(run: Run, name: str, test: Dataset[Any], lr: float) -> dict[str, Any]
     """A fresh standard model trained on the built set ``datasets/<name>`` and evaluated; D_rand's and D_det's
     learners with their per-epoch real-test curve."""
     built = ConstructedDataset.load(run.out / "datasets" / name)
-    return run.train(name, built, test, "standard", run.s.constructed_epochs, lr, curve=name in ("d_rand", "d_det"))
+    return run.train(name, built, test, "standard", run.s.constructed_epochs, lr, curve=name in ("d_rand", "d_det"),
+                     square=name in ("d_r", "d_nr"))
 
 
 def _given(run: Run, model: nn.Module, test: Dataset[Any], source: str) -> dict[str, Any]:
