@@ -22,7 +22,7 @@ import torch
 from .._digest import content_digest
 from .._io import TMP_SUFFIX, atomic_write
 
-__all__ = ["read_checkpoint", "save_checkpoint", "recover", "rng_state", "set_rng_state", "previous"]
+__all__ = ["read_checkpoint", "save_checkpoint", "recover", "rng_state", "set_rng_state", "previous", "what_was_kept"]
 
 
 def previous(path: Path) -> Path:
@@ -52,6 +52,15 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         if rotated:
             os.replace(previous(p), p)
         raise
+
+
+def what_was_kept(path: Path) -> str:
+    """The line a Ctrl-C prints: what the checkpoint at ``path`` holds, and how to continue."""
+    if not path.exists():
+        return (f"training interrupted before its first epoch finished: nothing was kept (the checkpoint {path} is "
+                "written at the end of each epoch)")
+    return f"training interrupted; the checkpoint {path} holds every finished epoch: call again with resume=True " \
+           "to continue"
 
 
 def recover(path: Path, resume: bool, temporaries: bool = True) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence, Sized
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -26,7 +27,7 @@ from ..attacks import Attack
 from ..methods import DEFAULT_METHOD, NAMES, TrainingMethod, from_name
 from ..progress import interrupted
 from .callbacks import Callback, EpochEvaluation, Guard, HistoryFile
-from .checkpoint import read_checkpoint, recover, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import read_checkpoint, recover, rng_state, save_checkpoint, set_rng_state, what_was_kept
 from .epoch import train_epoch
 
 __all__ = ["AdversarialTrainer", "adversarial_train", "METHODS"]
@@ -216,16 +217,8 @@ class AdversarialTrainer:
                 "training interrupted; no checkpoint= was given, so nothing was kept", self._fit)
             return history
         checkpoint = self.checkpoint
-
-        def kept() -> str:
-            if not checkpoint.exists():
-                return (f"training interrupted before its first epoch finished: nothing was kept (the checkpoint "
-                        f"{checkpoint} is written at the end of each epoch)")
-            return (f"training interrupted; the checkpoint {checkpoint} holds every finished epoch: call again with "
-                    "resume=True to continue")
-
         with exclusive_for_job(file_lock(checkpoint), f"checkpoint={str(checkpoint)!r}"):
-            history = interrupted(kept, self._fit)
+            history = interrupted(partial(what_was_kept, checkpoint), self._fit)
             return history
 
     def _fit(self) -> list[dict[str, Any]]:
