@@ -37,7 +37,7 @@ from torch import Tensor
 
 from ._config import Config, as_bound
 
-__all__ = ["ThreatModel", "L2Ball", "LinfBall", "Box", "Bounds", "ball"]
+__all__ = ["ThreatModel", "L2Ball", "LinfBall", "Box", "Bounds", "ball", "per_sample_norm", "column"]
 
 _TINY = 1e-20
 
@@ -47,7 +47,7 @@ def column(values: Tensor, ndim: int) -> Tensor:
     return values.reshape(values.shape[0], *([1] * (ndim - 1)))
 
 
-def _per_sample_norm(t: Tensor) -> Tensor:
+def per_sample_norm(t: Tensor) -> Tensor:
     """L2 norm of each sample, shaped (N, 1, ..., 1)."""
     return column(torch.linalg.vector_norm(t.flatten(1), dim=1), t.ndim)
 
@@ -174,7 +174,7 @@ def _check_eps(eps: float | Tensor) -> float | Tensor:
 
 
 def _l2_normalize_(grad: Tensor) -> Tensor:
-    return grad.div_(_per_sample_norm(grad).clamp_min_(_TINY))
+    return grad.div_(per_sample_norm(grad).clamp_min_(_TINY))
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -204,14 +204,14 @@ class L2Ball(_Ball):
         g = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         u = torch.rand((n,), generator=generator, device=x.device, dtype=x.dtype)
         r = column(u.pow_(1.0 / d), x.ndim).mul_(bounds.eps)
-        return g.mul_(r / _per_sample_norm(g).clamp_min_(_TINY)).add_(x)
+        return g.mul_(r / per_sample_norm(g).clamp_min_(_TINY)).add_(x)
 
     def direction(self, grad: Tensor) -> Tensor:
         return _l2_normalize_(grad)
 
     def shrink_(self, delta: Tensor, bounds: Bounds) -> Tensor:
         assert bounds.eps is not None
-        scale = (bounds.eps / _per_sample_norm(delta).clamp_min_(_TINY)).clamp_(max=1.0)
+        scale = (bounds.eps / per_sample_norm(delta).clamp_min_(_TINY)).clamp_(max=1.0)
         return delta.mul_(scale)
 
 

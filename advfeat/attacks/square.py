@@ -27,7 +27,9 @@ from torch import Tensor, nn
 from .._checks import check_positive_float, check_positive_int
 from .._config import config_repr
 from ..engine import _accelerated
+from ..threat import per_sample_norm
 from .base import Attack
+from .losses import cw_margin
 
 __all__ = ["Square"]
 
@@ -108,12 +110,10 @@ class _Search:
     def judge(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """(margin, loss) per sample: the search succeeded where the margin is <= 0; it lowers the loss."""
         logits = self.model(x).float()
-        picked = logits.gather(1, y[:, None]).squeeze(1)
-        others = logits.scatter(1, y[:, None], float("-inf")).amax(1)
+        lead = cw_margin(logits, y)  # the largest other logit over y's: > 0 once y is lost
         if self.a.targeted:
-            return others - picked, F.cross_entropy(logits, y, reduction="none")
-        margin = picked - others
-        return margin, margin if self.a.score == "margin" else -F.cross_entropy(logits, y, reduction="none")
+            return lead, F.cross_entropy(logits, y, reduction="none")
+        return -lead, -lead if self.a.score == "margin" else -F.cross_entropy(logits, y, reduction="none")
 
     def run(self) -> Tensor:
         a, x, y = self.a, self.x, self.y
@@ -176,8 +176,8 @@ class _Search:
         mask = torch.zeros_like(xs)
         mask[one] = 1.0
         mask[two] = 1.0
-        total = _norm(delta)  # (k, 1, 1, 1)
-        windows = _norm(delta * mask)
+        total = per_sample_norm(delta)  # (k, 1, 1, 1)
+        windows = per_sample_norm(delta * mask)
         inside = delta[one]
         bump = self.bump(side) * self.signs(k, c, 1, 1) + inside / (1e-12 + inside.square().sum((2, 3), True).sqrt())
         room = ((a.eps ** 2 - total.square()).clamp_min(0) / c + windows.square()).sqrt()
@@ -206,10 +206,5 @@ def _rectangles(rows: int, cols: int, like: Tensor) -> Tensor:
     return out / out.square().sum().sqrt().clamp_min(1e-12)
 
 
-def _norm(t: Tensor) -> Tensor:
-    norms: Tensor = t.flatten(1).norm(dim=1)
-    return norms.reshape(-1, 1, 1, 1)
-
-
 def _unit(t: Tensor) -> Tensor:
-    return t / (_norm(t) + 1e-12)
+    return t / (per_sample_norm(t) + 1e-12)

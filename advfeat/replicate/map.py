@@ -50,8 +50,8 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 import torch
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from .. import figures, models, report, steps
 from .._io import atomic_write
@@ -344,7 +344,8 @@ def build_cells(out: str | Path, cells: Sequence[Mapping[str, Any]], *, source: 
             x, t = ds.tensors()
             moved = (t[:n] != ds.meta["original_label"][:n]).nonzero().squeeze(1)
             clean = torch.stack([data(seed)[0][int(i)][0] for i in moved]) if len(moved) else x[:0]
-            rates = {k: (_agreement(m, x[moved], t[moved]), _agreement(m, clean, t[moved]))
+            rates = {k: (shifted_accuracy(m, TensorDataset(x[moved], t[moved])),
+                         shifted_accuracy(m, TensorDataset(clean, t[moved])))
                      for k, m in independent(seed).items()}
             same = [v for k, v in rates.items() if "_same" in k]
             other = [v for k, v in rates.items() if "_same" not in k]
@@ -443,13 +444,3 @@ def choose(cells: Sequence[Mapping[str, Any]], *, n: int = 20000, seed: int = 0,
 
 def _write(data: bytes, f: IO[bytes]) -> None:
     f.write(data)
-
-
-def _agreement(model: nn.Module, x: Tensor, labels: Tensor) -> float:
-    """The share of ``x`` that ``model`` classifies as ``labels`` (0 for no images)."""
-    if len(x) == 0:
-        return 0.0
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        pred = torch.cat([model(x[i:i + 500].to(device)).argmax(1).cpu() for i in range(0, len(x), 500)])
-    return float((pred == labels).double().mean())

@@ -11,7 +11,7 @@ from typing import Any, cast
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from .. import figures, models, report
 from .._checks import check_device, describe_differences
@@ -299,10 +299,7 @@ def _ensemble(run: Run) -> dict[str, int]:
 def _transfer_rate(run: Run, name: str) -> dict[str, Any]:
     """The share of the relabelled set ``datasets/<name>`` that the fresh model classifies as the new label."""
     x, t = ConstructedDataset.load(run.out / "datasets" / name).tensors()
-    fresh = run.load_model("transfer_probe")
-    with torch.no_grad():
-        pred = torch.cat([fresh(x[i:i + 500].to(run.device)).argmax(1).cpu() for i in range(0, len(x), 500)])
-    return {"value": float((pred == t).double().mean())}
+    return {"value": shifted_accuracy(run.load_model("transfer_probe"), TensorDataset(x, t), device=run.device)}
 
 
 def _build_bugs(run: Run, source: Dataset[Any]) -> dict[str, Any]:
