@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import hypothesis.strategies as st
 import pytest
@@ -448,7 +449,9 @@ def test_batched_restarts_of_apgd_t_run_apgd_t():
 
 # -- Square: gradient-free, on the conventions of every attack (issue 32) ---------------------------------------------
 
+@functools.cache
 def _planted_model():
+    """One trained planted MLP and its test set, shared by the Square and EOT tests (callers must not train it)."""
     from torch.utils.data import DataLoader
 
     torch.manual_seed(0)

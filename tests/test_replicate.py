@@ -262,6 +262,7 @@ def _script(name: str) -> Any:
     return module
 
 
+@pytest.mark.slow  # 90 s: the map's mechanics stay in the default run (the command, measurements, axes tests)
 def test_the_generalisation_map_shows_budget_and_size(run, tmp_path, capsys):
     """scripts/generalisation_map.py on the default replication: the relabelled sets teach the real task only
     where the attack reached its targets and the source is large enough (measured, seed 0, MLP, 30 epochs: D_rand
