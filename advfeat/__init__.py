@@ -12,10 +12,12 @@ from ._lock import InUseError
 from .attacks import (
     APGD,
     EOT,
+    FAB,
     FGSM,
     L2PGD,
     PGD,
     Attack,
+    AutoAttack,
     GradientAttack,
     LinfPGD,
     Outcome,
@@ -43,7 +45,8 @@ _sys.modules[f"{__name__}.controls"] = controls
 _sys.modules[f"{__name__}.store"] = construct.store
 
 __all__ = [
-    "Attack", "GradientAttack", "PGD", "L2PGD", "LinfPGD", "FGSM", "APGD", "Square", "Restarts", "WorstOf", "EOT",
+    "Attack", "GradientAttack", "PGD", "L2PGD", "LinfPGD", "FGSM", "APGD", "FAB", "Square", "AutoAttack", "Restarts",
+    "WorstOf", "EOT",
     "Outcome",
     "cross_entropy", "cw_margin", "dlr", "dlr_targeted", "frozen_model",
     "ThreatModel", "L2Ball", "LinfBall", "Box",

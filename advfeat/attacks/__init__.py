@@ -15,8 +15,9 @@ Every attack call, built in or user-written, goes through ``Attack.__call__``, w
    dtype and device.
 
 A module per family: ``base`` (``Attack``, ``Outcome``, the success criteria), ``losses``, ``gradient`` (the
-engine-backed ``GradientAttack`` and PGD, L2PGD, LinfPGD, FGSM), ``apgd``, ``square`` (the gradient-free Square
-Attack) and ``compose`` (Restarts, WorstOf, EOT).
+engine-backed ``GradientAttack`` and PGD, L2PGD, LinfPGD, FGSM), ``apgd``, ``fab`` (the minimum-norm FAB),
+``square`` (the gradient-free Square Attack), ``autoattack`` (the cascade) and ``compose`` (Restarts, WorstOf,
+EOT).
 
 Examples:
     >>> import torch, advfeat as af
@@ -32,8 +33,10 @@ Examples:
 
 from ..guard import frozen_model
 from .apgd import APGD
+from .autoattack import AutoAttack
 from .base import Attack, Criterion, Misclassified, Outcome, ReachedTarget
 from .compose import EOT, Restarts, WorstOf
+from .fab import FAB
 from .gradient import FGSM, L2PGD, PGD, GradientAttack, LinfPGD
 from .losses import LossFn, cross_entropy, cw_margin, dlr, dlr_targeted
 from .square import Square
@@ -42,7 +45,8 @@ EnginePGD = GradientAttack
 """The name ``GradientAttack`` had before it was public (kept as an alias)."""
 
 __all__ = [
-    "Attack", "GradientAttack", "PGD", "L2PGD", "LinfPGD", "FGSM", "APGD", "Square", "Restarts", "WorstOf", "EOT",
+    "Attack", "GradientAttack", "PGD", "L2PGD", "LinfPGD", "FGSM", "APGD", "FAB", "Square", "AutoAttack", "Restarts",
+    "WorstOf", "EOT",
     "Outcome",
     "Criterion", "Misclassified", "ReachedTarget",
     "cross_entropy", "cw_margin", "dlr", "dlr_targeted", "frozen_model", "LossFn", "EnginePGD",
