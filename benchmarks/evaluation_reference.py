@@ -1,18 +1,23 @@
 """advfeat's evaluation attacks against a reference port on the same models, batch and budget, in one run.
 
-    python benchmarks/evaluation_reference.py [--n 500] [--queries 5000] [--threads 1] [--fashion-root DIR]
+    python benchmarks/evaluation_reference.py [--attack square|fab-t|autoattack] [--n 500] [--queries 5000]
+        [--threads 1] [--fashion-root DIR]
 
 For each model (a standard and a PGD-trained planted MLP; a standard and a PGD-trained Fashion-MNIST SmallCNN
-when the IDX files are there) and each norm, robust accuracy (%) of ``af.Square`` and of torchattacks 3.5.1's
-``Square`` (``pip install --no-deps torchattacks==3.5.1 scipy requests``) on the same ``--n`` test images with the
-same query budget, and each one's time per image. "No weaker" means advfeat's robust accuracy is at most the
-reference's + 0.5 points. Prints a Markdown table (docs/benchmarks.md records it).
+when the IDX files are there) and each norm, robust accuracy (%) of advfeat's attack and of torchattacks 3.5.1's
+port (``pip install --no-deps torchattacks==3.5.1 scipy requests``) on the same ``--n`` test images with the same
+budget, and each one's time per image: ``Square`` (``--queries``), FAB-T (100 steps, 9 targets) or AutoAttack's
+standard cascade at torchattacks' budget (its AutoAttack runs 10 steps of APGD, APGD-T and FAB-T, and Square at
+5,000 queries; the reference runs 100 steps, which the last two columns add for advfeat). "No weaker" means
+advfeat's robust accuracy is at most the reference's + 0.5 points. Prints a Markdown table (docs/benchmarks.md
+records it).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -46,40 +51,64 @@ def _models(fashion_root: Path | None) -> dict[str, tuple[nn.Module, Tensor, Ten
     return out
 
 
-def _row(name: str, model: nn.Module, x: Tensor, y: Tensor, norm: str, eps: float, queries: int) -> str:
+def _timed(f: Callable[[], Tensor]) -> tuple[Tensor, float]:
+    t0 = time.perf_counter()
+    out = f()
+    return out, time.perf_counter() - t0
+
+
+def _pair(attack: str, model: nn.Module, x: Tensor, y: Tensor, norm: str, eps: float,
+          queries: int) -> tuple[Callable[[], Tensor], Callable[[], Tensor]]:
+    """advfeat's attack and the reference port's, on the same budget, as two calls."""
     import torchattacks
 
+    name = "Linf" if norm == "linf" else "L2"
+    if attack == "square":
+        return (lambda: af.Square(eps, norm=norm, queries=queries, seed=0)(model, x, y),
+                lambda: torchattacks.Square(model, norm=name, eps=eps, n_queries=queries, seed=0)(x, y))
+    if attack == "fab-t":
+        return (lambda: af.FAB(eps, norm=norm, n_target_classes=9, seed=0)(model, x, y),
+                lambda: torchattacks.FAB(model, norm=name, eps=eps, steps=100, multi_targeted=True, n_classes=10,
+                                         seed=0)(x, y))
+    # torchattacks' AutoAttack as shipped: 10 steps of APGD, APGD-T and FAB-T, Square at 5,000 queries
+    return (lambda: af.AutoAttack(norm, eps, steps=10, seed=0)(model, x, y),
+            lambda: torchattacks.AutoAttack(model, norm=name, eps=eps, n_classes=10, seed=0)(x, y))
+
+
+def _row(attack: str, name: str, model: nn.Module, x: Tensor, y: Tensor, norm: str, eps: float, queries: int) -> str:
     def acc(z: Tensor) -> float:
         with torch.no_grad():
             return 100 * float((model(z).argmax(1) == y).double().mean())
 
-    t0 = time.perf_counter()
-    ours = af.Square(eps, norm=norm, queries=queries, seed=0)(model, x, y)
-    t_ours = time.perf_counter() - t0
-    ref = torchattacks.Square(model, norm="Linf" if norm == "linf" else "L2", eps=eps, n_queries=queries, seed=0)
-    t0 = time.perf_counter()
-    theirs = ref(x, y)
-    t_ref = time.perf_counter() - t0
-    a, b = acc(ours), acc(theirs)
-    return (f"| {name} | {norm} | {eps:g} | {acc(x):.1f} | {a:.1f} | {b:.1f} | {a - b:+.1f} | "
-            f"{1000 * t_ours / len(x):.2f} | {1000 * t_ref / len(x):.2f} |")
+    ours, theirs = _pair(attack, model, x, y, norm, eps, queries)
+    (a, t_ours), (b, t_ref) = _timed(ours), _timed(theirs)
+    row = (f"| {name} | {norm} | {eps:g} | {acc(x):.1f} | {acc(a):.1f} | {acc(b):.1f} | {acc(a) - acc(b):+.1f} | "
+           f"{1000 * t_ours / len(x):.2f} | {1000 * t_ref / len(x):.2f} |")
+    if attack == "autoattack":  # and the cascade at the reference's settings (100 steps)
+        full, t_full = _timed(lambda: af.AutoAttack(norm, eps, seed=0)(model, x, y))
+        row += f" {acc(full):.1f} | {1000 * t_full / len(x):.2f} |"
+    return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--attack", nargs="+", choices=["square", "fab-t", "autoattack"], default=["square"])
     ap.add_argument("--n", type=int, default=500)
-    ap.add_argument("--queries", type=int, default=5000)
+    ap.add_argument("--queries", type=int, default=5000, help="Square's budget (the cascade's is 5,000)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fashion-root", type=Path, default=af.data.FASHION_MNIST_ROOT)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print("| model | norm | eps | clean | advfeat Square | torchattacks Square | difference | advfeat ms/image | "
-          "torchattacks ms/image |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, (model, x, y, linf, l2) in _models(args.fashion_root).items():
-        for norm, eps in (("linf", linf), ("l2", l2)):
-            print(_row(name, model, x[:args.n], y[:args.n], norm, eps, args.queries), flush=True)
-
+    models = _models(args.fashion_root)
+    for attack in args.attack:
+        head = (f"| model | norm | eps | clean | advfeat {attack} | torchattacks {attack} | difference | "
+                "advfeat ms/image | torchattacks ms/image |")
+        if attack == "autoattack":
+            head += " advfeat, 100 steps | its ms/image |"
+        print(f"\n{head}\n|" + "---|" * (head.count("|") - 1), flush=True)
+        for name, (model, x, y, linf, l2) in models.items():
+            for norm, eps in (("linf", linf), ("l2", l2)):
+                print(_row(attack, name, model, x[:args.n], y[:args.n], norm, eps, args.queries), flush=True)
 
 if __name__ == "__main__":
     main()
