@@ -187,26 +187,34 @@ def features_table(summary: dict[str, Any]) -> str:
 
 
 def gradient_free_table(summary: dict[str, Any]) -> str:
-    """The gradient-free check: robust accuracy (%) of each row's model on the same test images under L2 PGD and
-    under the Square Attack at the run's eps, with 95% intervals; empty for a run without it."""
+    """The gradient-free check: robust accuracy (%) of each row's model on the same test images under L2 PGD,
+    under the Square Attack and under AutoAttack's standard cascade at the run's eps, with 95% intervals; empty for
+    a run without it (the cascade's columns only where the run measured it)."""
     rows = summary["rows"]
     checked = [(key, label) for key, label, _ in ROWS if "gradient_free" in rows.get(key, {})]
     if not checked:
         return ""
     g0 = rows[checked[0][0]]["gradient_free"]
+    cascade = "cascade" in g0
+    budget = (f" and AutoAttack's standard cascade (APGD-CE, APGD-T, FAB-T at {g0['cascade']['steps']} steps, Square "
+              f"at {g0['cascade']['queries']:,} queries, each on the points still robust)" if cascade else "")
     lines = [f"Robust accuracy (%) on the first {g0['n']:,} test images at L2 eps {g0['eps']:g}: PGD (the table's "
-             f"attack) and the Square Attack ({g0['queries']:,} queries, no gradient), with 95% intervals. Square "
-             "well below PGD would mean the robustness PGD sees is gradient masking.", "",
-             "| experiment | PGD | Square | Square - PGD |", "|---|---|---|---|"]
+             f"attack), the Square Attack ({g0['queries']:,} queries, no gradient){budget}, with 95% intervals. "
+             "Square well below PGD would mean the robustness PGD sees is gradient masking.", ""]
+    head = ["experiment", "PGD", "Square", "Square - PGD"] + (["AutoAttack", "AutoAttack - PGD"] if cascade else [])
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def cell(g: dict[str, Any]) -> str:
         lo, hi = g["interval_95"]
         return f"{_pct(g['accuracy'])} [{_pct(lo)}, {_pct(hi)}]"
 
+    def gap(g: dict[str, Any], k: str) -> str:
+        return f"{100 * (g[k]['accuracy'] - g['pgd']['accuracy']):+.1f}"
+
     for key, label in checked:
         g = rows[key]["gradient_free"]
-        lines.append(f"| {label} | {cell(g['pgd'])} | {cell(g['square'])} | "
-                     f"{100 * (g['square']['accuracy'] - g['pgd']['accuracy']):+.1f} |")
+        more = [cell(g["autoattack"]), gap(g, "autoattack")] if cascade and "autoattack" in g else []
+        lines.append("| " + " | ".join([label, cell(g["pgd"]), cell(g["square"]), gap(g, "square"), *more]) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -510,8 +510,9 @@ def test_bad_arguments_exit_with_a_message(tmp_path, capsys):
 
 def test_the_robust_rows_hold_under_a_gradient_free_attack(run):
     """The gradient-free check: D's adversarially trained model and D_R's learner keep their robustness under
-    the Square Attack on the same test images (no gradient masking), the standard rows lose it under both
-    (measured, seed 0, 500 images, L2 0.5: PGD / Square standard 0.0 / 13.2, robust 63.0 / 70.4, D_R 58.2 / 67.0)."""
+    the Square Attack and under AutoAttack's cascade on the same test images (no gradient masking), the standard
+    rows lose it under all three (measured, seed 0, 500 images, L2 0.5: PGD / Square / cascade standard
+    0.0 / 13.2 / 0.0, robust 63.0 / 70.4 / 62.2, D_R 58.2 / 67.0 / 57.2)."""
     out, res = run
     rows = res["rows"]
     for key in ("standard", "robust", "d_r", "d_nr", "control"):
@@ -521,8 +522,10 @@ def test_the_robust_rows_hold_under_a_gradient_free_attack(run):
     for key in ("robust", "d_r"):
         g = rows[key]["gradient_free"]
         assert g["pgd"]["accuracy"] >= 0.4 and g["square"]["accuracy"] >= g["pgd"]["accuracy"] - 0.05
+        assert g["pgd"]["accuracy"] - 0.05 <= g["autoattack"]["accuracy"] <= g["pgd"]["accuracy"] + 0.01
     for key in ("standard", "d_nr"):
         g = rows[key]["gradient_free"]
-        assert g["pgd"]["accuracy"] <= 0.05 and g["square"]["accuracy"] <= 0.3
+        assert g["pgd"]["accuracy"] <= 0.05 and g["square"]["accuracy"] <= 0.3 and g["autoattack"]["accuracy"] <= 0.05
+    assert rows["robust"]["gradient_free"]["cascade"] == {"steps": 20, "queries": 1000}
     assert af.report.gradient_free_table(res) in (out / "report.md").read_text()
     assert "gradient_free" not in rows["d_det"]
