@@ -47,6 +47,7 @@ ATTACKS = {
     "restarts": af.Restarts(af.L2PGD(0.5, steps=5), 2),
     "restarts-batched": af.Restarts(af.L2PGD(0.5, steps=5), 2, batched=True),
     "worst-of": af.WorstOf(af.L2PGD(0.5, steps=5), af.LinfPGD(0.03, steps=5)),
+    "fab-t": af.FAB(0.5, norm="l2", steps=5, n_target_classes=3),
 }
 
 

@@ -103,8 +103,9 @@ class _NaN(nn.Module):
 @pytest.mark.parametrize("attack", [
     af.LinfPGD(0.1, steps=3), af.FGSM(0.1), af.APGD(0.1, steps=3), af.APGD(0.1, steps=3, loss=af.dlr,
                                                                             n_target_classes=3),
-    af.L2PGD(0.5, steps=3), af.Restarts(af.LinfPGD(0.1, steps=2), 2),
-], ids=["linf", "fgsm", "apgd", "apgd-t", "l2", "restarts"])
+    af.L2PGD(0.5, steps=3), af.Restarts(af.LinfPGD(0.1, steps=2), 2), af.FAB(0.1, steps=3, n_target_classes=3),
+    af.AutoAttack("linf", 0.1, steps=3, queries=5),
+], ids=["linf", "fgsm", "apgd", "apgd-t", "l2", "restarts", "fab-t", "autoattack"])
 def test_every_attack_stops_a_model_with_non_finite_logits(attack):
     x, y = _data(8).tensors()
     with pytest.raises(FloatingPointError, match="non-finite"):

@@ -16,6 +16,7 @@ inside the ``eps`` ball, and the clean point otherwise (a sample already misclas
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -88,9 +89,14 @@ class FAB(Attack):
         return flat.abs().amax(1) if self.norm == "linf" else flat.norm(dim=1)
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None) -> Tensor:
-        xw = x.detach().to(working_dtype(x.dtype))
+        xw = x.detach().to(working_dtype(x.dtype))  # the walk's arithmetic; the model sees x's dtype
+
+        def forward(z: Tensor) -> Tensor:
+            out: Tensor = model(z.to(x.dtype))
+            return out.float()
+
         with torch.no_grad():
-            logits = model(xw)
+            logits = forward(xw)
         c = check_logits(logits, y)
         if self.n_target_classes > c - 1:
             raise ValueError(f"n_target_classes must be at most C - 1 = {c - 1} for this model, got "
@@ -105,7 +111,7 @@ class FAB(Attack):
                 target = ranked[alive, j] if self.n_target_classes else None
                 x0 = xw.index_select(0, alive)
                 start = x0 if r == 0 else self._random_start(x0, generator)
-                found, dist = self._walk(model, x0, y.index_select(0, alive), target, start)
+                found, dist = self._walk(forward, x0, y.index_select(0, alive), target, start)
                 broken = dist <= self.eps  # one host sync per target and restart, none per step
                 out.index_copy_(0, alive[broken], found[broken])
                 alive = alive[~broken]
@@ -120,14 +126,14 @@ class FAB(Attack):
         scale = 0.5 * self.eps / self.distance(t).clamp_min(1e-12)
         return (x0 + t * scale.view(-1, *[1] * (x0.ndim - 1))).clamp(self.lower, self.upper)
 
-    def _walk(self, model: nn.Module, x0: Tensor, y: Tensor, target: Tensor | None,
+    def _walk(self, forward: Callable[[Tensor], Tensor], x0: Tensor, y: Tensor, target: Tensor | None,
               x1: Tensor) -> tuple[Tensor, Tensor]:
         """One run from ``x1``: the closest adversarial point found per sample and its distance (inf if none)."""
         n = x0.shape[0]
         flat0 = x0.flatten(1)
         best, best_dist = x0.clone(), torch.full((n,), float("inf"), device=x0.device, dtype=x0.dtype)
         for _ in range(self.steps):
-            f, g = self._plane(model, x1, y, target)
+            f, g = self._plane(forward, x1, y, target)
             flat1 = x1.flatten(1)
             b = (g * flat1).sum(1) - f  # the linearised boundary: g . z = b
             d = _to_plane(torch.cat([flat1, flat0]), torch.cat([g, g]), torch.cat([b, b]), self.norm,
@@ -137,7 +143,7 @@ class FAB(Attack):
             step = (flat1 + self.eta * d[:n]) * (1 - alpha) + (flat0 + self.eta * d[n:]) * alpha
             x1 = step.clamp(self.lower, self.upper).view_as(x0)
             with torch.no_grad():
-                adversarial = model(x1).argmax(1) != y
+                adversarial = forward(x1).argmax(1) != y
             dist = self.distance(x1 - x0)
             closer = adversarial & (dist < best_dist)
             best = torch.where(closer.view(-1, *[1] * (x0.ndim - 1)), x1, best)
@@ -146,12 +152,13 @@ class FAB(Attack):
             x1 = torch.where(back, x0 + self.beta * (x1 - x0), x1)
         return best, best_dist
 
-    def _plane(self, model: nn.Module, x1: Tensor, y: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _plane(self, forward: Callable[[Tensor], Tensor], x1: Tensor, y: Tensor,
+               target: Tensor | None) -> tuple[Tensor, Tensor]:
         """The margin ``f = z_k - z_y`` at ``x1`` and its gradient (flat), for the target ``k``, or untargeted for
         the class whose linearised boundary is nearest in the attack's norm."""
         with torch.enable_grad():
             z = x1.detach().requires_grad_(True)
-            logits = model(z).float()
+            logits = forward(z)
             rows = torch.arange(x1.shape[0], device=x1.device)
             if target is not None:
                 margin = logits[rows, target] - logits[rows, y]
