@@ -346,11 +346,38 @@ def teaching_table(result: dict[str, Any]) -> str:
                          "and the same for the unperturbed images (clean: the control).",
                          ["test", "peak", "epoch", "peak - test", "transfer", "other", "clean"], row)
     measured = [c for c in cells if "transfer_same" in c]
-    rho = spearman([c["transfer_same"] for c in measured], [c["test_accuracy"] for c in measured])
     if measured:
-        lines += ["", f"Rank correlation (Spearman) of test with transfer over these {len(measured)} cells: "
-                  + ("- (fewer than 3 cells, or a constant column)" if rho is None else f"{rho:+.2f}") + "."]
+        lines.append("")
+        for axis, along in _axes_of(result, measured):
+            rhos = [spearman([c[k] for c in along], [c["test_accuracy"] for c in along])
+                    for k in ("transfer_same", "transfer_other")]
+            where = f"along {axis} ({', '.join(_show(c[axis]) for c in along)})" if axis else \
+                f"over these {len(along)} cells"
+            lines.append(f"Rank correlation (Spearman) of test with transfer / other {where}: "
+                         + " / ".join("-" if r is None else f"{r:+.2f}" for r in rhos)
+                         + (" (-: fewer than 3 cells, or a constant column)" if None in rhos else "") + ".")
     return "\n".join(lines) + "\n"
+
+
+def _show(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _axes_of(result: dict[str, Any], cells: list[dict[str, Any]]) -> list[tuple[str | None, list[dict[str, Any]]]]:
+    """The cells along each axis that varies in the map: those where every other varying axis takes its most
+    common value (the base point's, in an ``axes`` design), ordered by the axis. With one varying axis, every cell
+    along it; with none, ``(None, cells)``."""
+    varying = [a for a in MAP_AXES if len({json.dumps(c[a]) for c in result["cells"]}) > 1]
+    if len(varying) <= 1:
+        axis = varying[0] if varying else None
+        return [(axis, sorted(cells, key=lambda c: c[axis]) if axis else cells)]
+    base = {a: max((json.dumps(c[a]) for c in result["cells"]),
+                   key=[json.dumps(c[a]) for c in result["cells"]].count) for a in varying}
+    out: list[tuple[str | None, list[dict[str, Any]]]] = []
+    for a in varying:
+        along = [c for c in cells if all(json.dumps(c[b]) == base[b] for b in varying if b != a)]
+        out.append((a, sorted(along, key=lambda c: c[a])))
+    return out
 
 
 def _cells_table(result: dict[str, Any], cells: list[dict[str, Any]], intro: str, columns: list[str],

@@ -529,3 +529,18 @@ def test_the_robust_rows_hold_under_a_gradient_free_attack(run):
     assert rows["robust"]["gradient_free"]["cascade"] == {"steps": 20, "queries": 1000}
     assert af.report.gradient_free_table(res) in (out / "report.md").read_text()
     assert "gradient_free" not in rows["d_det"]
+
+
+def test_the_teaching_table_reads_each_axis_of_a_map_apart():
+    """An ``axes`` map varies one axis at a time around a base point: the rank correlation is taken along each
+    axis over the cells where the other axes sit at the base (the pre-registered rules read them apart)."""
+    base = dict(mode="det", eps=3.0, n=20000, learner="cnn", source_epochs=5, rule="fixed", learner_epochs=15, seed=0)
+    cells = [dict(base, source_epochs=e, test_accuracy=t, transfer_same=s, transfer_other=o, transfer_clean=0.0)
+             for e, t, s, o in [(5, 0.30, 0.9, 0.2), (1, 0.5, 0.4, 0.1), (15, 0.2, 0.95, 0.3), (3, 0.4, 0.6, 0.4)]]
+    cells += [dict(base, eps=e, test_accuracy=t, transfer_same=s, transfer_other=0.2, transfer_clean=0.0)
+              for e, t, s in [(2.0, 0.2, 0.8), (4.0, 0.35, 0.95)]]
+    text = af.report.teaching_table({"cells": cells, "n_test": 10000, "dataset": "fashion-mnist"})
+    assert "along source_epochs (1, 3, 5, 15): -1.00 / -0.40." in text
+    assert "along eps (2, 3, 4): +1.00 / - (-: fewer than 3 cells, or a constant column)." in text
+    one = af.report.teaching_table({"cells": cells[:3], "n_test": 10000, "dataset": "fashion-mnist"})
+    assert "along source_epochs (1, 5, 15): -1.00 / -1.00." in one
