@@ -339,6 +339,7 @@ def test_the_maps_measurements_split_the_set_poison_the_true_task_and_transfer(r
     rand, det = res["cells"]
     for c in res["cells"]:
         assert len(c["curve"]) == c["learner_epochs"] and c["curve"][-1] == pytest.approx(c["test_accuracy"])
+        assert c["seconds"] > 0 and c["transfer_seconds"] >= 0 and c["split_seconds"] >= 0  # each stage's own time
         assert all(0.0 <= v <= 1.0 for v in c["curve"]) and c["transfer_n"] > 0
     assert det["transfer_same"] >= 0.5 and det["transfer_other"] >= 0.3 and det["transfer_other_arch"] == "mlp"
     assert det["transfer_clean"] <= 0.05 and rand["transfer_clean"] <= 0.05  # no perturbation, no transfer

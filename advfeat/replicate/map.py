@@ -33,7 +33,8 @@ set and cell is cached in ``--out`` (a rerun resumes; one run per folder). Each 
 ``leakage`` (``advfeat.controls.leakage_probe`` with the robust model on the same prefix: what robust features
 alone teach), ``curve`` (the learner's real-test accuracy after every epoch, measured without touching its
 training's random streams), ``passes`` (the attack's passes per image) and ``seconds``. ``--measure`` adds
-``split``, ``poison`` and ``transfer`` (``advfeat.report.MEASURES``), each a cached stage of its own. Writes
+``split``, ``poison`` and ``transfer`` (``advfeat.report.MEASURES``), each a cached stage of its own with its time
+as ``<measure>_seconds``. Writes
 ``map.json`` and ``map.md`` after every cell (``"complete": false`` until the last), and ``map.png``,
 ``curves.png`` and (with ``transfer``) ``teaching.png`` at the end.
 """
@@ -359,8 +360,9 @@ def build_cells(out: str | Path, cells: Sequence[Mapping[str, Any]], *, source: 
             passes = rules(s)[c["rule"]](c["eps"])["steps"]  # forward+backward passes per image of the attack
             found = {**c, **stage(name, partial(cell, c, name)), "passes": passes}
             for m, fn in (("split", split), ("poison", poison), ("transfer", transfer)):
-                if m in measures and (m != "poison" or c["mode"] == "det"):
-                    found.update(stage(f"{name}_{m}", partial(fn, c, name)))
+                if m in measures and (m != "poison" or c["mode"] == "det"):  # its time beside the cell's
+                    found.update({f"{m}_{k}" if k == "seconds" else k: v
+                                  for k, v in stage(f"{name}_{m}", partial(fn, c, name)).items()})
             results.append(found)
             result: dict[str, Any] = {
                 "from": None if src is None else str(src), "dataset": s.dataset, "settings": rep.settings_record(s),
