@@ -368,9 +368,8 @@ def _axes_of(result: dict[str, Any], cells: list[dict[str, Any]]) -> list[tuple[
     common value (the base point's, in an ``axes`` design), ordered by the axis. With one varying axis, every cell
     along it; with none, ``(None, cells)``."""
     varying = [a for a in MAP_AXES if len({json.dumps(c[a]) for c in result["cells"]}) > 1]
-    if len(varying) <= 1:
-        axis = varying[0] if varying else None
-        return [(axis, sorted(cells, key=lambda c: c[axis]) if axis else cells)]
+    if not varying:
+        return [(None, cells)]
     base = {a: max((json.dumps(c[a]) for c in result["cells"]),
                    key=[json.dumps(c[a]) for c in result["cells"]].count) for a in varying}
     out: list[tuple[str | None, list[dict[str, Any]]]] = []
@@ -388,7 +387,7 @@ def _cells_table(result: dict[str, Any], cells: list[dict[str, Any]], intro: str
     lines = [intro.format(n=f"{result['n_test']:,}", dataset=result["dataset"]), "",
              "| " + " | ".join([*varying, *columns]) + " |", "|" + "---|" * (len(varying) + len(columns))]
     for c in cells:
-        axes = [f"{c[a]:g}" if isinstance(c[a], float) else f"{c[a]}" for a in varying]
+        axes = [_show(c[a]) for a in varying]
         lines.append("| " + " | ".join([*axes, *row(c)]) + " |")
     return lines
 

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from .._checks import check_logits, check_positive_float, check_positive_int
 from .._config import config_repr
 from ..engine import working_dtype
+from ..threat import column
 from .base import Attack
 
 __all__ = ["FAB"]
@@ -124,7 +125,7 @@ class FAB(Attack):
         else:
             t = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         scale = 0.5 * self.eps / self.distance(t).clamp_min(1e-12)
-        return (x0 + t * scale.view(-1, *[1] * (x0.ndim - 1))).clamp(self.lower, self.upper)
+        return (x0 + t * column(scale, x0.ndim)).clamp(self.lower, self.upper)
 
     def _walk(self, forward: Callable[[Tensor], Tensor], x0: Tensor, y: Tensor, target: Tensor | None,
               x1: Tensor) -> tuple[Tensor, Tensor]:
@@ -146,9 +147,9 @@ class FAB(Attack):
                 adversarial = forward(x1).argmax(1) != y
             dist = self.distance(x1 - x0)
             closer = adversarial & (dist < best_dist)
-            best = torch.where(closer.view(-1, *[1] * (x0.ndim - 1)), x1, best)
+            best = torch.where(column(closer, x0.ndim), x1, best)
             best_dist = torch.where(closer, dist, best_dist)
-            back = adversarial.view(-1, *[1] * (x0.ndim - 1))
+            back = column(adversarial, x0.ndim)
             x1 = torch.where(back, x0 + self.beta * (x1 - x0), x1)
         return best, best_dist
 
