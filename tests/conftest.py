@@ -26,7 +26,13 @@ HANG_GUARD_S = 600
 """How long a test waits for a subprocess before calling it hung. Not a speed assumption: the work it guards
 takes seconds; the guard only turns a deadlock into a failure well inside CI's 90 minutes."""
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+"""How many pytest-xdist workers share the machine (pyproject's addopts: ``-n auto``, at most 4)."""
+THREADS = max(1, min(2, (os.cpu_count() or 1) // WORKERS, torch.get_num_threads()))
+torch.set_num_threads(THREADS)
+if WORKERS > 1:  # the subprocesses the tests start (ranks, kernels, crash tests) share the cores the same way
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 advfeat.allocator.tune()  # faster on CPU, same results (see advfeat/allocator.py)
 
 
@@ -104,6 +110,21 @@ def bf16_supported() -> bool:
         return True
     except RuntimeError:
         return False
+
+
+def _reads_the_run(item: pytest.Item) -> bool:
+    return "planted_run" in getattr(item, "fixturenames", ())
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Groups for pytest-xdist's ``--dist loadgroup``: the tests that read the session's replication run share
+    one worker (one run, not one per worker) and come first, since that group takes longest; every other test
+    file stays on one worker, so its module fixtures are built once. Without xdist the marks do nothing and
+    only the order changes."""
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group("planted_run" if _reads_the_run(item) else item.nodeid.split("::")[0]))
+    items.sort(key=lambda item: not _reads_the_run(item))  # stable: file order otherwise kept
 
 
 @pytest.fixture(scope="session")
