@@ -1,7 +1,7 @@
 """advfeat's evaluation attacks against a reference port on the same models, batch and budget, in one run.
 
     python benchmarks/evaluation_reference.py [--attack square|fab-t|autoattack] [--n 500] [--queries 5000]
-        [--threads 1] [--fashion-root DIR]
+        [--threads 1] [--fashion-root DIR] [--models NAME ...] [--norms linf l2]
 
 For each model (a standard and a PGD-trained planted MLP; a standard and a PGD-trained Fashion-MNIST SmallCNN
 when the IDX files are there) and each norm, robust accuracy (%) of advfeat's attack and of torchattacks 3.5.1's
@@ -26,12 +26,18 @@ from torch.utils.data import DataLoader, Subset
 
 import advfeat as af
 
+MODELS = ["planted standard", "planted pgd", "fashion-mnist standard", "fashion-mnist pgd"]
 
-def _models(fashion_root: Path | None) -> dict[str, tuple[nn.Module, Tensor, Tensor, float, float]]:
-    """name -> (model, x, y, linf eps, l2 eps)."""
+
+def _models(fashion_root: Path | None,
+            only: list[str] | None = None) -> dict[str, tuple[nn.Module, Tensor, Tensor, float, float]]:
+    """name -> (model, x, y, linf eps, l2 eps), for the names in ``only`` (all when None). Each model is seeded
+    on its own, so a subset's models are the same as in a full run."""
     out: dict[str, tuple[nn.Module, Tensor, Tensor, float, float]] = {}
     data = af.data.planted(4000, 1000, seed=0)
     for method in ("standard", "pgd"):
+        if only is not None and f"planted {method}" not in only:
+            continue
         torch.manual_seed(0)
         m = af.models.PlantedNet()
         af.adversarial_train(m, DataLoader(data.train, batch_size=128, shuffle=True), method=method,
@@ -42,6 +48,8 @@ def _models(fashion_root: Path | None) -> dict[str, tuple[nn.Module, Tensor, Ten
         train = Subset(af.data.fashion_mnist(fashion_root, train=True), range(20000))
         test = af.data.fashion_mnist(fashion_root, train=False)
         for method in ("standard", "pgd"):
+            if only is not None and f"fashion-mnist {method}" not in only:
+                continue
             torch.manual_seed(0)
             m = af.models.SmallCNN()
             af.adversarial_train(m, DataLoader(train, batch_size=128, shuffle=True), method=method,
@@ -97,9 +105,11 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=5000, help="Square's budget (the cascade's is 5,000)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fashion-root", type=Path, default=af.data.FASHION_MNIST_ROOT)
+    ap.add_argument("--models", nargs="+", choices=MODELS, default=None, help="only these models (default: all)")
+    ap.add_argument("--norms", nargs="+", choices=["linf", "l2"], default=["linf", "l2"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    models = _models(args.fashion_root)
+    models = _models(args.fashion_root, args.models)
     for attack in args.attack:
         head = (f"| model | norm | eps | clean | advfeat {attack} | torchattacks {attack} | difference | "
                 "advfeat ms/image | torchattacks ms/image |")
@@ -108,6 +118,8 @@ def main() -> None:
         print(f"\n{head}\n|" + "---|" * (head.count("|") - 1), flush=True)
         for name, (model, x, y, linf, l2) in models.items():
             for norm, eps in (("linf", linf), ("l2", l2)):
+                if norm not in args.norms:
+                    continue
                 print(_row(attack, name, model, x[:args.n], y[:args.n], norm, eps, args.queries), flush=True)
 
 if __name__ == "__main__":
