@@ -112,35 +112,39 @@ def bf16_supported() -> bool:
         return False
 
 
-def _reads_the_run(item: pytest.Item) -> bool:
-    return "planted_run" in getattr(item, "fixturenames", ())
+FIRST_FILE = "test_replicate.py"
+"""The file that goes first under pytest-xdist: the longest (the replication run and most of what reads it). The
+other file that reads the run, test_golden.py, comes later in file order, when the run is done."""
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Groups for pytest-xdist's ``--dist loadgroup``: the tests that read the session's replication run share
-    one worker (one run, not one per worker) and come first, since that group takes longest; every other test
-    file stays on one worker, so its module fixtures are built once. Without xdist the marks do nothing and
-    only the order changes."""
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group("planted_run" if _reads_the_run(item) else item.nodeid.split("::")[0]))
-    items.sort(key=lambda item: not _reads_the_run(item))  # stable: file order otherwise kept
+    """The longest file first, the rest in file order (pyproject's ``--dist loadfile`` keeps each file on one
+    worker, so its module fixtures are built once)."""
+    items.sort(key=lambda item: item.path.name != FIRST_FILE)  # stable
 
 
 @pytest.fixture(scope="session")
 def planted_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, object]]:
     """The README's main job (``advfeat replicate`` on planted data, seed 0) at one thread, run once for the
-    session under umask 022: the end-to-end tests and the golden outputs read it."""
+    session under umask 022: the end-to-end tests and the golden outputs read it. Under pytest-xdist the workers
+    share one run: the first to need it makes it, in the session's shared temporary folder, and the others wait
+    for it on a file lock."""
     import json
 
+    from filelock import FileLock
     from golden_outputs import run_replicate
 
-    out = tmp_path_factory.mktemp("replication")
-    old = os.umask(0o022)
-    try:
-        run_replicate(out)
-    finally:
-        os.umask(old)
+    shared = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        shared = shared.parent  # the folder above every worker's own
+    out = shared / "replication"
+    with FileLock(shared / "replication.lock"):
+        if not (out / "results.json").exists():
+            old = os.umask(0o022)
+            try:
+                run_replicate(out)
+            finally:
+                os.umask(old)
     return out, json.loads((out / "results.json").read_text())
 
 
