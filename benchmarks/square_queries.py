@@ -1,0 +1,68 @@
+"""Where Square's time goes on a robust model: images forwarded, and time per forwarded image, for advfeat's
+Square and torchattacks 3.5.1's on the same model, images and budget, in one run.
+
+    python benchmarks/square_queries.py [--n 50] [--queries 5000] [--threads 1] [--fashion-root DIR]
+
+The model is ``evaluation_reference.py``'s PGD-trained Fashion-MNIST SmallCNN (the same seed and recipe). Each
+attack's model is wrapped to count the images it forwards, so a difference in time per forwarded image is work
+outside the model's forward pass. Prints a Markdown table (docs/benchmarks.md records it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from evaluation_reference import _models
+from torch import Tensor, nn
+
+import advfeat as af
+
+
+class _Counted(nn.Module):
+    """``model``, counting the images and calls it forwards."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.images, self.calls = model, 0, 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.images += x.shape[0]
+        self.calls += 1
+        out: Tensor = self.model(x)
+        return out
+
+
+def main() -> None:
+    import torchattacks
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=50)
+    ap.add_argument("--queries", type=int, default=5000)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--fashion-root", type=Path, default=af.data.FASHION_MNIST_ROOT)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model, x, y, linf, l2 = _models(args.fashion_root, ["fashion-mnist pgd"])["fashion-mnist pgd"]
+    x, y = x[:args.n], y[:args.n]
+    print("| norm | attack | robust accuracy | images forwarded | calls | seconds | ms per forwarded image |\n"
+          "|---|---|---|---|---|---|---|")
+    for norm, eps, name in (("linf", linf, "Linf"), ("l2", l2, "L2")):
+        for label in ("advfeat", "torchattacks"):
+            counted = _Counted(model).eval()
+            t0 = time.perf_counter()
+            if label == "advfeat":
+                adv = af.Square(eps, norm=norm, queries=args.queries, seed=0)(counted, x, y)
+            else:
+                adv = torchattacks.Square(counted, norm=name, eps=eps, n_queries=args.queries, seed=0)(x, y)
+            seconds = time.perf_counter() - t0
+            with torch.no_grad():
+                acc = 100 * float((model(adv).argmax(1) == y).double().mean())
+            print(f"| {norm} | {label} | {acc:.1f} | {counted.images} | {counted.calls} | {seconds:.1f} | "
+                  f"{1000 * seconds / counted.images:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
