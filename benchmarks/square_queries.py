@@ -11,11 +11,10 @@ outside the model's forward pass. Prints a Markdown table (docs/benchmarks.md re
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
-from evaluation_reference import _models
+from evaluation_reference import _models, _pair, _timed
 from torch import Tensor, nn
 
 import advfeat as af
@@ -36,8 +35,6 @@ class _Counted(nn.Module):
 
 
 def main() -> None:
-    import torchattacks
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=50)
     ap.add_argument("--queries", type=int, default=5000)
@@ -49,15 +46,10 @@ def main() -> None:
     x, y = x[:args.n], y[:args.n]
     print("| norm | attack | robust accuracy | images forwarded | calls | seconds | ms per forwarded image |\n"
           "|---|---|---|---|---|---|---|")
-    for norm, eps, name in (("linf", linf, "Linf"), ("l2", l2, "L2")):
-        for label in ("advfeat", "torchattacks"):
+    for norm, eps in (("linf", linf), ("l2", l2)):
+        for label, which in (("advfeat", 0), ("torchattacks", 1)):
             counted = _Counted(model).eval()
-            t0 = time.perf_counter()
-            if label == "advfeat":
-                adv = af.Square(eps, norm=norm, queries=args.queries, seed=0)(counted, x, y)
-            else:
-                adv = torchattacks.Square(counted, norm=name, eps=eps, n_queries=args.queries, seed=0)(x, y)
-            seconds = time.perf_counter() - t0
+            adv, seconds = _timed(_pair("square", counted, x, y, norm, eps, args.queries)[which])
             with torch.no_grad():
                 acc = 100 * float((model(adv).argmax(1) == y).double().mean())
             print(f"| {norm} | {label} | {acc:.1f} | {counted.images} | {counted.calls} | {seconds:.1f} | "
