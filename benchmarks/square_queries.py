@@ -2,7 +2,7 @@
 images and budget, in one run: the images each forwards, the time inside the model and the time per query outside
 it.
 
-    python benchmarks/square_queries.py [--n 50] [--queries 5000] [--threads 1] [--fashion-root DIR]
+    python benchmarks/square_queries.py [--n 50] [--queries 5000] [--threads 1] [--repeats 1] [--fashion-root DIR]
 
 The model is ``evaluation_reference.py``'s PGD-trained Fashion-MNIST SmallCNN (the same seed and recipe). Each
 attack's model is wrapped to count the images it forwards and to time its forward passes, so the time outside the
