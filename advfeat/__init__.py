@@ -7,7 +7,7 @@ model and data loader. See README.md and docs/.
 
 import sys as _sys
 
-from . import adapters, allocator, construct, data, engine, figures, guard, methods, models, stats, steps, train
+from . import adapters, allocator, construct, data, engine, figures, guard, machine, methods, models, stats, steps, train
 from ._lock import InUseError
 from .attacks import (
     APGD,
@@ -54,7 +54,8 @@ __all__ = [
     "Normalize", "AdversarialTrainer", "adversarial_train",
     "TrainingMethod", "StandardTraining", "PGDTraining", "FGSMRS", "FreeTraining", "TRADES", "MART",
     "robustify", "nonrobustify", "ConstructedDataset", "transfer_rates", "InUseError",
-    "adapters", "allocator", "construct", "controls", "data", "engine", "figures", "guard", "methods", "models",
+    "adapters", "allocator", "construct", "controls", "data", "engine", "figures", "guard", "machine", "methods",
+    "models",
     "stats", "steps", "train",
     "__version__",
 ]

@@ -36,6 +36,21 @@ if WORKERS > 1:  # the subprocesses the tests start (ranks, kernels, crash tests
 advfeat.allocator.tune()  # faster on CPU, same results (see advfeat/allocator.py)
 
 
+
+def _env_int(name: str, default: int, lo: int, hi: int) -> int:
+    text = os.environ.get(name, str(default))
+    if not text.isdigit() or not lo <= int(text) <= hi:
+        raise pytest.UsageError(f"{name} must be a whole number in [{lo}, {hi}], got {text!r}")
+    return int(text)
+
+
+SEED = _env_int("ADVFEAT_TEST_SEED", 0, 0, 2**63 - 1)
+"""The seed of the suite's planted replication (the README's main job): another seed is another draw, and every
+claim the suite makes of it holds on all of them (advfeat.replicate.claims)."""
+REPLICATION_THREADS = _env_int("ADVFEAT_TEST_THREADS", 1, 1, 256)
+"""The threads that replication runs at (1 or 2 in the published spread)."""
+
+
 class FlatNet(nn.Module):
     """(N, D) -> (N, C): Linear-BatchNorm-ReLU-Dropout-Linear, first layer frozen."""
 
@@ -125,8 +140,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def planted_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, object]]:
-    """The README's main job (``advfeat replicate`` on planted data, seed 0) at one thread, run once for the
-    session under umask 022: the end-to-end tests and the golden outputs read it. Under pytest-xdist the workers
+    """The README's main job (``advfeat replicate`` on planted data) at seed ``SEED`` and ``REPLICATION_THREADS``
+    threads (default: seed 0, one thread), run once for the session under umask 022: the end-to-end tests and the
+    golden outputs read it. Under pytest-xdist the workers
     share one run: the first to need it makes it, in the session's shared temporary folder, and the others wait
     for it on a file lock."""
     import json
@@ -142,7 +158,7 @@ def planted_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[st
         if not (out / "results.json").exists():
             old = os.umask(0o022)
             try:
-                run_replicate(out)
+                run_replicate(out, SEED, REPLICATION_THREADS)
             finally:
                 os.umask(old)
     return out, json.loads((out / "results.json").read_text())

@@ -5,10 +5,13 @@ a fixed model and batch, every training method for two epochs, every constructio
 finished ``advfeat replicate`` run (its results rows, settings record, stage names and the sha256 of every shard
 file). ``tests/test_golden.py`` compares that with ``tests/golden/golden.json``.
 
-Floating-point kernels differ between CPUs and thread counts, so the comparison is bitwise (sha256 of every tensor
-and file, exact floats) only on the platform that recorded the file (``signature()``: torch version, CPU capability,
-one thread); elsewhere tensors are compared by their float64 sums within a relative 1e-3 and numbers within 5
-points, and the hashes are not compared.
+Floating-point kernels differ between CPUs, library versions and thread counts, so the comparison is bitwise
+(sha256 of every tensor and file, exact floats) only on the platform that recorded the file (``signature()``,
+``advfeat.machine.signature``: the CPU's vendor and model, its capability, the architecture, the versions of
+Python, torch and numpy, one thread); elsewhere tensors are compared by their float64 sums within a relative 1e-3
+and numbers within 5 points, and the hashes are not compared. The replication's part is recorded at seed 0, one
+thread (``RECORDED_RUN``): a suite run at another seed or thread count (``ADVFEAT_TEST_SEED``,
+``ADVFEAT_TEST_THREADS``) is another draw, and that part is not compared.
 
 Record anew (only when a change is *meant* to change results, with the reason in CHANGELOG.md):
 
@@ -20,7 +23,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import platform
 import sys
 import tempfile
 import warnings
@@ -39,10 +41,13 @@ from advfeat.evaluate import shifted_accuracy
 GOLDEN = Path(__file__).parent / "golden" / "golden.json"
 
 
+RECORDED_RUN = {"seed": 0, "threads": 1}
+"""The replication run whose outputs the golden file holds."""
+
+
 def signature() -> dict[str, str]:
-    """What must match for the outputs to be equal bit for bit."""
-    return {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
-            "machine": platform.machine(), "threads": "1"}
+    """What must match for the outputs to be equal bit for bit (everything is computed at one thread)."""
+    return af.machine.signature(threads=1)
 
 
 @contextmanager
@@ -258,12 +263,16 @@ def replicate_outputs(out: Path) -> dict[str, Any]:
             "stages": sorted(p.stem for p in (out / "stages").glob("*.json")), "datasets": datasets}
 
 
-def run_replicate(out: Path) -> None:
-    """The README's main job (planted, quick, seed 0), at one thread."""
+def run_replicate(out: Path, seed: int = 0, threads: int = 1) -> None:
+    """The README's main job (planted, quick) at ``seed`` and ``threads`` (the golden's: seed 0, one thread)."""
     from advfeat.cli import main
 
-    with one_thread():
-        assert main(["replicate", "--out", str(out), "--no-progress"]) == 0
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert main(["replicate", "--seed", str(seed), "--out", str(out), "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(before)
 
 
 def compute(tmp: Path, replicate_out: Path) -> dict[str, Any]:
@@ -287,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--record", action="store_true", help=f"write {GOLDEN}")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        run_replicate(Path(tmp) / "replication")
+        run_replicate(Path(tmp) / "replication", **RECORDED_RUN)
         result = compute(Path(tmp), Path(tmp) / "replication")
     text = json.dumps(result, indent=1, sort_keys=True) + "\n"
     if args.record:
