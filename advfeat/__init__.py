@@ -7,7 +7,21 @@ model and data loader. See README.md and docs/.
 
 import sys as _sys
 
-from . import adapters, allocator, construct, data, engine, figures, guard, machine, methods, models, stats, steps, train
+from . import (
+    adapters,
+    allocator,
+    construct,
+    data,
+    engine,
+    figures,
+    guard,
+    machine,
+    methods,
+    models,
+    stats,
+    steps,
+    train,
+)
 from ._lock import InUseError
 from .attacks import (
     APGD,

@@ -90,10 +90,14 @@ def save(fig: Figure, path: str | Path, *, dpi: int = 130) -> Path:
     return Path(path)
 
 
-def results_bars(summary: Mapping[str, Any], *, eps: str | None = None) -> Figure:
+def results_bars(summary: Mapping[str, Any], *, eps: str | None = None,
+                 ranges: Mapping[str, Any] | None = None) -> Figure:
     """The replication's results (``results.json``'s content) as grouped bars: clean and robust accuracy (at
     ``eps``, default the training eps) per experiment, and the paper's numbers (CIFAR-10, from the summary's
-    ``paper`` entry) as outlined bars. Row names come from the summary's ``labels``."""
+    ``paper`` entry) as outlined bars. Row names come from the summary's ``labels``. ``ranges``: the published
+    range of a bar's quantity (``"ROW/clean"``, ``"ROW/robust/EPS"``: objects with ``lo``, ``median``, ``hi`` in
+    [0, 1], as ``advfeat.replicate.spread.ranges`` gives them), drawn on the bar as an error bar from the smallest
+    to the largest published value with a tick at the median."""
     rows: Mapping[str, Any] = summary["rows"]
     settings = summary["settings"]
     key = eps if eps is not None else f"{settings['eps']:g}"
@@ -103,12 +107,26 @@ def results_bars(summary: Mapping[str, Any], *, eps: str | None = None) -> Figur
     fig = _figure(max(7.0, 1.15 * len(names) + 2), 4.6)
     ax = fig.add_subplot()
     w = 0.2
+    ranges = ranges or {}
+    labelled = False
+
+    def spread(x: float, name: str) -> None:
+        nonlocal labelled
+        if name in ranges:
+            r = ranges[name]
+            ax.errorbar([x], [100 * r.median], yerr=[[100 * (r.median - r.lo)], [100 * (r.hi - r.median)]],
+                        fmt="_", color="black", ms=7, capsize=2.5, lw=1,
+                        label=None if labelled else f"published range ({r.n} runs) and median")
+            labelled = True
+
     for i, (k, _) in enumerate(names):
         r = rows[k]
         ax.bar(i - 1.5 * w, 100 * r["clean"], w, color="#4477aa", label="clean" if i == 0 else None)
+        spread(i - 1.5 * w, f"{k}/clean")
         robust = r.get("robust", {}).get(key)
         if robust is not None:
             ax.bar(i - 0.5 * w, 100 * robust, w, color="#ee6677", label=f"L2 eps {key}" if i == 0 else None)
+            spread(i - 0.5 * w, f"{k}/robust/{key}")
         p = paper.get(k, (None, None))
         if p[0] is not None:
             ax.bar(i + 0.5 * w, p[0], w, fill=False, edgecolor="#4477aa", hatch="//",

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,11 +52,13 @@ CONTROLS = [  # key, what, the critics' CIFAR-10 numbers (docs/paper.md)
 ]
 
 
-def draw(out: Path, summary: dict[str, Any], train: Dataset[Any], built: dict[str, ConstructedDataset]) -> None:
-    """report figures: the results as bars, and 20 images of D and of each constructed set with class names."""
+def draw(out: Path, summary: dict[str, Any], train: Dataset[Any], built: dict[str, ConstructedDataset],
+         ranges: Mapping[str, Any] | None = None) -> None:
+    """report figures: the results as bars (with ``ranges``, each bar's published range as an error bar: see
+    ``figures.results_bars``), and 20 images of D and of each constructed set with class names."""
     s = summary["settings"]
     names = afdata.CLASS_NAMES.get(s["dataset"])
-    figures.save(figures.results_bars(summary), out / "results.png")
+    figures.save(figures.results_bars(summary, ranges=ranges), out / "results.png")
     idx = list(range(20))
     xs, ys = zip(*[train[i] for i in idx], strict=True)
     figures.save(figures.image_grid(torch.stack(xs), torch.stack([torch.as_tensor(y) for y in ys]), names,
@@ -225,15 +227,19 @@ TABLES = {"headline": None, "results": results_table, "constructions": construct
 ``headline`` is ``headline_table`` at the run's eps)."""
 
 
-def render_report(summary: dict[str, Any]) -> str:
-    """report.md from the results.json content (so the two always agree)."""
+def render_report(summary: dict[str, Any], spread: str = "") -> str:
+    """report.md from the results.json content (so the two always agree); ``spread``: the section that places
+    the run in the published spread of its settings (``advfeat.replicate.spread.placement``), when there is one."""
     s = summary["settings"]
     rows = summary["rows"]
     lines = [
         f"# advfeat replication: {s['dataset']} ({s['scale']})", "",
         f"Accuracy (%) on the real test set ({rows['standard']['n_test']} images): clean and under L2 PGD "
         f"({s['eval_steps']} steps, step eps/5, worst iterate). Paper: CIFAR-10, ResNet-50, L2 eps 0.25.", "",
-        results_table(summary), "## Constructions", "", constructions_table(summary)]
+        results_table(summary)]
+    if spread:
+        lines += ["## Where this run sits among the published runs", "", spread]
+    lines += ["## Constructions", "", constructions_table(summary)]
     if "source" in summary:
         src = summary["source"]
         lines += ["", f"D_rand, D_det and the bugs were built through a standard model trained "

@@ -23,6 +23,7 @@ from ..construct.controls import leakage_probe, shortcut, wrong_labels
 from ..evaluate import shifted_accuracy
 from ..steps import Cosine
 from ..transfer import transfer_rates
+from . import claims, spread
 from .settings import Settings, load_data, make_model, settings_for, settings_record
 from .stages import Run, Stage
 
@@ -200,11 +201,13 @@ def _replicate(run: Run, root: str | None, transfer: bool, controls: bool, sourc
                       "transfer_rate": b["transfer_rate"]})
         figures.save(figures.transfer_scatter([r["transfer_rate"] for r in t], [r["test_accuracy"] for r in t],
                                               [r["architecture"] for r in t]), outdir / "grids" / "transfer.png")
-    report.draw(outdir, summary, train, built)
+    published = spread.published(summary)
+    report.draw(outdir, summary, train, built, spread.ranges(summary, published))
     summary["total_seconds"] = round(time.perf_counter() - t_start, 2)
     results_json = json.dumps(summary, indent=1).encode()
     atomic_write(outdir / "results.json", lambda f: f.write(results_json))
-    markdown = report.render_report(summary)
+    section = "" if published is None else spread.placement(summary, published) + "\n" + claims.section(summary)
+    markdown = report.render_report(summary, section)
     atomic_write(outdir / "report.md", lambda f: f.write(markdown.encode()))
     log(markdown)
     return summary
