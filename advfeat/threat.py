@@ -29,6 +29,7 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -37,7 +38,7 @@ from torch import Tensor
 
 from ._config import Config, as_bound
 
-__all__ = ["ThreatModel", "L2Ball", "LinfBall", "Box", "Bounds", "ball", "per_sample_norm", "column"]
+__all__ = ["ThreatModel", "L2Ball", "LinfBall", "Box", "Bounds", "ball", "per_sample_norm", "column", "clamp"]
 
 _TINY = 1e-20
 
@@ -45,6 +46,16 @@ _TINY = 1e-20
 def column(values: Tensor, ndim: int) -> Tensor:
     """Reshape per-sample values (N,) to (N, 1, ..., 1) so they broadcast against a batch."""
     return values.reshape(values.shape[0], *([1] * (ndim - 1)))
+
+
+def clamp(z: Tensor, lower: float | Tensor, upper: float | Tensor, out: Tensor | None = None) -> Tensor:
+    """``z`` clamped into the box ``[lower, upper]`` (floats, or tensors that broadcast against ``z``); in place
+    when ``out`` is ``z``."""
+    if isinstance(lower, Tensor) or isinstance(upper, Tensor):
+        lo = torch.as_tensor(lower, dtype=z.dtype, device=z.device)
+        hi = torch.as_tensor(upper, dtype=z.dtype, device=z.device)
+        return z.clamp_(lo, hi) if out is z else z.clamp(lo, hi)
+    return z.clamp_(lower, upper) if out is z else z.clamp(lower, upper)
 
 
 def per_sample_norm(t: Tensor) -> Tensor:
@@ -141,14 +152,15 @@ class ThreatModel(Config, ABC):
 
     def clamp_(self, z: Tensor, bounds: Bounds) -> Tensor:
         """Clamp ``z`` into the box, in place."""
-        lo, hi = bounds.lower, bounds.upper
-        if isinstance(lo, Tensor) or isinstance(hi, Tensor):
-            return z.clamp_(torch.as_tensor(lo, dtype=z.dtype, device=z.device),
-                            torch.as_tensor(hi, dtype=z.dtype, device=z.device))
-        return z.clamp_(lo, hi)
+        return clamp(z, bounds.lower, bounds.upper, out=z)
 
     def __repr__(self) -> str:
         return _repr(type(self).__name__, self.eps, self.lower, self.upper)
+
+    def select(self, index: Tensor) -> ThreatModel:
+        """This threat model for the samples ``index`` (a 1-D long tensor) of its batch: a per-sample ``eps``
+        follows them (a ball overrides this); everything else is shared by the whole batch."""
+        return self
 
     def project_(self, z: Tensor, x: Tensor, bounds: Bounds) -> Tensor:
         """Move the point ``z`` into the set around ``x`` and the box, in place; returns ``z``."""
@@ -186,6 +198,11 @@ class _Ball(ThreatModel):
     def __post_init__(self) -> None:
         super().__post_init__()
         object.__setattr__(self, "eps", _check_eps(self.eps))
+
+    def select(self, index: Tensor) -> ThreatModel:
+        if not isinstance(self.eps, Tensor):
+            return self
+        return dataclasses.replace(self, eps=self.eps.index_select(0, index.to(self.eps.device)))
 
 
 @dataclass(frozen=True, eq=False, repr=False)

@@ -502,7 +502,7 @@ def test_square_stays_in_its_ball_and_box_never_takes_a_gradient_and_repeats_wit
     reached = lambda z: float((model(z).argmax(1) == target).double().mean())  # noqa: E731
     assert reached(targeted) >= reached(x) + 0.15
     assert attack == af.Square(eps, norm=norm, queries=100, seed=3) and "Square(" in repr(attack)
-    with pytest.raises(ValueError, match="norm must be 'linf' or 'l2'"):
+    with pytest.raises(ValueError, match="norm must be one of 'l2' or 'linf'"):
         af.Square(eps, norm="l1")
     with pytest.raises(ValueError, match=r"x must have shape \(N, C, H, W\)"):
         af.Square(eps)(torch.nn.Linear(4, 3), torch.rand(2, 4), torch.tensor([0, 1]))
@@ -638,7 +638,7 @@ def test_autoattack_runs_the_cascade_in_order_each_part_on_the_points_still_robu
     assert torch.equal(aa(Wrong().eval(), x, y), x) and len(calls) <= 2
     with pytest.raises(ValueError, match="version must be one of"):
         af.AutoAttack("linf", 0.05, "plus")
-    with pytest.raises(ValueError, match="norm must be 'linf' or 'l2'"):
+    with pytest.raises(ValueError, match="norm must be one of 'l2' or 'linf'"):
         af.AutoAttack(0.05, "linf")  # type: ignore[arg-type]
     three = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
     with pytest.raises(ValueError, match="needs at least 4 classes"):

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .._checks import check_logits, check_positive_int
 from ..engine import optimize, working_dtype
 from ..steps import APGDStep, StepRule
-from .base import Outcome, calls, keep, tile
+from .base import Criterion, Outcome, calls, keep, tile
 from .gradient import BallPGD, expected
 from .losses import LossFn, cross_entropy, dlr, dlr_targeted
 
@@ -30,6 +30,10 @@ class APGD(BallPGD):
       raising the targeted DLR loss (``dlr_targeted``; with another loss ``L``, ``-L(logits, t)``); a
       sample broken by one target is not attacked with the next;
     * ``APGD(eps, targeted=True)``: towards given targets ``y`` (cross-entropy or any loss of the targets).
+
+    Where it may move: ``threat=af.L2Ball(eps)`` or ``af.LinfBall(eps)`` (eps a float or a per-sample (N,) tensor,
+    with the threat model's box), or the shorthand ``eps`` with ``norm`` and ``lower`` / ``upper``. A sample counts
+    as broken by ``criterion`` (default: misclassified; APGD-T judges each target's run by it too).
 
     APGD-T with ``batched=True`` runs its target classes as one batch of ``n_target_classes x N`` samples (at most
     ``max_batch`` per engine call): every sample is attacked towards every target and keeps the first target that
@@ -87,6 +91,7 @@ class APGD(BallPGD):
                              f"{self.n_target_classes}")
         ranked = logits.float().scatter(1, y[:, None], float("-inf")).argsort(1, descending=True)
         threat = self.threat_model()
+        criterion = self.success_criterion()
         xw = x.detach().to(working_dtype(x.dtype))
         bounds = threat.bounds(xw)
 
@@ -94,11 +99,10 @@ class APGD(BallPGD):
             return threat.init(xw, bounds, generator) if self.random_start else None
 
         def attack(xs: Tensor, ys: Tensor, targets: Tensor, z0: Tensor | None, alive: Tensor | None = None) -> Tensor:
-            region = threat  # a per-sample eps follows the samples still attacked
-            if alive is not None and isinstance(threat.eps, Tensor):
-                region = self._ball(threat.eps.index_select(0, alive.to(threat.eps.device)))
+            region = threat if alive is None else threat.select(alive)  # a per-sample eps follows the samples
             return optimize(
-                expected(_TowardsTarget(model, ys, targets, self.loss or cross_entropy), self.draws), xs, region,
+                expected(_TowardsTarget(model, ys, targets, self.loss or cross_entropy, criterion), self.draws), xs,
+                region,
                 steps=self.steps,
                 step_size=self.step_length(region), start=z0, keep_best=True, early_stop=self.early_stop,
                 generator=generator, rule=self.rule,
@@ -140,14 +144,15 @@ class APGD(BallPGD):
 
 
 class _TowardsTarget:
-    """APGD-T's objective: raise the targeted DLR (or ``-loss(logits, t)``); success: the true label is lost."""
+    """APGD-T's objective: raise the targeted DLR (or ``-loss(logits, t)``); success: the attack's criterion on the
+    true label (default: the true label is lost)."""
 
-    def __init__(self, model: nn.Module, y: Tensor, target: Tensor, loss: LossFn) -> None:
-        self.model, self.y, self.target, self.loss = model, y, target, loss
+    def __init__(self, model: nn.Module, y: Tensor, target: Tensor, loss: LossFn, criterion: Criterion) -> None:
+        self.model, self.y, self.target, self.loss, self.criterion = model, y, target, loss, criterion
 
     def __call__(self, x: Tensor, index: Tensor | None) -> tuple[Tensor, Tensor]:
         logits = self.model(x)
         y = self.y if index is None else self.y.index_select(0, index)
         t = self.target if index is None else self.target.index_select(0, index)
         value = dlr_targeted(logits, y, t) if self.loss is dlr else -self.loss(logits, t)
-        return value, logits.argmax(1) != y
+        return value, self.criterion(logits, y)

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_logits, check_positive_float
-from .._config import config_repr
+from .._checks import check_logits
+from ..threat import ThreatModel
 from .apgd import APGD
-from .base import Attack, Outcome, keep
+from .base import Attack, BallAttack, Criterion, Outcome, keep
 from .compose import EOT
 from .fab import FAB
 from .losses import dlr
@@ -33,9 +33,11 @@ VERSIONS = ("standard", "rand")
 
 
 @dataclass(frozen=True, eq=False, repr=False)
-class AutoAttack(Attack):
+class AutoAttack(BallAttack):
     """The AutoAttack cascade in the ``norm`` (``"linf"`` or ``"l2"``) ball of radius ``eps``, inside the box
-    ``[lower, upper]``. The standard version needs at least 4 classes (APGD-T's loss), the rand version 3.
+    ``[lower, upper]``, or in ``threat=af.LinfBall(...)`` / ``af.L2Ball(...)`` (eps a float or a per-sample (N,)
+    tensor). The standard version needs at least 4 classes (APGD-T's loss), the rand version 3. ``criterion``
+    (default: misclassified) decides what counts as broken, in the cascade and in every part.
 
     ``parts(classes)`` lists the attacks of the cascade, in order, for a model with that many classes.
 
@@ -51,43 +53,36 @@ class AutoAttack(Attack):
         True
     """
 
-    norm: str
-    eps: float
+    norm: str | None = None
+    eps: float | Tensor | None = None
     version: str = "standard"
     seed: int | None = field(default=None, kw_only=True)
     steps: int = field(default=100, kw_only=True)
     queries: int = field(default=5000, kw_only=True)
     draws: int = field(default=20, kw_only=True)
-    lower: float = field(default=0.0, kw_only=True)
-    upper: float = field(default=1.0, kw_only=True)
+    lower: float | Tensor = field(default=0.0, kw_only=True)
+    upper: float | Tensor = field(default=1.0, kw_only=True)
+    threat: ThreatModel | None = field(default=None, kw_only=True)
+    criterion: Criterion | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
-        if self.norm not in ("linf", "l2"):
-            raise ValueError(f"norm must be 'linf' or 'l2', got {self.norm!r}")
-        check_positive_float("eps", self.eps)
+        BallAttack.__post_init__(self)
         if self.version not in VERSIONS:
             raise ValueError(f"version must be one of {', '.join(map(repr, VERSIONS))}, got {self.version!r}")
         self.parts(10)  # the parts validate steps, queries and draws
 
-    @property
-    def box(self) -> tuple[float | Tensor, float | Tensor]:
-        return (self.lower, self.upper)
-
-    def __repr__(self) -> str:
-        return config_repr(self)
-
     def parts(self, classes: int) -> tuple[tuple[str, Attack], ...]:
         """The cascade's attacks, by name, in order, for a model of ``classes`` classes (up to 9 targets)."""
-        eps, norm, steps, lo, hi = self.eps, self.norm, self.steps, self.lower, self.upper
+        t, c, steps = self.threat_model(), self.criterion, self.steps
         targets = max(1, min(9, classes - 1))
-        ce = APGD(eps, norm=norm, steps=steps, lower=lo, upper=hi)
+        ce = APGD(threat=t, criterion=c, steps=steps)
         if self.version == "rand":
             return (("apgd-ce", EOT(ce, self.draws)),
-                    ("apgd-dlr", EOT(APGD(eps, norm=norm, steps=steps, loss=dlr, lower=lo, upper=hi), self.draws)))
+                    ("apgd-dlr", EOT(APGD(threat=t, criterion=c, steps=steps, loss=dlr), self.draws)))
         return (("apgd-ce", ce),
-                ("apgd-t", APGD(eps, norm=norm, steps=steps, loss=dlr, n_target_classes=targets, lower=lo, upper=hi)),
-                ("fab-t", FAB(eps, norm=norm, steps=steps, n_target_classes=targets, lower=lo, upper=hi)),
-                ("square", Square(eps, norm=norm, queries=self.queries, lower=lo, upper=hi)))
+                ("apgd-t", APGD(threat=t, criterion=c, steps=steps, loss=dlr, n_target_classes=targets)),
+                ("fab-t", FAB(threat=t, criterion=c, steps=steps, n_target_classes=targets)),
+                ("square", Square(threat=t, criterion=c, queries=self.queries)))
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None) -> Tensor:
         with torch.no_grad():
@@ -103,7 +98,7 @@ class AutoAttack(Attack):
             if alive.numel() == 0:
                 break
             xs, ys = x.index_select(0, alive), y.index_select(0, alive)
-            cand = part.for_evaluation(True).run(model, xs, ys, generator).detach().to(x.dtype)
+            cand = part.select(alive).for_evaluation(True).run(model, xs, ys, generator).detach().to(x.dtype)
             new = (cand, self.outcome(model, cand, ys))
             old = (out.index_select(0, alive), Outcome(best.success[alive], best.score[alive]))
             kept, o = keep(new[1].better_than(old[1]), new, old)

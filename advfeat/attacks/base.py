@@ -3,6 +3,8 @@ success criteria, ``Outcome`` and the one keep-the-worst rule that restarts, wor
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,13 +15,13 @@ from torch import Tensor, nn
 from typing_extensions import final
 
 from .._checks import check_batch, check_labels
-from .._config import Config
+from .._config import Config, config_repr
 from ..adapters import Classifier, classifier
 from ..guard import check_input, frozen_model
-from ..threat import column
+from ..threat import L2Ball, LinfBall, ThreatModel, ball, column
 from .losses import LossFn, cross_entropy
 
-__all__ = ["Attack", "Outcome", "Criterion", "Misclassified", "ReachedTarget", "keep"]
+__all__ = ["Attack", "BallAttack", "Outcome", "Criterion", "Misclassified", "ReachedTarget", "keep"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -137,9 +139,32 @@ class Attack(Config, ABC):
         return None
 
     @property
-    def criterion(self) -> Criterion:
-        """When the attack has succeeded on a sample: ``ReachedTarget`` when targeted, else ``Misclassified``."""
+    def criterion(self) -> Criterion | None:
+        """The attack's own success criterion (an attack may take one as ``criterion=``); None: the default for
+        its targeting (``success_criterion``)."""
+        return None
+
+    @final
+    def success_criterion(self) -> Criterion:
+        """When the attack has succeeded on a sample: its ``criterion`` if it has one, else ``ReachedTarget`` when
+        targeted and ``Misclassified`` when not. Early stopping, the best iterate, restarts, worst cases, APGD-T's
+        and FAB-T's targets, Square's search and AutoAttack's cascade all read success through it."""
+        own = self.criterion
+        if own is not None:
+            return own
         return ReachedTarget() if self.targeted else Misclassified()
+
+    def select(self, index: Tensor) -> Attack:
+        """This attack for the samples ``index`` (a 1-D long tensor) of the batch it was configured for: a
+        per-sample parameter (an eps tensor of shape (N,)) follows them. Default: unchanged."""
+        return self
+
+    def with_draws(self, draws: int) -> Attack:
+        """This attack with its gradients averaged over ``draws`` forward passes (``advfeat.EOT``). The gradient
+        family and attacks made of it (``Restarts``, ``WorstOf``) override it; an attack without gradients has
+        nothing to average."""
+        raise TypeError(f"attack: EOT averages gradients, so it takes the gradient family (PGD, APGD) or Restarts / "
+                        f"WorstOf of them; got {type(self).__name__}")
 
     @final
     def __call__(
@@ -202,13 +227,122 @@ class Attack(Config, ABC):
         with torch.no_grad():
             logits = model(x_adv)
         loss = (self.loss or cross_entropy)(logits, y).float()
-        criterion = self.criterion
+        criterion = self.success_criterion()
         return Outcome(criterion(logits, y), -loss if criterion.descends else loss)
 
     def for_evaluation(self, early_stop: bool) -> Attack:
         """This attack as ``advfeat.evaluate`` runs it: a sample counts as broken when any iterate
         is misclassified (early stopping, or every step with ``keep_best``). Default: unchanged."""
         return self
+
+
+class BallAttack(Attack):
+    """The base of attacks confined to a threat model: where the attack may move, given whole as ``threat=``
+    (``af.L2Ball(0.5)``, ``af.LinfBall(eps_tensor, lower=..., upper=...)``) or by the shorthand ``eps`` (a float or
+    a per-sample tensor of shape (N,)), ``norm`` (for attacks that offer a choice) and the box ``lower`` / ``upper``.
+    The threat model is resolved, and every one of those arguments checked, once, here: ``threat_model()``,
+    ``box``, ``select`` and the repr come with it.
+
+    A plain ``L2Ball`` or ``LinfBall`` given as ``threat=`` is stored as the shorthand, so both spellings make
+    equal, identically printed attacks; another threat model (a subclass, a ``Box``) is kept as given, for the
+    attacks that search any threat model (``threats``).
+
+    A subclass is a frozen dataclass that declares the fields ``eps``, ``lower``, ``upper``, ``threat`` (and
+    ``norm`` if it offers a choice) and calls ``BallAttack.__post_init__``.
+    """
+
+    eps: float | Tensor | None
+    lower: float | Tensor
+    upper: float | Tensor
+    threat: ThreatModel | None
+    norm: str | None  # declared by the subclasses that offer a choice of norm
+    _region: ThreatModel
+    threats: ClassVar[tuple[type[ThreatModel], ...]] = (L2Ball, LinfBall)
+    """The threat models the attack can search."""
+    positive_eps: ClassVar[bool] = True
+    """Whether the ball's radius must be positive and finite (a minimum-norm or search attack)."""
+
+    def __post_init__(self) -> None:
+        t = self.threat
+        name = type(self).__name__
+        if t is not None:
+            if not isinstance(t, ThreatModel):
+                raise TypeError(f"threat must be an advfeat ThreatModel (L2Ball, LinfBall, Box), got {t!r}")
+            if self.eps is not None or not (_at(self.lower, 0.0) and _at(self.upper, 1.0)):
+                raise ValueError(f"{name}: give threat= or the shorthand eps / lower / upper, not both (the threat "
+                                 "model carries its radius and its box)")
+            if not isinstance(t, self.threats):
+                raise TypeError(f"threat: {name} searches {' or '.join(c.__name__ for c in self.threats)}, got {t!r}")
+            norm = _NORM_OF.get(type(t))
+            if norm is not None and "norm" in _fields(self) and self.norm not in (norm, _default(self, "norm")):
+                raise ValueError(f"{name}: norm={self.norm!r} disagrees with threat={t!r}; give one of them")
+            if norm is not None:  # a plain ball: stored as the shorthand
+                for key, value in (("eps", t.eps), ("lower", t.lower), ("upper", t.upper), ("threat", None)):
+                    object.__setattr__(self, key, value)
+                if "norm" in _fields(self):
+                    object.__setattr__(self, "norm", norm)
+            region = t
+        else:
+            if self.eps is None:
+                raise TypeError(f"{name} needs eps (the ball's radius) or threat= (a threat model)")
+            region = ball(self._norm(), self.eps, lower=self.lower, upper=self.upper)  # checks eps and the box
+            if not isinstance(region, self.threats):
+                raise TypeError(f"norm: {name} searches {' or '.join(c.__name__ for c in self.threats)}, got "
+                                f"{self._norm()!r}")
+        if self.positive_eps:
+            _check_radius(region.eps)
+        object.__setattr__(self, "_region", region)
+
+    def _norm(self) -> str:
+        """The norm the shorthand names: the ``norm`` field, or the class's own (``L2PGD``, ``LinfPGD``)."""
+        return str(self.norm)
+
+    def threat_model(self) -> ThreatModel:
+        """The set this attack searches."""
+        region: ThreatModel = self._region
+        return region
+
+    @property
+    def box(self) -> tuple[float | Tensor, float | Tensor]:
+        t = self.threat_model()
+        return (t.lower, t.upper)
+
+    def select(self, index: Tensor) -> Attack:
+        t = self.threat_model()
+        if not isinstance(t.eps, Tensor):
+            return self
+        picked = t.select(index)
+        if self.threat is not None:
+            return dataclasses.replace(self, threat=picked)  # type: ignore[type-var]
+        return dataclasses.replace(self, eps=picked.eps)  # type: ignore[type-var]
+
+    def __repr__(self) -> str:
+        return config_repr(self)
+
+
+_NORM_OF: dict[type[ThreatModel], str] = {L2Ball: "l2", LinfBall: "linf"}
+
+
+def _fields(obj: object) -> set[str]:
+    return {f.name for f in dataclasses.fields(obj)}  # type: ignore[arg-type]
+
+
+def _default(obj: object, name: str) -> object:
+    return next(f.default for f in dataclasses.fields(obj) if f.name == name)  # type: ignore[arg-type]
+
+
+def _at(value: float | Tensor, default: float) -> bool:
+    return not isinstance(value, Tensor) and value == default
+
+
+def _check_radius(eps: float | Tensor | None) -> None:
+    """A positive, finite radius: a float, or a tensor whose every element is."""
+    if eps is None:
+        return
+    ok = (eps > 0 and math.isfinite(eps)) if isinstance(eps, float) else bool(
+        (torch.isfinite(eps) & (eps > 0)).all())
+    if not ok:
+        raise ValueError(f"eps must be a finite number > 0 (every element of a tensor), got {eps}")
 
 
 def worst_of(model: nn.Module, y: Tensor, candidates: Iterator[Tensor], judge: Attack) -> Tensor:

@@ -82,6 +82,13 @@ class Restarts(Attack):
     def for_evaluation(self, early_stop: bool) -> Attack:
         return dataclasses.replace(self, attack=self.attack.for_evaluation(early_stop))
 
+    def select(self, index: Tensor) -> Attack:
+        part = self.attack.select(index)
+        return self if part is self.attack else dataclasses.replace(self, attack=part)
+
+    def with_draws(self, draws: int) -> Attack:
+        return dataclasses.replace(self, attack=self.attack.with_draws(draws))
+
 
 @dataclass(frozen=True, eq=False, init=False)
 class WorstOf(Attack):
@@ -131,6 +138,12 @@ class WorstOf(Attack):
     def for_evaluation(self, early_stop: bool) -> Attack:
         return WorstOf(*(a.for_evaluation(early_stop) for a in self.attacks), loss=self.loss, seed=self.seed)
 
+    def select(self, index: Tensor) -> Attack:
+        return WorstOf(*(a.select(index) for a in self.attacks), loss=self.loss, seed=self.seed)
+
+    def with_draws(self, draws: int) -> Attack:
+        return WorstOf(*(a.with_draws(draws) for a in self.attacks), loss=self.loss, seed=self.seed)
+
     def __repr__(self) -> str:
         extra = "" if self.loss is None else f", loss={short(self.loss)}"
         return f"WorstOf({', '.join(map(repr, self.attacks))}{extra})"
@@ -148,14 +161,9 @@ def EOT(attack: Attack, draws: int = 20) -> Attack:  # noqa: N802 (an attack's c
         Restarts(attack=APGD(eps=0.03, draws=20), n=2, seed=None)
     """
     check_positive_int("draws", draws)
-    if isinstance(attack, GradientAttack):
-        return dataclasses.replace(attack, draws=draws)
-    if isinstance(attack, Restarts):
-        return dataclasses.replace(attack, attack=EOT(attack.attack, draws))
-    if isinstance(attack, WorstOf):
-        return WorstOf(*(EOT(a, draws) for a in attack.attacks), loss=attack.loss, seed=attack.seed)
-    raise TypeError(f"attack: EOT averages gradients, so it takes the gradient family (PGD, APGD) or Restarts / "
-                    f"WorstOf of them; got {type(attack).__name__}")
+    if not isinstance(attack, Attack):
+        raise TypeError(f"attack must be an advfeat Attack, got {attack!r}")
+    return attack.with_draws(draws)
 
 
 def _same_box(a: tuple[float | Tensor, float | Tensor], b: tuple[float | Tensor, float | Tensor]) -> bool:

@@ -24,18 +24,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_logits, check_positive_float, check_positive_int
-from .._config import config_repr
 from ..engine import working_dtype
-from ..threat import column
-from .base import Attack
+from ..threat import ThreatModel, clamp, column
+from .base import BallAttack, Criterion
 
 __all__ = ["FAB"]
 
 
 @dataclass(frozen=True, eq=False, repr=False)
-class FAB(Attack):
-    """FAB in the Linf (default) or L2 norm, inside the box ``[lower, upper]``; ``FAB(eps, n_target_classes=9)``
-    is AutoAttack's FAB-T.
+class FAB(BallAttack):
+    """FAB in the Linf (default) or L2 norm, inside the box ``[lower, upper]``, or in ``threat=af.LinfBall(...)``
+    / ``af.L2Ball(...)`` (eps a float or a per-sample (N,) tensor); ``FAB(eps, n_target_classes=9)`` is AutoAttack's
+    FAB-T. A point counts as adversarial by ``criterion`` (default: misclassified).
 
     ``steps``: iterations per run (the reference's 100; each costs a forward-backward pass and a forward pass);
     ``n_target_classes``: FAB-T, one run per class among that many most likely wrong ones (by the clean logits),
@@ -52,7 +52,7 @@ class FAB(Attack):
         True
     """
 
-    eps: float
+    eps: float | Tensor | None = None
     norm: str = field(default="linf", kw_only=True)
     steps: int = field(default=100, kw_only=True)
     n_target_classes: int = field(default=0, kw_only=True)
@@ -61,28 +61,21 @@ class FAB(Attack):
     eta: float = field(default=1.05, kw_only=True)
     beta: float = field(default=0.9, kw_only=True)
     seed: int | None = field(default=None, kw_only=True)
-    lower: float = field(default=0.0, kw_only=True)
-    upper: float = field(default=1.0, kw_only=True)
+    lower: float | Tensor = field(default=0.0, kw_only=True)
+    upper: float | Tensor = field(default=1.0, kw_only=True)
+    threat: ThreatModel | None = field(default=None, kw_only=True)
+    criterion: Criterion | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
-        check_positive_float("eps", self.eps)
+        BallAttack.__post_init__(self)
         check_positive_int("steps", self.steps)
         check_positive_int("n_target_classes", self.n_target_classes, minimum=0)
         check_positive_int("restarts", self.restarts)
-        if self.norm not in ("linf", "l2"):
-            raise ValueError(f"norm must be 'linf' or 'l2', got {self.norm!r}")
         if not 0 <= self.alpha_max <= 1:
             raise ValueError(f"alpha_max must be in [0, 1], got {self.alpha_max}")
         check_positive_float("eta", self.eta)
         if not 0 < self.beta <= 1:
             raise ValueError(f"beta must be in (0, 1], got {self.beta}")
-
-    @property
-    def box(self) -> tuple[float | Tensor, float | Tensor]:
-        return (self.lower, self.upper)
-
-    def __repr__(self) -> str:
-        return config_repr(self)
 
     def distance(self, delta: Tensor) -> Tensor:
         """The attack's norm of each sample of ``delta`` (N, ...), shape (N,)."""
@@ -96,6 +89,14 @@ class FAB(Attack):
             out: Tensor = model(z.to(x.dtype))
             return out.float()
 
+        t = self.threat_model()
+        bounds = t.bounds(xw)
+        e = t.eps
+        assert e is not None
+        eps = e if isinstance(e, float) else e.to(xw)  # (N,) for a per-sample eps
+        lo, hi = (b if isinstance(b, float) else b.flatten(1)[:1] for b in (bounds.lower, bounds.upper))
+        box = (lo, hi)
+        criterion = self.success_criterion()
         with torch.no_grad():
             logits = forward(xw)
         c = check_logits(logits, y)
@@ -104,31 +105,33 @@ class FAB(Attack):
                              f"{self.n_target_classes}")
         ranked = logits.float().scatter(1, y[:, None], float("-inf")).argsort(1, descending=True)
         out = xw.clone()
-        alive = (logits.argmax(1) == y).nonzero().squeeze(1)  # misclassified samples are broken already
+        alive = (~criterion(logits, y)).nonzero().squeeze(1)  # samples broken already are returned as they are
         for j in range(max(self.n_target_classes, 1)):
             for r in range(self.restarts):
                 if alive.numel() == 0:
                     return out.to(x.dtype)
                 target = ranked[alive, j] if self.n_target_classes else None
                 x0 = xw.index_select(0, alive)
-                start = x0 if r == 0 else self._random_start(x0, generator)
-                found, dist = self._walk(forward, x0, y.index_select(0, alive), target, start)
-                broken = dist <= self.eps  # one host sync per target and restart, none per step
+                radius = eps if isinstance(eps, float) else eps.index_select(0, alive)
+                start = x0 if r == 0 else self._random_start(x0, radius, box, generator)
+                found, dist = self._walk(forward, x0, y.index_select(0, alive), target, start, box, criterion)
+                broken = dist <= radius  # one host sync per target and restart, none per step
                 out.index_copy_(0, alive[broken], found[broken])
                 alive = alive[~broken]
         return out.to(x.dtype)
 
-    def _random_start(self, x0: Tensor, generator: torch.Generator | None) -> Tensor:
+    def _random_start(self, x0: Tensor, eps: float | Tensor, box: tuple[float | Tensor, float | Tensor],
+                      generator: torch.Generator | None) -> Tensor:
         """A random point at distance ``eps / 2`` from ``x0`` in the attack's norm, clipped to the box."""
         if self.norm == "linf":
             t = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) * 2 - 1
         else:
             t = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        scale = 0.5 * self.eps / self.distance(t).clamp_min(1e-12)
-        return (x0 + t * column(scale, x0.ndim)).clamp(self.lower, self.upper)
+        scale = 0.5 * eps / self.distance(t).clamp_min(1e-12)
+        return clamp(x0.flatten(1) + t.flatten(1) * scale[:, None], *box).view_as(x0)
 
     def _walk(self, forward: Callable[[Tensor], Tensor], x0: Tensor, y: Tensor, target: Tensor | None,
-              x1: Tensor) -> tuple[Tensor, Tensor]:
+              x1: Tensor, box: tuple[float | Tensor, float | Tensor], criterion: Criterion) -> tuple[Tensor, Tensor]:
         """One run from ``x1``: the closest adversarial point found per sample and its distance (inf if none)."""
         n = x0.shape[0]
         flat0 = x0.flatten(1)
@@ -137,14 +140,13 @@ class FAB(Attack):
             f, g = self._plane(forward, x1, y, target)
             flat1 = x1.flatten(1)
             b = (g * flat1).sum(1) - f  # the linearised boundary: g . z = b
-            d = _to_plane(torch.cat([flat1, flat0]), torch.cat([g, g]), torch.cat([b, b]), self.norm,
-                          self.lower, self.upper)
+            d = _to_plane(torch.cat([flat1, flat0]), torch.cat([g, g]), torch.cat([b, b]), self.norm, *box)
             size = self.distance(d).clamp_min(1e-8)
             alpha = (size[:n] / (size[:n] + size[n:])).clamp(0.0, self.alpha_max)[:, None]
             step = (flat1 + self.eta * d[:n]) * (1 - alpha) + (flat0 + self.eta * d[n:]) * alpha
-            x1 = step.clamp(self.lower, self.upper).view_as(x0)
+            x1 = clamp(step, *box).view_as(x0)
             with torch.no_grad():
-                adversarial = forward(x1).argmax(1) != y
+                adversarial = criterion(forward(x1), y)
             dist = self.distance(x1 - x0)
             closer = adversarial & (dist < best_dist)
             best = torch.where(column(closer, x0.ndim), x1, best)
@@ -177,7 +179,7 @@ class FAB(Attack):
         return margins[rows, k], slopes[rows, k]
 
 
-def _to_plane(t: Tensor, w: Tensor, b: Tensor, norm: str, lower: float, upper: float) -> Tensor:
+def _to_plane(t: Tensor, w: Tensor, b: Tensor, norm: str, lower: float | Tensor, upper: float | Tensor) -> Tensor:
     """Per row of ``t`` (n, D): the smallest step ``d`` in the norm with ``w . (t + d) = b`` and ``t + d`` inside
     ``[lower, upper]``; where the box does not reach the plane, the step to the box's corner nearest to it.
 

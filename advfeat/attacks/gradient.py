@@ -8,6 +8,7 @@ import math
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -16,8 +17,8 @@ from .._checks import check_positive_float, check_positive_int
 from .._config import config_repr
 from ..engine import optimize
 from ..steps import Constant, StepRule
-from ..threat import ThreatModel, ball
-from .base import Attack, Criterion
+from ..threat import L2Ball, LinfBall, ThreatModel
+from .base import Attack, BallAttack, Criterion
 from .losses import LossFn, cross_entropy
 
 __all__ = ["GradientAttack", "PGD", "L2PGD", "LinfPGD", "FGSM", "BallPGD", "Classification", "Expected", "expected"]
@@ -74,8 +75,9 @@ class GradientAttack(Attack):
     ``rel_step_size * eps`` (default ``2.5 / steps``, Madry et al.'s rule), from ``x`` or a ``random_start`` in the
     threat model; untargeted attacks raise ``loss`` (default cross-entropy), targeted ones lower it towards ``y``;
     ``keep_best`` returns each sample's best iterate (one more forward), ``early_stop`` stops a sample once it
-    succeeds; ``draws`` > 1 averages the loss and its gradient over that many forward passes (EOT, for randomised
-    models; ``advfeat.EOT`` sets it on an attack and on those inside ``Restarts`` and ``WorstOf``).
+    succeeds, both by ``criterion`` (default: misclassified, or the target reached when targeted); ``draws`` > 1
+    averages the loss and its gradient over that many forward passes (EOT, for randomised models; ``advfeat.EOT``
+    sets it on an attack and on those inside ``Restarts`` and ``WorstOf``).
     """
 
     steps: int = 10
@@ -90,9 +92,13 @@ class GradientAttack(Attack):
     seed: int | None = None
     rule: StepRule = field(default_factory=Constant)
     draws: int = 1
+    criterion: Criterion | None = None
 
     def __post_init__(self) -> None:
         check_positive_int("steps", self.steps)
+        if self.criterion is not None and not isinstance(self.criterion, Criterion):
+            raise TypeError(f"criterion must be an advfeat Criterion (Misclassified, ReachedTarget, or your own), "
+                            f"got {self.criterion!r}")
         check_positive_int("draws", self.draws)
         if not isinstance(self.rule, StepRule):
             raise TypeError(f"rule must be an advfeat StepRule (see advfeat.steps), got {self.rule!r}")
@@ -144,13 +150,16 @@ class GradientAttack(Attack):
                  start: Tensor | None) -> Tensor:
         """``run``, from ``start`` (projected first) instead of the attack's own start when one is given."""
         threat = self.threat_model()
-        criterion = self.criterion
+        criterion = self.success_criterion()
         objective = expected(Classification(model, y, self.loss or cross_entropy, criterion), self.draws)
         return optimize(
             objective, x, threat, steps=self.steps, step_size=self.step_length(threat),
             maximize=not criterion.descends, random_start=self.random_start and start is None, start=start,
             keep_best=self.keep_best, early_stop=self.early_stop, generator=generator, rule=self.rule,
         ).x
+
+    def with_draws(self, draws: int) -> Attack:
+        return dataclasses.replace(self, draws=draws)
 
     def for_evaluation(self, early_stop: bool) -> Attack:
         if self.targeted:
@@ -182,29 +191,37 @@ class PGD(GradientAttack):
     def threat_model(self) -> ThreatModel:
         return self.threat
 
+    def select(self, index: Tensor) -> Attack:
+        picked = self.threat.select(index)
+        return self if picked is self.threat else dataclasses.replace(self, threat=picked)
+
 
 @dataclass(frozen=True, eq=False, repr=False)
-class BallPGD(GradientAttack):
-    """A gradient attack in the ball of radius ``eps`` of the norm ``_norm()`` names, inside the box."""
+class BallPGD(BallAttack, GradientAttack):
+    """A gradient attack in a ball: ``threat=`` (an ``L2Ball`` or ``LinfBall``, or any threat model the class
+    searches) or the shorthand ``eps`` (a float or a (N,) tensor) with the box ``lower`` / ``upper``
+    (``advfeat.attacks.base.BallAttack``)."""
 
-    eps: float | Tensor
+    eps: float | Tensor | None = None
     lower: float | Tensor = field(default=0.0, kw_only=True)
     upper: float | Tensor = field(default=1.0, kw_only=True)
+    threat: ThreatModel | None = field(default=None, kw_only=True)
+    positive_eps: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        BallAttack.__post_init__(self)
+        GradientAttack.__post_init__(self)
 
     def _norm(self) -> str:
         raise NotImplementedError
 
-    def threat_model(self) -> ThreatModel:
-        return self._ball(self.eps)
-
-    def _ball(self, eps: float | Tensor) -> ThreatModel:
-        """This attack's ball with the radii ``eps`` (APGD-T: those of the samples still attacked)."""
-        return ball(self._norm(), eps, lower=self.lower, upper=self.upper)
-
 
 @dataclass(frozen=True, eq=False, repr=False)
 class L2PGD(BallPGD):
-    """PGD in the L2 ball of radius ``eps``: steps ``g / ||g||_2``. ``eps``: a float or a (N,) tensor."""
+    """PGD in the L2 ball of radius ``eps``: steps ``g / ||g||_2``. ``eps``: a float or a (N,) tensor; or
+    ``threat=af.L2Ball(...)``. The same attack as ``PGD(af.L2Ball(eps))``."""
+
+    threats: ClassVar[tuple[type[ThreatModel], ...]] = (L2Ball,)
 
     def _norm(self) -> str:
         return "l2"
@@ -212,7 +229,10 @@ class L2PGD(BallPGD):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class LinfPGD(BallPGD):
-    """PGD in the Linf ball of radius ``eps``: steps ``sign(g)``. ``eps``: a float or a (N,) tensor."""
+    """PGD in the Linf ball of radius ``eps``: steps ``sign(g)``. ``eps``: a float or a (N,) tensor; or
+    ``threat=af.LinfBall(...)``. The same attack as ``PGD(af.LinfBall(eps))``."""
+
+    threats: ClassVar[tuple[type[ThreatModel], ...]] = (LinfBall,)
 
     def _norm(self) -> str:
         return "linf"
@@ -222,8 +242,9 @@ class LinfPGD(BallPGD):
 class FGSM(BallPGD):
     """The fast gradient sign method: one step of length ``rel_step_size * eps`` (default 1.0).
 
-    ``norm="linf"`` (default) steps along ``sign(g)``; ``norm="l2"`` gives the fast gradient method.
-    With ``random_start=True`` and ``rel_step_size=1.25`` this is Wong et al.'s FGSM-RS.
+    ``norm="linf"`` (default) steps along ``sign(g)``; ``norm="l2"`` gives the fast gradient method; or
+    ``threat=af.LinfBall(eps)`` / ``af.L2Ball(eps)``. With ``random_start=True`` and ``rel_step_size=1.25`` this is
+    Wong et al.'s FGSM-RS.
     """
 
     steps: int = field(default=1, kw_only=True)

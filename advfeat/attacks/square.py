@@ -24,11 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_positive_float, check_positive_int
-from .._config import config_repr
+from .._checks import check_positive_int
 from ..engine import _accelerated
-from ..threat import per_sample_norm
-from .base import Attack
+from ..threat import ThreatModel, clamp, column, per_sample_norm
+from .base import BallAttack, Criterion
 from .losses import cw_margin
 
 __all__ = ["Square"]
@@ -38,13 +37,15 @@ _HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
 
 @dataclass(frozen=True, eq=False, repr=False)
-class Square(Attack):
-    """The Square Attack in the Linf (default) or L2 ball of radius ``eps``, inside the box ``[lower, upper]``.
+class Square(BallAttack):
+    """The Square Attack in the Linf (default) or L2 ball of radius ``eps``, inside the box ``[lower, upper]``; or
+    in ``threat=af.LinfBall(...)`` / ``af.L2Ball(...)`` (eps a float or a per-sample (N,) tensor).
 
     ``queries``: iterations, one forward pass each (the reference's default: 5,000); ``p_init``: the share of
     the image the first windows cover (0.8); ``score``: what the search lowers, ``"margin"`` (the true class's
     logit minus the largest other, the reference's default) or ``"ce"`` (minus the cross-entropy); targeted, the
-    cross-entropy towards ``y``. Images only: ``x`` of shape (N, C, H, W).
+    cross-entropy towards ``y``. A sample stops being searched once it is broken: misclassified (the target reached,
+    when targeted) by default, or by ``criterion``. Images only: ``x`` of shape (N, C, H, W).
 
     Examples:
         >>> import torch, advfeat as af
@@ -55,32 +56,25 @@ class Square(Attack):
         True
     """
 
-    eps: float
+    eps: float | Tensor | None = None
     norm: str = field(default="linf", kw_only=True)
     queries: int = field(default=5000, kw_only=True)
     p_init: float = field(default=0.8, kw_only=True)
     score: str = field(default="margin", kw_only=True)
     targeted: bool = field(default=False, kw_only=True)
     seed: int | None = field(default=None, kw_only=True)
-    lower: float = field(default=0.0, kw_only=True)
-    upper: float = field(default=1.0, kw_only=True)
+    lower: float | Tensor = field(default=0.0, kw_only=True)
+    upper: float | Tensor = field(default=1.0, kw_only=True)
+    threat: ThreatModel | None = field(default=None, kw_only=True)
+    criterion: Criterion | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
-        check_positive_float("eps", self.eps)
+        BallAttack.__post_init__(self)
         check_positive_int("queries", self.queries)
         if not 0 < self.p_init <= 1:
             raise ValueError(f"p_init must be in (0, 1], got {self.p_init}")
-        if self.norm not in ("linf", "l2"):
-            raise ValueError(f"norm must be 'linf' or 'l2', got {self.norm!r}")
         if self.score not in ("margin", "ce"):
             raise ValueError(f"score must be 'margin' or 'ce', got {self.score!r}")
-
-    @property
-    def box(self) -> tuple[float | Tensor, float | Tensor]:
-        return (self.lower, self.upper)
-
-    def __repr__(self) -> str:
-        return config_repr(self)
 
     def share(self, query: int) -> float:
         """The share of the image a window covers at ``query`` (0-based): the reference's schedule."""
@@ -100,6 +94,13 @@ class _Search:
 
     def __init__(self, attack: Square, model: nn.Module, x: Tensor, y: Tensor, g: torch.Generator | None) -> None:
         self.a, self.model, self.x, self.y, self.g = attack, model, x, y, g
+        t = attack.threat_model()
+        bounds = t.bounds(x)
+        e = t.eps
+        assert e is not None  # a ball
+        self.eps_all: float | Tensor = e if isinstance(e, float) else column(e.to(x), x.ndim)
+        self.lower, self.upper = (b if isinstance(b, float) else b[:1] for b in (bounds.lower, bounds.upper))
+        self.criterion = attack.criterion
         draw = torch.randint(0, 2**62, (1,), generator=g, device=g.device if g is not None else "cpu")
         self.windows = random.Random(int(draw))  # window corners: host integers, one seed from the generator
         self.checks_every_query = not _accelerated(x.device)
@@ -107,13 +108,23 @@ class _Search:
     def signs(self, *shape: int) -> Tensor:
         return torch.randint(0, 2, shape, generator=self.g, device=self.x.device).to(self.x.dtype) * 2 - 1
 
+    def eps(self, live: Tensor | None = None) -> float | Tensor:
+        """The radius of every sample, or of the samples ``live`` (a column for a per-sample eps)."""
+        e = self.eps_all
+        return e if isinstance(e, float) or live is None else e.index_select(0, live)
+
     def judge(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """(margin, loss) per sample: the search succeeded where the margin is <= 0; it lowers the loss."""
+        """(margin, loss) per sample: the search succeeded where the margin is <= 0 (with a ``criterion``: -1
+        where it is met, else 1); it lowers the loss."""
         logits = self.model(x).float()
         lead = cw_margin(logits, y)  # the largest other logit over y's: > 0 once y is lost
         if self.a.targeted:
-            return lead, F.cross_entropy(logits, y, reduction="none")
-        return -lead, -lead if self.a.score == "margin" else -F.cross_entropy(logits, y, reduction="none")
+            margin, loss = lead, F.cross_entropy(logits, y, reduction="none")
+        else:
+            margin, loss = -lead, -lead if self.a.score == "margin" else -F.cross_entropy(logits, y, reduction="none")
+        if self.criterion is not None:
+            margin = torch.where(self.criterion(logits, y), -1.0, 1.0)
+        return margin, loss
 
     def run(self) -> Tensor:
         a, x, y = self.a, self.x, self.y
@@ -129,7 +140,8 @@ class _Search:
             xs, ys, old = x.index_select(0, live), y.index_select(0, live), best.index_select(0, live)
             side = max(int(round(math.sqrt(a.share(q) * h * w))), 1 if a.norm == "linf" else 3)
             side = min(side + (a.norm == "l2" and side % 2 == 0), h, w)
-            new = self.linf_step(xs, old, side) if a.norm == "linf" else self.l2_step(xs, old, side)
+            eps = self.eps(live)
+            new = self.linf_step(xs, old, side, eps) if a.norm == "linf" else self.l2_step(xs, old, side, eps)
             m_new, l_new = self.judge(new, ys)
             m_old, l_old = margin.index_select(0, live), loss.index_select(0, live)
             searching = m_old > 0  # frozen once fooled, until the next compaction
@@ -145,10 +157,10 @@ class _Search:
 
     def start(self) -> Tensor:
         """The reference's first point: vertical stripes at +-eps (Linf); pseudo-Gaussian tiles scaled to eps (L2)."""
-        a, x = self.a, self.x
+        a, x, eps = self.a, self.x, self.eps()
         n, c, h, w = x.shape
         if a.norm == "linf":
-            return (x + a.eps * self.signs(n, c, 1, w)).clamp(a.lower, a.upper)
+            return clamp(x + eps * self.signs(n, c, 1, w), self.lower, self.upper)
         side = max(h // 5, 1)
         delta = torch.zeros_like(x)
         top = (h - 5 * side) // 2
@@ -157,17 +169,15 @@ class _Search:
                 r, s = top + i * side, top + j * side
                 if r + side <= h and s + side <= w:
                     delta[:, :, r:r + side, s:s + side] += self.bump(side) * self.signs(n, c, 1, 1)
-        return (x + a.eps * _unit(delta)).clamp(a.lower, a.upper)
+        return clamp(x + eps * _unit(delta), self.lower, self.upper)
 
-    def linf_step(self, xs: Tensor, old: Tensor, side: int) -> Tensor:
-        a = self.a
+    def linf_step(self, xs: Tensor, old: Tensor, side: int, eps: float | Tensor) -> Tensor:
         r, s = self.corner(xs.shape[2], xs.shape[3], side)
         step = torch.zeros_like(xs)
-        step[:, :, r:r + side, s:s + side] = 2 * a.eps * self.signs(xs.shape[0], xs.shape[1], 1, 1)
-        return torch.minimum(torch.maximum(old + step, xs - a.eps), xs + a.eps).clamp(a.lower, a.upper)
+        step[:, :, r:r + side, s:s + side] = 2 * eps * self.signs(xs.shape[0], xs.shape[1], 1, 1)
+        return clamp(torch.minimum(torch.maximum(old + step, xs - eps), xs + eps), self.lower, self.upper)
 
-    def l2_step(self, xs: Tensor, old: Tensor, side: int) -> Tensor:
-        a = self.a
+    def l2_step(self, xs: Tensor, old: Tensor, side: int, eps: float | Tensor) -> Tensor:
         k, c, h, w = xs.shape
         delta = old - xs
         (r, s), (r2, s2) = self.corner(h, w, side), self.corner(h, w, side)
@@ -180,10 +190,10 @@ class _Search:
         windows = per_sample_norm(delta * mask)
         inside = delta[one]
         bump = self.bump(side) * self.signs(k, c, 1, 1) + inside / (1e-12 + inside.square().sum((2, 3), True).sqrt())
-        room = ((a.eps ** 2 - total.square()).clamp_min(0) / c + windows.square()).sqrt()
+        room = ((eps ** 2 - total.square()).clamp_min(0) / c + windows.square()).sqrt()
         delta[two] = 0.0
         delta[one] = bump / (1e-12 + bump.square().sum((2, 3), True).sqrt()) * room
-        return (xs + a.eps * _unit(delta)).clamp(a.lower, a.upper)
+        return clamp(xs + eps * _unit(delta), self.lower, self.upper)
 
     def bump(self, side: int) -> Tensor:
         """The reference's meta pseudo-Gaussian window of side ``side``: two stacked halves of opposite sign, each
