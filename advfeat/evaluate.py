@@ -312,7 +312,7 @@ def evaluate(
                 ok = torch.zeros_like(ys, dtype=torch.bool)
                 if ys.shape[0] > 0:  # (known: nonzero synced); some models refuse empty batches
                     try:
-                        x_adv = attack(m, xs, ys, generator=generator)
+                        x_adv = attack.select(keep)(m, xs, ys, generator=generator)  # a per-sample eps follows
                     except FloatingPointError as e:
                         raise FloatingPointError(f"loader batch {batch_no}, attack {k!r}: {e}") from None
                     with torch.no_grad():

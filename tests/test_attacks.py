@@ -681,3 +681,135 @@ def test_fab_t_and_autoattack_are_no_weaker_than_torchattacks_ports(norm, eps):
         torchattacks.Square(model, norm=name, eps=eps, n_queries=300, seed=0),
     ])(x, y)
     assert acc(aa) <= acc(ref_aa) + 0.01
+
+
+# -- one threat model for every attack: threat= or the shorthand, per-sample eps, criteria ------------------------
+
+def _both_spellings():
+    """(attack by threat=, the same by the shorthand) for every attack that confines itself to a ball."""
+    l2, linf = af.L2Ball(0.5), af.LinfBall(0.05)
+    return [
+        (af.L2PGD(threat=l2, steps=3), af.L2PGD(0.5, steps=3)),
+        (af.LinfPGD(threat=linf, steps=3), af.LinfPGD(0.05, steps=3)),
+        (af.FGSM(threat=l2), af.FGSM(0.5, norm="l2")),
+        (af.FGSM(threat=linf), af.FGSM(0.05)),
+        (af.APGD(threat=l2, steps=5), af.APGD(0.5, norm="l2", steps=5)),
+        (af.APGD(threat=linf, loss=af.dlr, n_target_classes=2, steps=5),
+         af.APGD(0.05, loss=af.dlr, n_target_classes=2, steps=5)),
+        (af.FAB(threat=l2, steps=5, n_target_classes=2), af.FAB(0.5, norm="l2", steps=5, n_target_classes=2)),
+        (af.Square(threat=l2, queries=30), af.Square(0.5, norm="l2", queries=30)),
+        (af.Square(threat=linf, queries=30), af.Square(0.05, queries=30)),
+        (af.AutoAttack(threat=l2, steps=3, queries=20), af.AutoAttack("l2", 0.5, steps=3, queries=20)),
+        (af.AutoAttack(threat=linf, version="rand", steps=3, draws=2), af.AutoAttack("linf", 0.05, "rand", steps=3,
+                                                                                     draws=2)),
+    ]
+
+
+@pytest.mark.parametrize("by_threat, shorthand", _both_spellings(), ids=lambda a: repr(a)[:40])
+def test_every_attack_takes_a_threat_model_and_the_shorthand_makes_the_same_attack(by_threat, shorthand):
+    """``threat=`` and ``eps`` / ``norm`` / ``lower`` / ``upper`` are two spellings of one attack: equal, printed
+    alike (so a checkpoint's recorded method reads the same), with the same threat model and the same result."""
+    assert by_threat == shorthand and repr(by_threat) == repr(shorthand) and hash(by_threat) == hash(shorthand)
+    assert by_threat.threat_model() == shorthand.threat_model() and by_threat.box == shorthand.box
+    model, (x, y) = _planted_model()
+    a = by_threat(model, x[:24], y[:24], generator=torch.Generator().manual_seed(0))
+    b = shorthand(model, x[:24], y[:24], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("make", [
+    lambda t: af.FGSM(threat=t), lambda t: af.L2PGD(threat=t, steps=5) if isinstance(t, af.L2Ball) else
+    af.LinfPGD(threat=t, steps=5), lambda t: af.APGD(threat=t, steps=5),
+    lambda t: af.APGD(threat=t, loss=af.dlr, n_target_classes=3, steps=5),
+    lambda t: af.FAB(threat=t, steps=10, n_target_classes=3), lambda t: af.FAB(threat=t, steps=10),
+    lambda t: af.Square(threat=t, queries=40, seed=0), lambda t: af.AutoAttack(threat=t, steps=5, queries=40, seed=0),
+], ids=["fgsm", "pgd", "apgd", "apgd-t", "fab-t", "fab", "square", "autoattack"])
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_a_per_sample_eps_bounds_each_sample_by_its_own_radius(make, norm):
+    """A (N,) eps tensor: each sample stays in its own ball, also where the attack works on subsets (APGD-T's and
+    FAB-T's targets, Square's search, the cascade's parts on the points still robust); a sample of eps 1e-6 hardly
+    moves, and a constant tensor gives what the float gives."""
+    model, (x, y) = _planted_model()
+    x, y = x[:32], y[:32]
+    big = 1.0 if norm == "l2" else 0.1
+    eps = torch.linspace(1e-6, big, 32)[torch.randperm(32, generator=torch.Generator().manual_seed(1))]
+    ball = af.L2Ball if norm == "l2" else af.LinfBall
+    out = make(ball(eps))(model, x, y, generator=torch.Generator().manual_seed(0))
+    assert (dist(out - x, norm) <= eps.double() * (1 + 1e-5) + 1e-5).all()
+    assert out.min() >= 0 and out.max() <= 1
+    flat = make(ball(big))(model, x, y, generator=torch.Generator().manual_seed(0))
+    same = make(ball(torch.full((32,), big)))(model, x, y, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(flat, same, atol=1e-5)
+
+
+def test_a_per_sample_eps_follows_the_samples_evaluate_attacks():
+    """``evaluate`` attacks only the samples its model gets right: a per-sample eps follows them (``Attack.select``),
+    for a single attack and inside a cascade, instead of failing on the batch's new size."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, (x, y) = _planted_model()
+    x, y = x[:40], y[:40]
+    y = y.clone()
+    y[:3] = (y[:3] + 1) % 10  # three samples the model gets wrong from the start
+    eps = torch.linspace(0.1, 1.0, 40)
+    attacks = {"apgd": af.APGD(threat=af.L2Ball(eps), steps=5), "aa": af.AutoAttack(threat=af.L2Ball(eps), steps=3,
+                                                                                       queries=20)}
+    r = af.evaluate(model, DataLoader(TensorDataset(x, y), batch_size=40), attacks, progress=False)
+    assert r.total == 40 and r.robust_accuracy("aa") <= r.clean_accuracy
+    picked = attacks["apgd"].select(torch.tensor([0, 39]))
+    assert torch.equal(picked.threat_model().eps, eps[[0, 39]])
+
+
+def test_threat_and_shorthand_together_are_refused_by_name():
+    with pytest.raises(ValueError, match="give threat= or the shorthand eps / lower / upper, not both"):
+        af.Square(0.5, threat=af.L2Ball(0.5))
+    with pytest.raises(ValueError, match="give threat= or the shorthand"):
+        af.FAB(threat=af.L2Ball(0.5), lower=-1.0)
+    with pytest.raises(ValueError, match="norm='linf' disagrees with threat=L2Ball"):
+        af.AutoAttack("linf", threat=af.L2Ball(0.5))
+    with pytest.raises(TypeError, match="threat: L2PGD searches L2Ball, got LinfBall"):
+        af.L2PGD(threat=af.LinfBall(0.1))
+    with pytest.raises(TypeError, match="threat: Square searches L2Ball or LinfBall, got Box"):
+        af.Square(threat=af.Box())
+    with pytest.raises(TypeError, match="threat must be an advfeat ThreatModel"):
+        af.APGD(threat="l2")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="FAB needs eps .* or threat="):
+        af.FAB()
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+        af.Square(threat=af.LinfBall(torch.tensor([0.1, 0.0])))
+    assert af.AutoAttack(threat=af.L2Ball(0.5)).norm == "l2"  # the shorthand holds what the threat said
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Confident(af.attacks.Criterion):
+    """Broken only when another class leads the true one by ``kappa`` logits (a stricter success)."""
+
+    kappa: float = 1.0
+    seen: list = dataclasses.field(default_factory=list, compare=False)
+
+    def __call__(self, logits, labels):
+        self.seen.append(logits.shape[0])
+        return af.cw_margin(logits, labels) >= self.kappa
+
+
+@pytest.mark.parametrize("make", [
+    lambda c: af.APGD(1.0, norm="l2", loss=af.dlr, n_target_classes=3, steps=20, criterion=c),
+    lambda c: af.FAB(1.0, norm="l2", n_target_classes=3, steps=20, criterion=c),
+    lambda c: af.Square(1.0, norm="l2", queries=200, seed=0, criterion=c),
+    lambda c: af.AutoAttack("l2", 1.0, steps=10, queries=100, seed=0, criterion=c),
+], ids=["apgd-t", "fab-t", "square", "autoattack"])
+def test_a_criterion_is_honoured_by_every_attack_with_a_notion_of_success(make):
+    """APGD-T's targets, FAB's walk, Square's search and the cascade all read success from ``criterion``: with a
+    stricter one (another class ahead by one logit) they keep working on samples the default would call broken, so
+    more of the returned points meet it (measured on 60 samples, L2 1.0: APGD-T 26 -> 31, FAB-T 9 -> 17, Square
+    9 -> 18, the cascade 22 -> 31)."""
+    model, (x, y) = _planted_model()
+    x, y = x[:60], y[:60]
+    strict = _Confident()
+    judge = _Confident()
+    plain = make(None)(model, x, y, generator=torch.Generator().manual_seed(0))
+    kept = make(strict)(model, x, y, generator=torch.Generator().manual_seed(0))
+    assert strict.seen  # the attack asked the criterion
+    with torch.no_grad():
+        met_plain, met_kept = (float(judge(model(z), y).double().mean()) for z in (plain, kept))
+    assert met_kept >= met_plain + 2 / 60, (met_plain, met_kept)
