@@ -72,12 +72,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.keep_malloc:
         tune()
 
+    from .progress import command_reports_interrupts
+
     try:
-        replicate(args.dataset, root=args.root, out=args.out, scale=args.scale, device=args.device, seed=args.seed,
-                  progress=not args.no_progress, transfer=args.transfer, controls=args.controls,
-                  standard_model=args.standard_model,
-                  robust_model=args.robust_model, checkpoint_arch=args.checkpoint_arch,
-                  checkpoint_width=args.checkpoint_width)
+        with command_reports_interrupts():
+            replicate(args.dataset, root=args.root, out=args.out, scale=args.scale, device=args.device,
+                      seed=args.seed, progress=not args.no_progress, transfer=args.transfer,
+                      controls=args.controls, standard_model=args.standard_model, robust_model=args.robust_model,
+                      checkpoint_arch=args.checkpoint_arch, checkpoint_width=args.checkpoint_width)
     except (FileNotFoundError, ValueError, InUseError, ImportError) as e:
         print(f"advfeat replicate: error: {e}", file=sys.stderr)
         return 2

@@ -21,21 +21,22 @@ Examples:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ._checks import check_batch, check_logits
-from ._dist import all_gather_object, rank_world
-from .adapters import batch_xy, check_keys, classifier
+from ._dist import rank_world
+from .adapters import check_keys, classifier
 from .attacks import Attack
-from .guard import check_input, device_of, frozen_model
+from .guard import device_of, frozen_model
 from .progress import progress_bar
 from .stats import mcnemar, wilson
+from .tally import Tally, checked_batches
 
 __all__ = ["evaluate", "EvalResult", "Comparison", "compare", "robustness_curve", "RobustnessCurve",
            "shifted_accuracy"]
@@ -121,19 +122,44 @@ class EvalResult:
             record["samples"] = {k: "".join("1" if b else "0" for b in v.tolist()) for k, v in self.samples.items()}
         if self.indices is not None:
             record["indices"] = self.indices.tolist()
-        return json.dumps(record, indent=2)
+        return json.dumps(_strict(record), indent=2, allow_nan=False)
 
     @classmethod
     def from_json(cls, text: str) -> EvalResult:
-        """The result ``to_json`` wrote."""
-        r = json.loads(text)
+        """The result ``to_json`` wrote, every field checked against the others (counts against the per-sample
+        results, their lengths against ``total``, indices unique); a contradiction is refused naming the field."""
+        try:
+            r = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"EvalResult JSON: not JSON ({e})") from None
+        if not isinstance(r, dict):
+            raise ValueError(f"EvalResult JSON: not an object, got {type(r).__name__}")
+        total = _count(r, "total", None)
+        clean = _count(r, "clean_correct", total)
+        robust = r.get("robust_correct")
+        if not isinstance(robust, dict):
+            raise ValueError(f"EvalResult JSON: robust_correct must be an object name -> count, got {robust!r}")
+        robust = {str(k): _count(robust, k, clean, "robust_correct") for k in robust}
+        worst = None if r.get("worst_correct") is None else _count(r, "worst_correct", min([clean, *robust.values()]))
+        if (worst is None) != (not robust):
+            raise ValueError("EvalResult JSON: worst_correct must be given exactly when there are attacks")
         samples = r.get("samples")
-        return cls(total=int(r["total"]), clean_correct=int(r["clean_correct"]),
-                   robust_correct={k: int(v) for k, v in r["robust_correct"].items()},
-                   worst_correct=None if r["worst_correct"] is None else int(r["worst_correct"]),
-                   samples=None if samples is None else {k: torch.tensor([c == "1" for c in v], dtype=torch.bool)
-                                                         for k, v in samples.items()},
-                   indices=None if r.get("indices") is None else torch.tensor(r["indices"], dtype=torch.long))
+        flags = None if samples is None else _flags(samples, total, ["clean", *robust, *(["worst"] * bool(robust))])
+        if flags is not None:
+            for name, count in [("clean", clean), *robust.items(), *([("worst", worst)] if robust else [])]:
+                if name in flags and int(flags[name].sum()) != count:
+                    field = {"clean": "clean_correct", "worst": "worst_correct"}.get(name, "robust_correct")
+                    raise ValueError(f"EvalResult JSON: {field} ({count} for {name!r}) disagrees with samples "
+                                     f"({int(flags[name].sum())} correct)")
+        indices = r.get("indices")
+        if indices is not None:
+            if (not isinstance(indices, list) or len(indices) != total
+                    or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in indices)
+                    or len(set(indices)) != len(indices)):
+                raise ValueError(f"EvalResult JSON: indices must be {total} distinct whole numbers >= 0 (one per "
+                                 "sample)")
+        return cls(total=total, clean_correct=clean, robust_correct=robust, worst_correct=worst, samples=flags,
+                   indices=None if indices is None else torch.tensor(indices, dtype=torch.long))
 
     @classmethod
     def from_samples(cls, samples: Mapping[str, Tensor], indices: Tensor | None = None) -> EvalResult:
@@ -169,6 +195,40 @@ class EvalResult:
         return merged
 
 
+def _strict(v: Any) -> Any:
+    """``v`` with every non-finite float (an undefined accuracy) as None: strict JSON."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _strict(w) for k, w in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_strict(w) for w in v]
+    return v
+
+
+def _count(record: dict[str, Any], key: str, at_most: int | None, field_name: str | None = None) -> int:
+    """A count of the JSON record: a whole number in [0, ``at_most``]."""
+    v = record.get(key)
+    name = field_name or key
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0 or (at_most is not None and v > at_most):
+        bound = "" if at_most is None else f" and at most {at_most}"
+        raise ValueError(f"EvalResult JSON: {name}{'' if field_name is None else f'[{key!r}]'} must be a whole "
+                         f"number >= 0{bound}, got {v!r}")
+    return v
+
+
+def _flags(samples: Any, total: int, names: list[str]) -> dict[str, Tensor]:
+    """The per-sample results of the JSON record: one string of 0 / 1 of length ``total`` per name."""
+    if not isinstance(samples, dict) or not set(samples) <= set(names) or "clean" not in samples:
+        raise ValueError(f"EvalResult JSON: samples must be an object with 'clean' and names among {names}")
+    out = {}
+    for k, v in samples.items():
+        if not isinstance(v, str) or len(v) != total or set(v) - {"0", "1"}:
+            raise ValueError(f"EvalResult JSON: samples[{k!r}] must be a string of {total} characters 0 or 1")
+        out[k] = torch.tensor([c == "1" for c in v], dtype=torch.bool)
+    return out
+
+
 @dataclass(frozen=True)
 class Comparison:
     """Two results on the same samples: how many only ``a`` gets right, how many only ``b``, and McNemar's exact
@@ -182,17 +242,29 @@ class Comparison:
     p_value: float
 
 
-def compare(a: EvalResult, b: EvalResult, name: str = "worst") -> Comparison:
+def compare(a: EvalResult, b: EvalResult, name: str = "worst", *, paired: bool = False) -> Comparison:
     """Compare two models' results on the same samples (``evaluate(..., per_sample=True)`` on the same loader):
     the claim "A is more robust than B" as a paired test on accuracy ``name`` (``"clean"``, ``"worst"`` or an
-    attack's name)."""
+    attack's name).
+
+    The samples are paired by their dataset indices when both results know them (``indices``: evaluate records
+    them across ``torch.distributed`` ranks; set them for your own loaders). Results without indices are paired by
+    position only when you say they are on the same samples in the same order (``paired=True``): otherwise two
+    different or shuffled sample sets of one size would be compared silently."""
     if a.samples is None or b.samples is None:
         raise ValueError("compare needs per-sample results: evaluate(..., per_sample=True) for both")
     if name not in a.samples or name not in b.samples:
         raise KeyError(f"{name!r}: not among the per-sample results ({list(a.samples)}, {list(b.samples)})")
-    if a.total != b.total or (a.indices is not None and b.indices is not None and not torch.equal(a.indices,
-                                                                                                   b.indices)):
-        raise ValueError("compare: the two results must be on the same samples, in the same order")
+    if a.indices is None or b.indices is None:
+        if not paired:
+            raise ValueError("compare: neither result knows its samples' indices (set result.indices), so nothing "
+                             "says they are the same samples in the same order; pass paired=True if they are (the "
+                             "same loader, unshuffled)")
+    elif a.indices.shape != b.indices.shape or not torch.equal(a.indices, b.indices):
+        raise ValueError("compare: the two results must be on the same samples, in the same order (their indices "
+                         "differ)")
+    if a.total != b.total:
+        raise ValueError(f"compare: the two results must be on the same samples ({a.total} and {b.total} samples)")
     x, y = a.samples[name], b.samples[name]
     only_a, only_b = int((x & ~y).sum()), int((~x & y).sum())
     return Comparison(name, a.correct(name) / a.total, b.correct(name) / b.total, only_a, only_b,
@@ -207,7 +279,15 @@ def _named(attacks: Attack | Sequence[Attack] | Mapping[str, Attack] | None) -> 
     if isinstance(attacks, (str, bytes)) or not isinstance(attacks, (Mapping, Sequence)):
         raise TypeError(f"attacks must be an advfeat Attack, a list of them or a dict name -> Attack; got "
                         f"{attacks!r}")
-    named = dict(attacks) if isinstance(attacks, Mapping) else {repr(a): a for a in attacks}
+    if isinstance(attacks, Mapping):
+        named = dict(attacks)
+    else:
+        named = {repr(a): a for a in attacks}
+        if len(named) < len(attacks):
+            seen = [repr(a) for a in attacks]
+            twice = next(r for r in seen if seen.count(r) > 1)
+            raise ValueError(f"attacks: two attacks print as {twice}, and a list names them by their repr: pass a "
+                             "dict name -> attack to tell them apart (or drop the repeat)")
     for name, a in named.items():
         if not isinstance(a, Attack):
             raise TypeError(f"attacks must be advfeat Attacks, got {a!r} for {name!r}")
@@ -232,14 +312,11 @@ def shifted_accuracy(model: nn.Module, data: Any, shift: int = 0, device: str | 
     """
     dev = device_of(model, device)
     batches = DataLoader(data, batch_size=500) if isinstance(data, Dataset) else data
-    hits = total = 0
-    with torch.no_grad(), frozen_model(model):
-        for batch in batches:
-            x, y = batch_xy(batch)
-            logits = classifier(model)(x.to(dev))
-            hits += int((logits.argmax(1).cpu() == (y.cpu() + shift) % logits.shape[1]).sum())
-            total += len(y)
-    return hits / max(1, total)
+    tally = Tally(["clean"])  # here "correct" is "predicted as y + shift"
+    with frozen_model(model) as m:
+        for _, _x, y, logits in checked_batches(batches, classifier(m), device=dev, what="data"):
+            tally.update("clean", logits.argmax(1) == (y + shift) % logits.shape[1])
+    return float(tally.compute().clean_accuracy)
 
 
 def evaluate(
@@ -285,29 +362,15 @@ def evaluate(
     if distributed and not isinstance(sampler, DistributedSampler):
         raise ValueError("distributed=True needs a DataLoader with a DistributedSampler (its indices tell which "
                          "samples each rank holds, so that each is counted once)")
-    flags: dict[str, list[Tensor]] = {k: [] for k in ("clean", *runs)}
-    keep_flags = per_sample or bool(distributed)
-    total = torch.zeros((), dtype=torch.long, device=dev)
-    clean = torch.zeros((), dtype=torch.long, device=dev)
-    robust = {k: torch.zeros((), dtype=torch.long, device=dev) for k in runs}
-    worst = torch.zeros((), dtype=torch.long, device=dev)
+    tally = Tally(["clean", *runs], keep=per_sample or bool(distributed))
     lower, upper = next(iter(runs.values())).box if runs else (0.0, 1.0)
     with frozen_model(model) as m, progress_bar(loader, desc="evaluate", enabled=progress) as bar:
-        for batch_no, x, y in _checked(bar, m, keys, (lower, upper), dev):
-            with torch.no_grad():
-                logits = m(x)
-            check_logits(logits, y)
-            if not bool(torch.isfinite(logits).all()):
-                raise FloatingPointError(f"model ({type(model.model).__name__}) returned non-finite logits (NaN or "
-                                         f"inf) on loader batch {batch_no}: no accuracy is reported for it")
+        for batch_no, x, y, logits in checked_batches(bar, m, keys, (lower, upper), dev):
             correct = logits.argmax(1) == y
-            total += y.shape[0]
-            clean += correct.sum()
+            tally.update("clean", correct)
             keep = correct.nonzero().squeeze(1)
             xs, ys = x.index_select(0, keep), y.index_select(0, keep)
             still: Tensor = torch.ones_like(ys, dtype=torch.bool)
-            if keep_flags:
-                flags["clean"].append(correct)
             for k, attack in runs.items():
                 ok = torch.zeros_like(ys, dtype=torch.bool)
                 if ys.shape[0] > 0:  # (known: nonzero synced); some models refuse empty batches
@@ -317,59 +380,18 @@ def evaluate(
                         raise FloatingPointError(f"loader batch {batch_no}, attack {k!r}: {e}") from None
                     with torch.no_grad():
                         ok = m(x_adv).argmax(1) == ys
-                    robust[k] += ok.sum()
                     still &= ok
-                if keep_flags:
-                    flags[k].append(torch.zeros_like(correct).index_put((keep,), ok))
-            worst += still.sum()
+                tally.update(k, torch.zeros_like(correct).index_put((keep,), ok))
+            if runs:
+                tally.update_worst(still)
             if progress:
-                bar.set_postfix(clean=f"{clean.item() / max(total.item(), 1):.3f}", refresh=False)
+                bar.set_postfix(clean=f"{tally.count('clean') / max(tally.total, 1):.3f}", refresh=False)
     if distributed:
         assert isinstance(sampler, DistributedSampler)
-        return _gathered(flags, list(iter(sampler)), int(total), bool(runs))
-    if int(total) == 0:
-        raise ValueError("loader yielded no samples: there is no accuracy to report")
-    if keep_flags:
-        return EvalResult.from_samples({k: torch.cat(v) for k, v in flags.items()} if runs else
-                                       {"clean": torch.cat(flags["clean"])})
-    return EvalResult(
-        total=int(total), clean_correct=int(clean),
-        robust_correct={k: int(v) for k, v in robust.items()},
-        worst_correct=int(worst) if runs else None,
-    )
-
-
-def _checked(batches: Iterable[Any], model: nn.Module, keys: tuple[str, str] | None,
-             box: tuple[float | Tensor, float | Tensor], dev: torch.device) -> Iterator[tuple[int, Tensor, Tensor]]:
-    """``(batch number, x, y)`` of every batch: read from any batch form, checked (box, labels, the model's device
-    and dtype) and moved to ``dev``; an error names the batch."""
-    for batch_no, batch in enumerate(batches):
-        x, y = batch_xy(batch, keys, f"loader, batch {batch_no}")
-        x, y = check_batch(x, y, *box)
-        x, y = x.to(dev), y.to(dev)
-        check_input(model, x, f"loader, batch {batch_no}: x")
-        yield batch_no, x, y
-
-
-def _gathered(flags: dict[str, list[Tensor]], indices: list[int], total: int, attacked: bool) -> EvalResult:
-    """The global result of every rank's per-sample flags: gathered, each dataset index counted once (the first
-    rank that holds it), in index order."""
-    if len(indices) < total:
-        raise ValueError(f"the loader yielded {total} samples but its DistributedSampler holds {len(indices)}")
-    local = {k: (torch.cat(v).cpu() if v else torch.zeros(0, dtype=torch.bool)) for k, v in flags.items()}
-    parts = cast(list[tuple[list[int], dict[str, Tensor]]], all_gather_object((indices[:total], local)))
-    seen: dict[int, tuple[int, int]] = {}
-    for r, (idx, _) in enumerate(parts):
-        for j, i in enumerate(idx):
-            seen.setdefault(int(i), (r, j))
-    order = sorted(seen)
-    if not order:
-        raise ValueError("loader yielded no samples on any rank: there is no accuracy to report")
-    merged = {k: torch.tensor([bool(parts[seen[i][0]][1][k][seen[i][1]]) for i in order], dtype=torch.bool)
-              for k in flags}
-    result = EvalResult.from_samples(merged if attacked else {"clean": merged["clean"]},
-                                     torch.tensor(order, dtype=torch.long))
-    return result
+        result: EvalResult = tally.compute(indices=list(iter(sampler)))
+        return result
+    done: EvalResult = tally.compute()
+    return done
 
 
 @dataclass(frozen=True)
@@ -416,35 +438,32 @@ def robustness_curve(
         ((0.1, 0.5), True)
     """
     budgets = [float(e) for e in eps]
-    if not budgets or any(not e > 0 for e in budgets) or budgets != sorted(budgets):
-        raise ValueError(f"eps must be budgets > 0 in ascending order, got {list(eps)}")
+    if not budgets or any(not (e > 0 and math.isfinite(e)) for e in budgets) or any(
+            b <= a for a, b in zip(budgets, budgets[1:], strict=False)):
+        raise ValueError(f"eps must be budgets > 0 in strictly ascending order, got {list(eps)}")
     keys = check_keys(keys)
     model = classifier(model)
     dev = device_of(model, device)
-    attacks = [attack(e) for e in budgets]
-    named = _named({f"{e:g}": a for e, a in zip(budgets, attacks, strict=True)})
+    named = _named({str(j): attack(e) for j, e in enumerate(budgets)})  # one name per budget, however they print
     runs = [a.for_evaluation(True) for a in named.values()]
-    lower, upper = runs[0].box
-    total, clean = 0, torch.zeros((), dtype=torch.long, device=dev)
-    standing = torch.zeros(len(runs), dtype=torch.long, device=dev)
+    tally = Tally(["clean", *named])
     with frozen_model(model) as m, progress_bar(loader, desc="robustness curve", enabled=progress) as bar:
-        for _, x, y in _checked(bar, m, keys, (lower, upper), dev):
-            with torch.no_grad():
-                correct = m(x).argmax(1) == y
-            total += y.shape[0]
-            clean += correct.sum()
+        for _, x, y, logits in checked_batches(bar, m, keys, runs[0].box, dev):
+            correct = logits.argmax(1) == y
+            tally.update("clean", correct)
             keep = correct.nonzero().squeeze(1)
             xs, ys = x.index_select(0, keep), y.index_select(0, keep)
-            for j, run in enumerate(runs):
-                if ys.shape[0] == 0:
-                    break
-                with torch.no_grad():
-                    ok = m(run(m, xs, ys, generator=generator)).argmax(1) == ys
-                standing[j] += ok.sum()
+            for name, run in zip(named, runs, strict=True):
+                ok = torch.zeros_like(ys, dtype=torch.bool)
+                if ys.shape[0] > 0:
+                    with torch.no_grad():
+                        ok = m(run(m, xs, ys, generator=generator)).argmax(1) == ys
+                tally.update(name, ok)
                 left = ok.nonzero().squeeze(1)
                 xs, ys = xs.index_select(0, left), ys.index_select(0, left)
-    if total == 0:
+    if tally.total == 0:
         raise ValueError("loader yielded no samples: there is no curve to draw")
-    counts = standing.tolist()
+    total = tally.total
+    counts = [tally.count(name) for name in named]
     return RobustnessCurve(tuple(budgets), tuple(c / total for c in counts), tuple(wilson(c, total) for c in counts),
-                           int(clean) / total, total, name)
+                           tally.count("clean") / total, total, name)

@@ -20,6 +20,8 @@ Examples:
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -27,9 +29,24 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_device
-from .adapters import logits_of
+from .adapters import Classifier, logits_of
 
-__all__ = ["frozen_model", "device_of", "predict", "check_input"]
+__all__ = ["frozen_model", "model_lock", "device_of", "predict", "check_input"]
+
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_LOCK = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """The lock ``frozen_model`` holds on ``model`` (one per model, re-entrant, forgotten with the model; the
+    model inside advfeat's output adapters, ``advfeat.adapters.Classifier``, is the one locked)."""
+    while isinstance(model, Classifier):
+        model = model.model
+    with _LOCKS_LOCK:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
 
 
 @contextmanager
@@ -39,7 +56,18 @@ def frozen_model(model: nn.Module, *, eval_mode: bool = True) -> Iterator[nn.Mod
     Restored on exit, also after an exception: every module's ``training`` flag, every parameter's
     ``requires_grad``, every buffer's values (BatchNorm running statistics, even when ``eval_mode=False``
     lets them change). Parameters' ``.grad`` are left alone: nothing inside computes parameter gradients.
+
+    The model's lock (``model_lock``) is held throughout: threads that attack or evaluate one shared model take
+    turns, so each sees the model as its caller left it and none restores a state another one set (re-entrant:
+    an attack inside an evaluation of the same model, in one thread, nests).
     """
+    with model_lock(model):
+        with _frozen(model, eval_mode) as m:
+            yield m
+
+
+@contextmanager
+def _frozen(model: nn.Module, eval_mode: bool) -> Iterator[nn.Module]:
     modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]

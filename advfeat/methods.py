@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from ._checks import check_positive_float, check_positive_int
 from ._config import Config
 from .attacks import PGD, Attack, GradientAttack
+from .attacks.gradient import expected
 from .engine import optimize
 from .guard import frozen_model
 from .threat import ThreatModel, column
@@ -257,9 +258,10 @@ class TRADES(TrainingMethod):
             return F.kl_div(F.log_softmax(ctx.module(z).float(), dim=1), p, reduction="none").sum(1), None
 
         start = x + 0.001 * torch.randn_like(x)
-        with frozen_model(ctx.module, eval_mode=ctx.attack_eval_mode):
-            x_adv = optimize(kl, x, threat, steps=self.attack.steps, step_size=self.attack.step_length(threat),
-                             start=start, rule=self.attack.rule).x.to(x.dtype)
+        with frozen_model(ctx.module, eval_mode=ctx.attack_eval_mode):  # the attack's draws too (EOT)
+            x_adv = optimize(expected(kl, self.attack.draws), x, threat, steps=self.attack.steps,
+                             step_size=self.attack.step_length(threat), start=start,
+                             rule=self.attack.rule).x.to(x.dtype)
         logp_adv = F.log_softmax(model(x_adv).float(), dim=1)
         robust = F.kl_div(logp_adv, F.softmax(logits.float(), dim=1), reduction="batchmean")
         return _cross_entropy(logits, y) + self.beta * robust, logits

@@ -349,7 +349,8 @@ def _check_state(net: nn.Module, weights: dict[str, Tensor], path: Path) -> None
 
 def _check_values(net: nn.Module, weights: dict[str, Tensor], path: Path) -> None:
     """Refuse weights that ``load_state_dict`` would cast or that hold NaN / inf: a float16, integer or bool tensor
-    where the model keeps float32 (or any other dtype the model does not), a non-finite floating tensor."""
+    where the model keeps float32 (or any other dtype the model does not), a non-finite floating tensor, a negative
+    BatchNorm variance."""
     mine = net.state_dict()
     cast = [f"{k} ({str(v.dtype).replace('torch.', '')}, the model's is {str(mine[k].dtype).replace('torch.', '')})"
             for k, v in weights.items() if k in mine and v.dtype != mine[k].dtype]
@@ -361,6 +362,10 @@ def _check_values(net: nn.Module, weights: dict[str, Tensor], path: Path) -> Non
     if bad:
         raise ValueError(f"{path}: {len(bad)} weights hold NaN or inf ({', '.join(bad[:3])}): the file is damaged "
                          "or its training diverged")
+    negative = [k for k, v in weights.items() if k.endswith("running_var") and bool((v < 0).any())]
+    if negative:
+        raise ValueError(f"{path}: BatchNorm running_var is negative in {', '.join(negative[:3])} (a variance "
+                         "cannot be): the file is damaged")
 
 
 def _describe_state(state: dict[str, Tensor]) -> str:

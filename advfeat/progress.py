@@ -4,6 +4,7 @@ is used everywhere, with no warning."""
 
 from __future__ import annotations
 
+import contextvars
 import importlib.util
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sized
@@ -15,7 +16,20 @@ if importlib.util.find_spec("ipywidgets") is not None:  # tqdm.auto's notebook b
 else:
     from tqdm import tqdm
 
-__all__ = ["interrupted", "progress_bar"]
+__all__ = ["interrupted", "progress_bar", "command_reports_interrupts"]
+
+_COMMAND = contextvars.ContextVar("advfeat_command_reports_interrupts", default=False)
+
+
+@contextmanager
+def command_reports_interrupts() -> Iterator[None]:
+    """Inside a command line (``advfeat replicate``, ``advfeat map``): Ctrl-C is reported once, by the command, in
+    its own words (its flags, not the Python arguments ``interrupted`` would advise)."""
+    token = _COMMAND.set(True)
+    try:
+        yield
+    finally:
+        _COMMAND.reset(token)
 
 T = TypeVar("T")
 
@@ -61,6 +75,8 @@ def interrupted(message: str | Callable[[], str], fn: Callable[..., Any], *args:
     try:
         return fn(*args, **kwargs)
     except KeyboardInterrupt:
+        if _COMMAND.get():
+            raise
         message = message() if callable(message) else message
         print(f"\n{message}", file=sys.stderr)
         raise KeyboardInterrupt(message) from None

@@ -20,12 +20,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from .adapters import batch_xy, classifier
+from .adapters import check_keys, classifier
 from .attacks import Attack
 from .guard import device_of, frozen_model
+from .tally import checked_batches
 
 __all__ = ["transfer_rates"]
 
@@ -37,34 +38,48 @@ def transfer_rates(
     attack: Attack,
     *,
     device: str | torch.device | None = None,
+    keys: tuple[str, str] | None = None,
 ) -> dict[str, float]:
-    """For each target model: the fraction of the examples that ``attack`` crafts on ``source`` (from the
-    samples of ``data`` that both classify correctly) that the target misclassifies.
+    """For each target model: the fraction of the examples that ``attack`` crafts on ``source`` that the target
+    misclassifies, counted over the samples the target classifies correctly clean and whose example fools the
+    source (so the rate measures transfer, not the target's own errors). Untargeted attacks.
 
-    Untargeted attacks; a sample counts only if the source was fooled by its example and the target got the
-    clean sample right, so the rate measures transfer, not the target's own errors.
+    The batches are read and checked as ``evaluate`` reads them (``advfeat.tally.checked_batches``: the attack's
+    box, labels, the models' devices, non-finite logits of the source and of every target refused); ``keys`` names
+    the image and label of mapping batches. Counts stay on the device until the end. A target for which no sample
+    counts has no rate: refused, naming it.
     """
     if not isinstance(attack, Attack):
         raise TypeError(f"attack must be an advfeat Attack, got {attack!r}")
     if not targets:
         raise ValueError("targets must name at least one model")
+    keys = check_keys(keys)
     loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=256)
     dev = device_of(source, device)
-    fooled = {k: 0 for k in targets}
-    counted = {k: 0 for k in targets}
-    source = classifier(source)
     wrapped = {k: classifier(m) for k, m in targets.items()}
-    for batch in loader:
-        x, y = batch_xy(batch)
-        x, y = x.to(dev), y.to(dev)
-        x_adv = attack(source, x, y)
-        with torch.no_grad(), frozen_model(source):
-            src_fooled = source(x_adv).argmax(1) != y
-        for name, model in wrapped.items():
-            with torch.no_grad(), frozen_model(model):
-                ok = model(x).argmax(1) == y
-                wrong = model(x_adv).argmax(1) != y
-            keep = ok & src_fooled
-            counted[name] += int(keep.sum())
-            fooled[name] += int((keep & wrong).sum())
-    return {k: fooled[k] / counted[k] if counted[k] else float("nan") for k in targets}
+    fooled: dict[str, Tensor | int] = {k: 0 for k in targets}
+    counted: dict[str, Tensor | int] = {k: 0 for k in targets}
+    finite = {k: torch.ones((), dtype=torch.bool, device=dev) for k in targets}
+    with frozen_model(classifier(source)) as src:
+        for _, x, y, _ in checked_batches(loader, src, keys, attack.box, dev, what="data"):
+            x_adv = attack(src, x, y)
+            with torch.no_grad():
+                src_fooled = src(x_adv).argmax(1) != y
+            for name, model in wrapped.items():
+                with torch.no_grad(), frozen_model(model):
+                    clean, moved = model(x), model(x_adv)
+                finite[name] &= torch.isfinite(clean).all() & torch.isfinite(moved).all()
+                keep = (clean.argmax(1) == y) & src_fooled
+                counted[name] = counted[name] + keep.sum()
+                fooled[name] = fooled[name] + (keep & (moved.argmax(1) != y)).sum()
+    rates = {}
+    for name in targets:
+        if not bool(finite[name]):
+            raise FloatingPointError(f"targets[{name!r}] returned non-finite logits (NaN or inf): no transfer rate "
+                                     "is reported for it")
+        if int(counted[name]) == 0:
+            raise ValueError(f"targets[{name!r}]: no sample counts (none that it classifies correctly has an example "
+                             "that fools the source), so there is no rate to report; give more data or a stronger "
+                             "attack")
+        rates[name] = int(fooled[name]) / int(counted[name])
+    return rates

@@ -167,9 +167,9 @@ def test_mcnemar_and_compare_pair_two_models_on_the_same_samples():
     attack = {"l2": af.L2PGD(0.5, steps=5)}
     a = af.evaluate(model, loader, attack, progress=False, per_sample=True)
     b = af.evaluate(other, loader, attack, progress=False, per_sample=True)
-    c = af.compare(a, b, "l2")
+    c = af.compare(a, b, "l2", paired=True)  # one unshuffled loader: the same samples in the same order
     assert c.only_a - c.only_b == a.robust_correct["l2"] - b.robust_correct["l2"]
-    assert c.p_value == af.stats.mcnemar(c.only_a, c.only_b) and af.compare(a, a, "l2").p_value == 1.0
+    assert c.p_value == af.stats.mcnemar(c.only_a, c.only_b) and af.compare(a, a, "l2", paired=True).p_value == 1.0
     with pytest.raises(ValueError, match="per-sample results"):
         af.compare(af.evaluate(model, loader, attack, progress=False), b)
 

@@ -22,6 +22,9 @@ from conftest import HANG_GUARD_S, reaped
 import advfeat as af
 from advfeat import replicate as rep
 from advfeat.cli import main
+from advfeat.replicate import spread
+from advfeat.replicate.claims import PLANTED_QUICK
+from advfeat.replicate.spread import MAP_CELLS, MAP_MEASURES, quantities
 from advfeat.report import CONTROLS, ROWS
 
 WORKER = Path(__file__).parent / "workers" / "replicate_worker.py"
@@ -32,43 +35,33 @@ def run(planted_run: tuple[Path, dict[str, Any]]) -> tuple[Path, dict[str, Any]]
     return planted_run
 
 
+def _claims(res: dict[str, Any], group: str, cells: Any = ()) -> None:
+    """Every claim of ``group`` (advfeat.replicate.claims) holds on this run: each bound is safe on all 20 runs of
+    the published spread (tests/test_spread.py), so it holds at any seed, thread count or CPU."""
+    q = quantities(res, cells)
+    claims = [c for c in PLANTED_QUICK if c.group == group]
+    assert claims and all(c.applies(q) for c in claims)
+    failed = [f"{c} (here {c.value(q):.4f})" for c in claims if not c.holds(q)]
+    assert not failed, "\n".join(failed)
+
+
 def test_the_table_shows_the_papers_pattern(run):
-    _, res = run
-    r = {k: (v["clean"], v["robust"]["0.5"]) for k, v in res["rows"].items()}
-    # measured (seed 0, one thread): standard 100.0/0.0, robust 83.7/62.5, D_R 83.0/56.7, D_NR 99.0/0.1,
-    # D_rand 99.6, D_det 17.6, control 99.4/0.1 (clean / L2 eps 0.5, %). D_det is the seed-sensitive cell: seeds
-    # 0 / 1 / 2 give 17.6 / 26.8 / 34.5 (before the trainer read its loader once per epoch: 37.9 / 39.6 / 28.9);
-    # its bound is chance + 5 points (17.6 is 8 standard errors above chance on 2,000 test images)
-    assert r["standard"][0] > 0.95 and r["standard"][1] < 0.1  # accurate, not robust
-    assert r["robust"][0] > 0.7 and r["robust"][1] > 0.5  # robust
-    assert r["d_r"][0] > 0.7 and r["d_r"][1] > r["standard"][1] + 0.3  # D_R gives robustness ...
-    assert r["d_r"][1] > r["control"][1] + 0.3  # ... that a same-size real set does not
-    assert r["d_nr"][0] > 0.8 and r["d_nr"][1] < 0.1  # D_NR: accurate, not robust
-    assert r["d_rand"][0] > 0.5  # "mislabelled" images generalise to the real test set
-    assert r["d_det"][0] > 0.15  # chance is 0.10
-    c = res["rows"]
-    assert c["d_det"]["construction"]["targets_reached"] > 0.9
-    assert c["d_r"]["construction"]["rel_distance_median"] < 0.1
+    """Rows 1-6 and the control show the paper's pattern: D_R teaches robustness that a same-size real set does
+    not, D_NR accuracy without it, and the mislabelled D_rand and D_det teach the real task above chance."""
+    _claims(run[1], "experiments")
 
 
-def test_the_published_planted_table_is_what_this_run_gives(run):
-    """README's planted table (written by scripts/publish_tables.py from a run of the README's command) against
-    the suite's own run of that command. Measured spread, seed 0: D_det 33.9 (2 threads, AVX-512: the published
-    table), 30.9 (1 thread), 38.6 (another machine); every other cell within 1 point. Tolerances: 1.5 points, 6 for
-    D_det (docs/results.md says so)."""
+def test_the_published_planted_table_is_the_spreads(run):
+    """README's planted table is the published spread's median and range (scripts/publish_tables.py), and the
+    spread was measured at this run's settings: a changed quick scale needs benchmarks/spread.py run again."""
     _, res = run
-    publish = _script("publish_tables")
+    published = spread.published(res)
+    assert published is not None, ("the quick scale's settings differ from the published spread's: run "
+                                   "`python benchmarks/spread.py --publish`")
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    region = publish.region("planted-quick").search(text)
+    region = _script("publish_tables").region("planted-quick").search(text)
     assert region is not None, "README has no planted-quick table"
-    published = [line.split("|")[2:4] for line in region.group(2).splitlines() if line.startswith("| ")][1:]
-    ours = [line.split("|")[2:4] for line in publish.render(res).splitlines() if line.startswith("| ")][1:]
-    assert len(published) == len(ours) == 7
-    for key, (p, o) in zip(["standard", "robust", "d_r", "d_nr", "d_rand", "d_det", "control"],
-                           zip(published, ours, strict=True), strict=True):
-        for a, b in zip(p, o, strict=True):
-            if a.strip() or b.strip():
-                assert abs(float(a) - float(b)) <= (6.0 if key == "d_det" else 1.5), (key, p, o)
+    assert spread.headline_table(published) in region.group(2)
 
 
 def test_publish_tables_writes_every_table_of_a_run_into_its_regions(run, tmp_path):
@@ -108,9 +101,10 @@ def test_outputs_exist_and_the_report_agrees_with_the_json(run):
         line = next(ln for ln in report.splitlines() if ln.startswith(f"| {label} |"))
         cells = [c.strip() for c in line.strip("|").split("|")]
         row = res["rows"][key]
-        assert float(cells[2]) == pytest.approx(100 * row["clean"], abs=0.05)
+        shown = 0.05 + 1e-9  # one decimal: half a unit of the last digit, and the float's own rounding
+        assert abs(float(cells[2]) - 100 * row["clean"]) <= shown
         for i, e in enumerate(eps):
-            assert float(cells[3 + i]) == pytest.approx(100 * row["robust"][e], abs=0.05)
+            assert abs(float(cells[3 + i]) - 100 * row["robust"][e]) <= shown
     assert re.search(r"\| d_det \| 5000 \| targets_reached \| ", report)
 
 
@@ -128,7 +122,7 @@ def test_a_rerun_skips_finished_stages(run, capsys):
     out, res = run
     stamp = (out / "stages" / "standard.json").stat().st_mtime_ns
     capsys.readouterr()
-    assert main(["replicate", "--out", str(out), "--no-progress"]) == 0
+    assert main(["replicate", "--seed", str(res["seed"]), "--out", str(out), "--no-progress"]) == 0
     log = capsys.readouterr().out
     assert "running" not in log and log.count("skipped") == len(list((out / "stages").glob("*.json")))
     assert (out / "stages" / "standard.json").stat().st_mtime_ns == stamp
@@ -152,17 +146,19 @@ def controls(run: tuple[Path, dict[str, Any]], tmp_path_factory: pytest.TempPath
     out = tmp_path_factory.mktemp("controls") / "rep"
     shutil.copytree(run[0], out, ignore=shutil.ignore_patterns(".advfeat.lock"))
     with contextlib.redirect_stdout(io.StringIO()) as log:
-        assert main(["replicate", "--out", str(out), "--controls", "--no-progress"]) == 0
-    rows: dict[str, Any] = json.loads((out / "results.json").read_text())["rows"]
+        assert main(["replicate", "--seed", str(run[1]["seed"]), "--out", str(out), "--controls",
+                     "--no-progress"]) == 0
+    res: dict[str, Any] = json.loads((out / "results.json").read_text())
     assert "The critics' controls" in (out / "report.md").read_text()
     started = [line.split("]")[0][1:] for line in log.getvalue().splitlines() if line.endswith("] running")]
-    return out, rows, started
+    return out, res, started
 
 
 def test_the_cheap_controls_run_before_the_ensemble(controls):
     """Goh's probes, the shortcuts and the distillation (minutes) come before the bugs' ensemble (hours at the full
     scale), so a long run shows them first."""
-    _, rows, started = controls
+    _, res, started = controls
+    rows = res["rows"]
     assert started.index("leakage_rand") < started.index("distill_wrong") < started.index("ensemble_0")
     assert started.index("ensemble_0") < started.index("build_d_det_bugs") < started.index("d_det_bugs")
     assert {k for k, _, _ in CONTROLS} <= set(rows)
@@ -178,18 +174,15 @@ def test_the_controls_models_are_scored_clean_only(controls):
 
 
 def test_the_critics_controls_show_what_they_should(controls):
-    out, controls, _ = controls
-    bugs, det = controls["d_det_bugs"], controls["d_det"]
-    gap = 100 * (det["clean"] - controls["leakage_det"]["clean"])  # the report sets the set's model beside its probe
+    """Nakkiran's bugs reach their targets, transfer rarely and teach nothing; Goh's probe learns nothing of the
+    real task from D_det (the claims of group ``controls``); the report sets D_det's model beside its probe."""
+    out, res, _ = controls
+    controls = res["rows"]
+    det = controls["d_det"]
+    gap = 100 * (det["clean"] - controls["leakage_det"]["clean"])
     report = (out / "report.md").read_text()
     assert f"the set's own model: {100 * det['clean']:.1f}, {gap:+.1f} beyond the probe" in report
-    # measured (seed 0): the bugs reach 100% of their targets on the source, transfer 2.2% to an independently
-    # trained model (plain D_det 90.0%), and train a model to 4.1% on the real test set (plain D_det 33.9%)
-    assert bugs["targets_reached"] >= 0.9
-    assert bugs["transfer_rate"] <= det["transfer_rate"] / 3
-    assert bugs["clean"] <= 0.12 and det["clean"] >= 0.15  # chance is 0.10 (D_det's seed spread: see above)
-    # measured 1.9%: a linear probe on the robust model's logits learns nothing of the real task from D_det
-    assert controls["leakage_det"]["clean"] <= 0.12
+    _claims(res, "controls")
     for key in ("leakage_rand", "shortcut_rand", "shortcut_det", "distill_wrong"):
         assert 0.0 <= controls[key]["clean"] <= 1.0
     assert controls["distill_wrong"]["n"] > 0
@@ -324,37 +317,28 @@ def test_advfeat_map_is_a_command_of_the_package(run, tmp_path, capsys):
 
 @pytest.mark.filterwarnings("ignore::advfeat.construct.LowTargetsWarning")  # eps 0.3 reaches half its targets
 def test_the_maps_measurements_split_the_set_poison_the_true_task_and_transfer(run, tmp_path):
-    """--measure split poison transfer on planted cells: the unperturbed images with D_rand's random labels teach
-    nothing, the reached targets teach more than the unreached ones, and D_det's images with their true labels teach
-    less than the clean images (measured, seed 0, MLP, 30 epochs, 2,000 images: rand eps 0.3 reached / unreached /
-    random labels 20.8 / 0.1 / 1.1 of 855 each; det eps 0.5 poison 74.8 against clean 89.3). D_det's perturbations
-    move independently trained models to its labels and its unperturbed images do not (the control); D_rand at
-    eps 0.3, which reached about half its targets, transfers less (det 0.5: 90.0 / other architecture 85.9 /
-    clean 0.0). Every learner's per-epoch real-test curve ends at the cell's test accuracy."""
+    """--measure split poison transfer on planted cells (``spread.MAP_CELLS``; the claims of group ``map``): the
+    unperturbed images with D_rand's random labels teach nothing, the reached targets teach more than the
+    unreached ones, and D_det's images with their true labels teach less than the clean images. D_det's
+    perturbations move independently trained models to its labels and its unperturbed images do not (the control);
+    D_rand at eps 0.3, which reached about half its targets, transfers less. Every learner's per-epoch real-test
+    curve ends at the cell's test accuracy."""
     mapper = _script("generalisation_map")
-    cells = [{"mode": "rand", "eps": 0.3, "n": 2000, "learner": "mlp"}, {"mode": "det", "eps": 0.5, "n": 2000,
-                                                                         "learner": "mlp"}]
-    res = mapper.build_cells(tmp_path, cells, source=run[0], progress=False, log=lambda line: None,
-                             measures=["split", "poison", "transfer"])
+    res = mapper.build_cells(tmp_path, MAP_CELLS, source=run[0], progress=False, log=lambda line: None,
+                             measures=MAP_MEASURES)
     rand, det = res["cells"]
     for c in res["cells"]:
         assert len(c["curve"]) == c["learner_epochs"] and c["curve"][-1] == pytest.approx(c["test_accuracy"])
         assert c["seconds"] > 0 and c["transfer_seconds"] >= 0 and c["split_seconds"] >= 0  # each stage's own time
         assert all(0.0 <= v <= 1.0 for v in c["curve"]) and c["transfer_n"] > 0
-    assert det["transfer_same"] >= 0.5 and det["transfer_other"] >= 0.3 and det["transfer_other_arch"] == "mlp"
-    assert det["transfer_clean"] <= 0.05 and rand["transfer_clean"] <= 0.05  # no perturbation, no transfer
-    assert rand["transfer_same"] <= det["transfer_same"] - 0.2
+    assert det["transfer_other_arch"] == "mlp"
+    _claims(run[1], "map", res["cells"])
     assert af.report.teaching_table(res) in (tmp_path / "map.md").read_text()
     assert {p.name for p in tmp_path.iterdir()} >= {"curves.png", "teaching.png"}
     peak, epoch, final = af.report.curve_summary(det["curve"])
     assert peak >= final and 1 <= epoch <= len(det["curve"])
-    chance = 1 / 10
-    assert 100 <= rand["split_size"] <= 1000  # about half the targets reached: two parts of equal size
-    assert rand["random_labels_teach"] <= chance + 0.05  # random labels on clean images teach nothing
-    assert rand["reached_teaches"] >= rand["unreached_teaches"] + 0.1  # the lesson is in the reached targets
+    assert 0 < rand["split_size"] <= 1000  # two parts of equal size: at most half the cell's 2,000 images
     assert "poison_accuracy" not in rand  # poison is a D_det measurement
-    assert det["poison_accuracy"] <= det["clean_accuracy"] - 0.1  # D_det's images poison the true task
-    assert det["clean_accuracy"] >= 0.8
     text = (tmp_path / "map.md").read_text()
     assert "| mode | eps | test | size | reached | unreached | random labels | poison | clean |" in text
     doc = tmp_path / "doc.md"
@@ -364,11 +348,11 @@ def test_the_maps_measurements_split_the_set_poison_the_true_task_and_transfer(r
     doc.write_text("<!-- advfeat:table m/teaching -->\n<!-- /advfeat:table -->\n")
     assert _script("publish_tables").publish("m", tmp_path / "map.json", docs=[doc]) == 1
     assert af.report.teaching_table(res) in doc.read_text()
-    again = mapper.build_cells(tmp_path, cells, source=run[0], progress=False, log=lambda line: None,
-                               measures=["split", "poison", "transfer"])
+    again = mapper.build_cells(tmp_path, MAP_CELLS, source=run[0], progress=False, log=lambda line: None,
+                               measures=MAP_MEASURES)
     assert again["cells"] == res["cells"]  # every measurement cached
     with pytest.raises(ValueError, match="measures must be among split, poison, transfer"):
-        mapper.build_cells(tmp_path, cells, source=run[0], measures=["curve"])
+        mapper.build_cells(tmp_path, MAP_CELLS, source=run[0], measures=["curve"])
 
 
 @pytest.mark.filterwarnings("ignore::advfeat.construct.LowTargetsWarning")  # 300 images, 1 epoch
@@ -510,23 +494,16 @@ def test_bad_arguments_exit_with_a_message(tmp_path, capsys):
 
 
 def test_the_robust_rows_hold_under_a_gradient_free_attack(run):
-    """The gradient-free check: D's adversarially trained model and D_R's learner keep their robustness under
-    the Square Attack and under AutoAttack's cascade on the same test images (no gradient masking), the standard
-    rows lose it under all three (measured, seed 0, 500 images, L2 0.5: PGD / Square / cascade standard
-    0.0 / 13.2 / 0.0, robust 63.0 / 70.4 / 62.2, D_R 58.2 / 67.0 / 57.2)."""
+    """The gradient-free check (the claims of group ``gradient-free``): D's adversarially trained model and D_R's
+    learner keep their robustness under the Square Attack and under AutoAttack's cascade on the same test images
+    (no gradient masking), the standard rows lose it under all three."""
     out, res = run
     rows = res["rows"]
     for key in ("standard", "robust", "d_r", "d_nr", "control"):
         g = rows[key]["gradient_free"]
         assert g["n"] == 500 and g["queries"] == 1000
         assert g["pgd"]["interval_95"][0] <= g["pgd"]["accuracy"] <= g["pgd"]["interval_95"][1]
-    for key in ("robust", "d_r"):
-        g = rows[key]["gradient_free"]
-        assert g["pgd"]["accuracy"] >= 0.4 and g["square"]["accuracy"] >= g["pgd"]["accuracy"] - 0.05
-        assert g["pgd"]["accuracy"] - 0.05 <= g["autoattack"]["accuracy"] <= g["pgd"]["accuracy"] + 0.01
-    for key in ("standard", "d_nr"):
-        g = rows[key]["gradient_free"]
-        assert g["pgd"]["accuracy"] <= 0.05 and g["square"]["accuracy"] <= 0.3 and g["autoattack"]["accuracy"] <= 0.05
+    _claims(res, "gradient-free")
     assert rows["robust"]["gradient_free"]["cascade"] == {"steps": 20, "queries": 1000}
     assert af.report.gradient_free_table(res) in (out / "report.md").read_text()
     assert "gradient_free" not in rows["d_det"]

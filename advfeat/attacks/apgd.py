@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .._checks import check_logits, check_positive_int
 from ..engine import optimize, working_dtype
 from ..steps import APGDStep, StepRule
-from .base import Criterion, Outcome, calls, keep, tile
+from .base import Criterion, Outcome, calls, keep, tile, towards
 from .gradient import BallPGD, expected
 from .losses import LossFn, cross_entropy, dlr, dlr_targeted
 
@@ -100,13 +100,13 @@ class APGD(BallPGD):
 
         def attack(xs: Tensor, ys: Tensor, targets: Tensor, z0: Tensor | None, alive: Tensor | None = None) -> Tensor:
             region = threat if alive is None else threat.select(alive)  # a per-sample eps follows the samples
-            return optimize(
+            return towards(optimize(
                 expected(_TowardsTarget(model, ys, targets, self.loss or cross_entropy, criterion), self.draws), xs,
                 region,
                 steps=self.steps,
                 step_size=self.step_length(region), start=z0, keep_best=True, early_stop=self.early_stop,
                 generator=generator, rule=self.rule,
-            ).x.to(x.dtype)
+            ).x, xs)
 
         if self.batched and not isinstance(threat.eps, Tensor):
             return self._targets_batched(model, x, y, ranked, start, attack)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .._checks import check_logits
 from ..threat import ThreatModel
 from .apgd import APGD
-from .base import Attack, BallAttack, Criterion, Outcome, keep
+from .base import Attack, BallAttack, Criterion, Outcome, keep, towards
 from .compose import EOT
 from .fab import FAB
 from .losses import dlr
@@ -98,7 +98,7 @@ class AutoAttack(BallAttack):
             if alive.numel() == 0:
                 break
             xs, ys = x.index_select(0, alive), y.index_select(0, alive)
-            cand = part.select(alive).for_evaluation(True).run(model, xs, ys, generator).detach().to(x.dtype)
+            cand = towards(part.select(alive).for_evaluation(True).run(model, xs, ys, generator).detach(), xs)
             new = (cand, self.outcome(model, cand, ys))
             old = (out.index_select(0, alive), Outcome(best.success[alive], best.score[alive]))
             kept, o = keep(new[1].better_than(old[1]), new, old)

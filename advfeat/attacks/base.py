@@ -203,7 +203,7 @@ class Attack(Config, ABC):
         if not isinstance(x_adv, Tensor) or x_adv.shape != x.shape:
             got = tuple(x_adv.shape) if isinstance(x_adv, Tensor) else type(x_adv).__name__
             raise ValueError(f"{type(self).__name__}.run must return a tensor of shape {tuple(x.shape)}, got {got}")
-        x_adv = x_adv.detach().to(device=x.device, dtype=x.dtype)
+        x_adv = towards(x_adv.detach().to(device=x.device), x)
         # one host sync at the end, none per step: the result and every logit the attack saw
         if checked is not None and not bool(torch.isfinite(x_adv).all() & checked.finite):
             raise FloatingPointError(
@@ -236,6 +236,22 @@ class Attack(Config, ABC):
         return self
 
 
+_FLAGS = ("targeted", "random_start", "keep_best", "early_stop", "eval_mode", "batched")
+
+
+def check_fields(attack: object) -> None:
+    """The fields every attack configuration may share, checked when it is made: ``seed`` None or a whole number
+    in [0, 2**63) (what ``torch.Generator.manual_seed`` takes), and each yes / no flag a bool."""
+    for f in dataclasses.fields(attack):  # type: ignore[arg-type]
+        value = getattr(attack, f.name)
+        if f.name == "seed" and value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63):
+            raise (ValueError if isinstance(value, int) and not isinstance(value, bool) else TypeError)(
+                f"seed must be None or a whole number in [0, 2**63), got {value!r}")
+        if f.name in _FLAGS and not isinstance(value, bool):
+            raise TypeError(f"{f.name} must be True or False, got {value!r}")
+
+
 class BallAttack(Attack):
     """The base of attacks confined to a threat model: where the attack may move, given whole as ``threat=``
     (``af.L2Ball(0.5)``, ``af.LinfBall(eps_tensor, lower=..., upper=...)``) or by the shorthand ``eps`` (a float or
@@ -263,6 +279,7 @@ class BallAttack(Attack):
     """Whether the ball's radius must be positive and finite (a minimum-norm or search attack)."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         t = self.threat
         name = type(self).__name__
         if t is not None:
@@ -343,6 +360,18 @@ def _check_radius(eps: float | Tensor | None) -> None:
         (torch.isfinite(eps) & (eps > 0)).all())
     if not ok:
         raise ValueError(f"eps must be a finite number > 0 (every element of a tensor), got {eps}")
+
+
+def towards(z: Tensor, x: Tensor) -> Tensor:
+    """``z`` in ``x``'s dtype, each element rounded towards ``x`` instead of to the nearest value: never farther
+    from ``x`` than ``z`` in any coordinate, so a point of the ball and the box (computed in a wider working dtype)
+    stays in both once it is cast to float16 or bfloat16. Unchanged when the dtypes agree."""
+    r = z.to(x.dtype)
+    if r.dtype == z.dtype:
+        return r
+    xz = x.to(z.dtype)
+    away = (r.to(z.dtype) - xz).abs() > (z - xz).abs()
+    return torch.where(away, torch.nextafter(r, x), r)
 
 
 def worst_of(model: nn.Module, y: Tensor, candidates: Iterator[Tensor], judge: Attack) -> Tensor:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .._checks import check_positive_int
 from .._config import short
 from ..engine import working_dtype
-from .base import Attack, Outcome, calls, tile, worst_of
+from .base import Attack, Outcome, calls, check_fields, tile, towards, worst_of
 from .gradient import GradientAttack
 from .losses import LossFn
 
@@ -40,6 +40,7 @@ class Restarts(Attack):
     def __post_init__(self) -> None:
         if not isinstance(self.attack, Attack):
             raise TypeError(f"attack must be an advfeat Attack, got {self.attack!r}")
+        check_fields(self)
         check_positive_int("n", self.n)
         if self.max_batch is not None:
             check_positive_int("max_batch", self.max_batch)
@@ -77,7 +78,7 @@ class Restarts(Attack):
             starts = torch.cat([threat.init(xw, bounds, generator) for _ in range(k)])
             out = a.run_from(model, tile(x, k), tile(y, k), generator, starts)
             del starts
-            yield from out.detach().to(x.dtype).chunk(k)
+            yield from towards(out.detach(), tile(x, k)).chunk(k)
 
     def for_evaluation(self, early_stop: bool) -> Attack:
         return dataclasses.replace(self, attack=self.attack.for_evaluation(early_stop))
@@ -119,6 +120,7 @@ class WorstOf(Attack):
         object.__setattr__(self, "attacks", tuple(attacks))
         object.__setattr__(self, "loss", loss)
         object.__setattr__(self, "seed", seed)
+        check_fields(self)
 
     @property
     def targeted(self) -> bool:
@@ -178,4 +180,4 @@ def _runs(model: nn.Module, x: Tensor, y: Tensor, parts: list[Attack],
           generator: torch.Generator | None) -> Iterator[Tensor]:
     """Each part's result in turn, run inside the caller's guard."""
     for part in parts:
-        yield part.run(model, x, y, generator).detach().to(x.dtype)
+        yield towards(part.run(model, x, y, generator).detach(), x)

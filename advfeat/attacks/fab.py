@@ -109,7 +109,7 @@ class FAB(BallAttack):
         for j in range(max(self.n_target_classes, 1)):
             for r in range(self.restarts):
                 if alive.numel() == 0:
-                    return out.to(x.dtype)
+                    return out  # the working dtype: Attack.__call__ rounds it towards x
                 target = ranked[alive, j] if self.n_target_classes else None
                 x0 = xw.index_select(0, alive)
                 radius = eps if isinstance(eps, float) else eps.index_select(0, alive)
@@ -118,7 +118,7 @@ class FAB(BallAttack):
                 broken = dist <= radius  # one host sync per target and restart, none per step
                 out.index_copy_(0, alive[broken], found[broken])
                 alive = alive[~broken]
-        return out.to(x.dtype)
+        return out
 
     def _random_start(self, x0: Tensor, eps: float | Tensor, box: tuple[float | Tensor, float | Tensor],
                       generator: torch.Generator | None) -> Tensor:

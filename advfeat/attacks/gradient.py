@@ -8,7 +8,7 @@ import math
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -18,7 +18,7 @@ from .._config import config_repr
 from ..engine import optimize
 from ..steps import Constant, StepRule
 from ..threat import L2Ball, LinfBall, ThreatModel
-from .base import Attack, BallAttack, Criterion
+from .base import Attack, BallAttack, Criterion, check_fields
 from .losses import LossFn, cross_entropy
 
 __all__ = ["GradientAttack", "PGD", "L2PGD", "LinfPGD", "FGSM", "BallPGD", "Classification", "Expected", "expected"]
@@ -46,22 +46,25 @@ class Classification:
 class Expected:
     """An objective averaged over ``draws`` calls (EOT, Athalye et al. 2018): for a randomised model each call draws
     its randomness anew, so the loss (and its gradient) is the mean over draws; a sample succeeds where most draws
-    succeed. ``draws`` forward passes and one backward pass through all of them per step."""
+    succeed (an objective without a notion of success, TRADES' KL, returns None). ``draws`` forward passes and one
+    backward pass through all of them per step."""
 
-    def __init__(self, objective: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]], draws: int) -> None:
+    def __init__(self, objective: Callable[[Tensor, Tensor | None], tuple[Tensor, Any]], draws: int) -> None:
         self.objective, self.draws = objective, draws
 
-    def __call__(self, x: Tensor, index: Tensor | None) -> tuple[Tensor, Tensor]:
-        total, votes = self.objective(x, index)
-        votes = votes.to(torch.int32)
+    def __call__(self, x: Tensor, index: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        total, first = self.objective(x, index)
+        votes = None if first is None else first.to(torch.int32)
         for _ in range(self.draws - 1):
             loss, success = self.objective(x, index)
-            total, votes = total + loss, votes + success
-        return total / self.draws, votes * 2 > self.draws
+            total = total + loss
+            if votes is not None and success is not None:
+                votes = votes + success
+        return total / self.draws, None if votes is None else votes * 2 > self.draws
 
 
-def expected(objective: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]],
-             draws: int) -> Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]]:
+def expected(objective: Callable[[Tensor, Tensor | None], tuple[Tensor, Any]],
+             draws: int) -> Callable[[Tensor, Tensor | None], tuple[Tensor, Any]]:
     """``objective`` itself for one draw, else averaged over ``draws`` (``Expected``)."""
     return objective if draws == 1 else Expected(objective, draws)
 
@@ -95,6 +98,7 @@ class GradientAttack(Attack):
     criterion: Criterion | None = None
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_positive_int("steps", self.steps)
         if self.criterion is not None and not isinstance(self.criterion, Criterion):
             raise TypeError(f"criterion must be an advfeat Criterion (Misclassified, ReachedTarget, or your own), "

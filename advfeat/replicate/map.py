@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence, Sized
 from dataclasses import replace
@@ -139,9 +140,25 @@ def design(kind: str, base: Mapping[str, Any], vary: Mapping[str, Sequence[Any]]
 
 
 DEFAULT_BASE: dict[str, Any] = {"mode": "det", "eps": 2.0, "n": 60000, "learner": "cnn", "source_epochs": 0,
-                                "rule": "default", "learner_epochs": 0, "seed": -1}
-"""Axes not given: ``source_epochs`` 0 is the ``--from`` run's standard model, ``learner_epochs`` 0 the run's
+                                "rule": "default", "learner_epochs": None, "seed": -1}
+"""Axes not given: ``source_epochs`` 0 is the ``--from`` run's standard model, ``learner_epochs`` the run's
 ``constructed_epochs``, ``seed`` -1 the run's seed (0 without ``--from``)."""
+
+
+def _check_cell(c: Mapping[str, Any]) -> None:
+    """A cell's numbers, checked before any work: a finite eps > 0, at least one image and one learner epoch, a
+    source trained 0 (the ``--from`` run's) or more epochs, a seed -1 (the run's) or more."""
+    e = c["eps"]
+    if isinstance(e, bool) or not isinstance(e, int | float) or not (math.isfinite(e) and e > 0):
+        raise ValueError(f"cell {dict(c)}: eps must be a finite number > 0, got {e!r}")
+    for axis, least in (("n", 1), ("learner_epochs", 1), ("source_epochs", 0), ("seed", -1)):
+        v = c[axis]
+        if axis == "learner_epochs" and v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise ValueError(f"cell {dict(c)}: {axis} must be >= {least}, got {v!r}"
+                             + (" (leave it out for the run's constructed_epochs)" if axis == "learner_epochs"
+                                else ""))
 
 
 def build_cells(out: str | Path, cells: Sequence[Mapping[str, Any]], *, source: str | Path | None = None,
@@ -162,16 +179,26 @@ def build_cells(out: str | Path, cells: Sequence[Mapping[str, Any]], *, source: 
         if not (src / "settings.json").exists() or not (src / "models" / "standard.pt").exists():
             raise ValueError(f"--from {str(src)!r} is not a replicate run with a trained standard model "
                              "(settings.json and models/standard.pt): run `advfeat replicate --out` there first")
-        record = json.loads((src / "settings.json").read_text())
+        where = f"--from {str(src)!r}: {src / 'settings.json'}"
+        try:
+            record = json.loads((src / "settings.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{where} is damaged ({type(e).__name__}): is this a replicate run?") from None
+        if not isinstance(record, dict) or not isinstance(record.get("settings"), dict) or "seed" not in record:
+            raise ValueError(f"{where} holds no 'settings' and 'seed': it is not a replicate run's record")
         fields = set(rep.Settings.__dataclass_fields__)
         given: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in record["settings"].items()
                                  if k in fields}
-        s = rep.Settings(**given)
-        run_seed = int(record["seed"])
+        try:
+            s = rep.Settings(**given)
+            run_seed = int(record["seed"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where} holds settings this version cannot read ({e})") from None
     else:
         src, s, run_seed = None, rep.settings_for(dataset, scale), 0
     full = [{**DEFAULT_BASE, **c} for c in cells]
     for c in full:
+        _check_cell(c)
         c["seed"] = run_seed if c["seed"] < 0 else c["seed"]
         c["learner_epochs"] = c["learner_epochs"] or s.constructed_epochs
         if c["mode"] not in ("rand", "det"):
@@ -180,20 +207,23 @@ def build_cells(out: str | Path, cells: Sequence[Mapping[str, Any]], *, source: 
             raise ValueError(f"learner must be among {', '.join(LEARNERS)}; got {c['learner']!r}")
         if c["rule"] not in rules(s):
             raise ValueError(f"rule must be among {', '.join(rules(s))}; got {c['rule']!r}")
-        if c["eps"] <= 0 or c["n"] <= 0 or c["source_epochs"] < 0 or c["learner_epochs"] < 1:
-            raise ValueError(f"eps and n must be positive, source_epochs >= 0, learner_epochs >= 1; got {c}")
         if c["source_epochs"] == 0 and src is None:
             raise ValueError("source_epochs 0 means the --from run's standard model: give --from, or source_epochs")
+    loaded: dict[int, tuple[Dataset[Any], Dataset[Any]]] = {}
+
+    def data(seed: int) -> tuple[Dataset[Any], Dataset[Any]]:
+        if seed not in loaded:
+            loaded[seed] = rep.load_data(s, root, seed)[:2]
+        return loaded[seed]
+
+    for c in full:  # every cell's images exist, before any work
+        size = len(cast(Sized, data(c["seed"])[0]))
+        if c["n"] > size:
+            raise ValueError(f"cell {c}: n must be at most the {size:,} training images of {s.dataset}, got {c['n']}")
     t_start = time.perf_counter()
     with exclusive(folder_lock(outdir), f"--out {str(outdir)!r}"):
         for sub in ("stages", "datasets", "checkpoints", "models"):
             (outdir / sub).mkdir(parents=True, exist_ok=True)
-        loaded: dict[int, tuple[Dataset[Any], Dataset[Any]]] = {}
-
-        def data(seed: int) -> tuple[Dataset[Any], Dataset[Any]]:
-            if seed not in loaded:
-                loaded[seed] = rep.load_data(s, root, seed)[:2]
-            return loaded[seed]
 
         def stage(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
             return cached_stage(outdir / "stages", name, fn, log)

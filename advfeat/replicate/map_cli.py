@@ -12,17 +12,33 @@ from typing import Any
 from .. import report
 from .._lock import InUseError
 from ..allocator import tune
+from ..progress import command_reports_interrupts
 from .map import AXES, LEARNERS, build_cells, choose, design
 
 __all__ = ["add_arguments", "run", "main"]
 
 
-def _parse(value: str, axis: str) -> Any:
+def _parse(value: str, axis: str, flag: str, item: str) -> Any:
+    """One axis value of ``--base`` / ``--vary`` (``item``: the whole word, for the error)."""
+    if axis not in AXES:
+        raise ValueError(f"{flag} {item}: unknown axis {axis!r}; the axes are {', '.join(AXES)}")
     if axis in ("mode", "learner", "rule"):
         return value
-    if axis == "eps":
-        return float(value)
-    return int(value)
+    try:
+        return float(value) if axis == "eps" else int(value)
+    except ValueError:
+        kind = "a number" if axis == "eps" else "a whole number"
+        raise ValueError(f"{flag} {item}: {axis} must be {kind}, got {value!r}") from None
+
+
+def _read_json(path: str, flag: str) -> Any:
+    p = Path(path)
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{flag} {path!r}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{flag} {path!r} is not JSON ({type(e).__name__})") from None
 
 
 
@@ -51,30 +67,48 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
-    """Run the map the parsed ``args`` describe; the exit status (2: a bad option or a folder in use)."""
+    """Run the map the parsed ``args`` describe; the exit status: 2 for a bad option, file or a folder in use, 1 for
+    a failure of the machine (a full disk, a folder it may not write), 130 after Ctrl-C. Every error is one line
+    naming the flag or the file."""
+    try:
+        with command_reports_interrupts():
+            return _run(args, ap)
+    except (ValueError, KeyError, IndexError, InUseError, FileNotFoundError) as e:
+        print(f"{ap.prog}: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, FloatingPointError) as e:  # a full disk, a read-only folder, a model that turned non-finite
+        print(f"{ap.prog}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\n{ap.prog}: interrupted; finished cells, sets and checkpoints are kept in --out {args.out}: run "
+              "the same command again to continue", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
     if args.choose:
-        print(choose(json.loads(Path(args.choose).read_text())["cells"], n=args.choose_n)[1])
+        record = _read_json(args.choose, "--choose")
+        if not isinstance(record, dict) or not isinstance(record.get("cells"), list):
+            raise ValueError(f"--choose {args.choose!r} holds no 'cells' list: give a map.json that advfeat map wrote")
+        print(choose(record["cells"], n=args.choose_n)[1])
         return 0
     if not args.out:
         ap.error("--out is required (unless --choose)")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out!r} is a file, not a folder")
     tune()
-    try:
-        base, vary = {}, {}
-        for item in args.base:
-            k, _, v = item.partition("=")
-            base[k] = _parse(v, k)
-        for item in args.vary:
-            k, _, v = item.partition("=")
-            vary[k] = [_parse(x, k) for x in v.split(",")]
-        if not vary and args.design == "grid":
-            vary = {"eps": [1.0, 2.0, 3.0], "mode": ["rand", "det"], "n": [5000, 20000, 60000],
-                    "learner": list(LEARNERS)}
-        build_cells(args.out, design(args.design, base, vary), source=args.source, dataset=args.dataset,
-                    scale=args.scale, root=args.root, progress=not args.no_progress,
-                    measures=args.measure)
-    except (ValueError, InUseError) as e:
-        print(f"{ap.prog}: error: {e}", file=sys.stderr)
-        return 2
+    base, vary = {}, {}
+    for item in args.base:
+        k, _, v = item.partition("=")
+        base[k] = _parse(v, k, "--base", item)
+    for item in args.vary:
+        k, _, v = item.partition("=")
+        vary[k] = [_parse(x, k, "--vary", item) for x in v.split(",")]
+    if not vary and args.design == "grid":
+        vary = {"eps": [1.0, 2.0, 3.0], "mode": ["rand", "det"], "n": [5000, 20000, 60000],
+                "learner": list(LEARNERS)}
+    build_cells(args.out, design(args.design, base, vary), source=args.source, dataset=args.dataset,
+                scale=args.scale, root=args.root, progress=not args.no_progress, measures=args.measure)
     return 0
 
 

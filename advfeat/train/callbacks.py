@@ -12,7 +12,12 @@ then the user's; the history file last), each a no-op by default:
 * ``on_fit_end(trainer)``: after the last epoch.
 
 A callback whose memory must survive a resume names a ``state_key`` and implements ``state_dict`` and
-``load_state_dict``: the checkpoint holds that state under the key.
+``load_state_dict``: the checkpoint holds that state under the key. Each callback needs a key of its own, not one
+of the trainer's own entries (``RESERVED``), and a state a checkpoint can read back without running code: tensors,
+numbers, strings, None, and lists, tuples and dicts of them. What a callback adds to an epoch's record must be
+JSON (finite numbers, strings, None, lists and dicts of them): the history is JSON. The trainer checks all three,
+the keys when it is made, a state before it is written, a record as the callback returns it, and names the
+callback.
 
 Examples:
     Stop reading the loss of every epoch by hand:
@@ -46,11 +51,16 @@ from ..adapters import classifier
 from ..attacks import Attack
 from ..evaluate import evaluate
 from ..guard import frozen_model
+from ..tally import checked_batches
 
 if TYPE_CHECKING:
     from .trainer import AdversarialTrainer
 
-__all__ = ["Callback", "Guard", "EpochEvaluation", "HistoryFile"]
+__all__ = ["Callback", "Guard", "EpochEvaluation", "HistoryFile", "RESERVED", "check_callbacks", "check_state",
+           "check_record"]
+
+RESERVED = ("fingerprint", "epoch", "model", "optimizer", "scheduler", "scaler", "history", "rng")
+"""The trainer's own checkpoint entries: no callback may save its state under one of these keys."""
 
 
 class Callback:
@@ -105,9 +115,12 @@ class Guard(Callback):
             assert self.held is not None
             x, y = (t.to(trainer.device) for t in self.held)
         inner = classifier(trainer.module)
-        x_adv = self.attack(inner, x, y)
+        with frozen_model(inner):  # the held batch checked as evaluate checks one, the model's state untouched
+            [(_, xs, ys, _)] = checked_batches([(x, y)], inner, box=self.attack.box, device=trainer.device,
+                                               what="the guard's held batch")
+        x_adv = self.attack(inner, xs, ys)
         with torch.no_grad(), frozen_model(inner):
-            acc = float((inner(x_adv).argmax(1) == y).double().mean())
+            acc = float((inner(x_adv).argmax(1) == ys).double().mean())
         record["guard_accuracy"] = acc
         if self.best is None or acc >= self.best[0]:
             self.best = (acc, {k: v.detach().clone() for k, v in trainer.module.state_dict().items()})
@@ -161,10 +174,99 @@ class HistoryFile(Callback):
 
     def on_fit_start(self, trainer: AdversarialTrainer) -> None:
         if trainer.history and rank_world()[0] == 0:
-            lines = "".join(json.dumps(h) + "\n" for h in trainer.history)
+            lines = "".join(json.dumps(h, allow_nan=False) + "\n" for h in trainer.history)
             atomic_write(self.path, lambda f: f.write(lines.encode()))
 
     def on_epoch_saved(self, trainer: AdversarialTrainer, record: dict[str, Any]) -> None:
         if rank_world()[0] == 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            append_text(self.path, json.dumps(record) + "\n")
+            append_text(self.path, json.dumps(record, allow_nan=False) + "\n")
+
+
+def check_callbacks(callbacks: Any) -> tuple[Callback, ...]:
+    """``callbacks`` as a tuple (None: none), each a ``Callback``, each ``state_key`` a name of its own."""
+    if callbacks is None:
+        return ()
+    if isinstance(callbacks, Callback) or not isinstance(callbacks, (list, tuple)):
+        raise TypeError(f"callbacks must be a list of advfeat.train.Callback objects (or None), got "
+                        f"{type(callbacks).__name__}")
+    bad = [c for c in callbacks if not isinstance(c, Callback)]
+    if bad:
+        raise TypeError(f"callbacks must be advfeat.train.Callback objects; got {type(bad[0]).__name__}")
+    owners: dict[str, Callback] = {}
+    for cb in callbacks:
+        key = cb.state_key
+        if key is None:
+            continue
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"callbacks: {type(cb).__name__}.state_key must be a non-empty string or None, got "
+                            f"{key!r}")
+        if key in RESERVED:
+            raise ValueError(f"callbacks: state_key {key!r} of {type(cb).__name__} is one of the trainer's own "
+                             f"checkpoint entries ({', '.join(RESERVED)}): choose another key")
+        if key in owners:
+            raise ValueError(f"callbacks: {type(cb).__name__} and {type(owners[key]).__name__} both save their state "
+                             f"under {key!r}: each callback needs a state_key of its own")
+        owners[key] = cb
+    return tuple(callbacks)
+
+
+def _kind(value: Any) -> str:
+    """A value's type as an error names it: ``nan`` / ``inf`` for those floats, ``numpy.float32``, ``set``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    t = type(value)
+    top = t.__module__.split(".")[0]
+    return f"{top}.{t.__name__}" if top in ("numpy", "torch") else t.__name__
+
+
+def check_state(cb: Callback, state: Any) -> None:
+    """Refuse a callback's state that a checkpoint could not read back (``weights_only``): anything but tensors,
+    numbers, strings, None, and lists, tuples and dicts of them."""
+
+    def walk(v: Any, where: str) -> None:
+        if v is None or type(v) in (bool, int, float, str) or isinstance(v, Tensor):  # numpy's float64 is a float
+            return
+        if isinstance(v, (list, tuple)):
+            for i, item in enumerate(v):
+                walk(item, f"{where}[{i}]")
+            return
+        if isinstance(v, dict):
+            for k, item in v.items():
+                if not isinstance(k, (str, int)):
+                    raise TypeError(f"{type(cb).__name__} (state_key {cb.state_key!r}).state_dict(){where} has a key "
+                                    f"of type {_kind(k)}: a checkpoint's dict keys are strings or whole numbers")
+                walk(item, f"{where}[{k!r}]")
+            return
+        raise TypeError(f"{type(cb).__name__} (state_key {cb.state_key!r}).state_dict(){where} is a {_kind(v)}: a "
+                        "checkpoint reads back tensors, numbers, strings, None and lists, tuples and dicts of them "
+                        "(without running code), so this state could not be resumed; store it as one of those")
+
+    if not isinstance(state, dict):
+        raise TypeError(f"{type(cb).__name__}.state_dict() must return a dict, got {_kind(state)}")
+    walk(state, "")
+
+
+def check_record(cb: Callback, record: dict[str, Any]) -> None:
+    """Refuse a value in an epoch's record that the JSON history cannot hold exactly, naming the callback that put
+    it there: finite numbers, strings, None, and lists and dicts (string keys) of them."""
+
+    def ok(v: Any) -> bool:
+        if v is None or isinstance(v, (bool, int, str)):
+            return True
+        if isinstance(v, float):
+            return math.isfinite(v)
+        if isinstance(v, list):
+            return all(ok(item) for item in v)
+        if isinstance(v, dict):
+            return all(isinstance(k, str) and ok(item) for k, item in v.items())
+        return False
+
+    for key, value in record.items():
+        if not ok(value):
+            bad = value if not isinstance(value, (list, dict)) else next(
+                (v for v in (value if isinstance(value, list) else value.values()) if not ok(v)), value)
+            raise (ValueError if isinstance(bad, float) else TypeError)(
+                f"{type(cb).__name__} put {_kind(bad)} in the epoch's record as {key!r}: the history is JSON "
+                "(finite numbers, strings, lists and dicts of them; None for no value); convert it (float(...), "
+                "tensor.tolist()) before recording it")

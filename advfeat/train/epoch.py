@@ -81,7 +81,7 @@ def _optimise(self: AdversarialTrainer, x: Tensor, y: Tensor, ctx: TrainContext,
         self.model.train()
         try:
             with _autocast(self):
-                loss, logits = next(steps)
+                loss, logits = _pair(method, next(steps))
         except StopIteration:
             break
         except (RuntimeError, ValueError, IndexError):
@@ -108,6 +108,22 @@ def _optimise(self: AdversarialTrainer, x: Tensor, y: Tensor, ctx: TrainContext,
     if last is None:
         raise RuntimeError(f"{type(method).__name__}.batch yielded no loss at {where}")
     return (*last, finite)
+
+
+def _pair(method: Any, step: Any) -> tuple[Tensor, Tensor]:
+    """What a method yielded, checked: ``(loss, logits)``, the loss a scalar floating tensor."""
+    said = f"{type(method).__name__}.loss must return (a scalar loss tensor, logits)"
+    if not isinstance(step, tuple) or len(step) != 2:
+        raise TypeError(f"{said}; it returned a {type(step).__name__}")
+    loss, logits = step
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"{said}; its loss is a {type(loss).__name__}")
+    if loss.ndim != 0 or not loss.is_floating_point():
+        raise TypeError(f"{said}; its loss has shape {tuple(loss.shape)} and dtype {loss.dtype} (reduce it: "
+                        "loss.mean())" if loss.ndim else f"{said}; its loss has dtype {loss.dtype}")
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"{said}; its logits are a {type(logits).__name__}")
+    return loss, logits
 
 
 def _autocast(self: AdversarialTrainer) -> AbstractContextManager[Any]:

@@ -26,7 +26,7 @@ from ..adapters import batch_xy, check_keys
 from ..attacks import Attack
 from ..methods import DEFAULT_METHOD, NAMES, TrainingMethod, from_name
 from ..progress import interrupted
-from .callbacks import Callback, EpochEvaluation, Guard, HistoryFile
+from .callbacks import Callback, EpochEvaluation, Guard, HistoryFile, check_callbacks, check_record, check_state
 from .checkpoint import read_checkpoint, recover, rng_state, save_checkpoint, set_rng_state, what_was_kept
 from .epoch import train_epoch
 
@@ -66,7 +66,8 @@ class AdversarialTrainer:
             ``eval_attack`` (default: the method's ``attack``); the ``EpochEvaluation`` callback.
         checkpoint, resume: see the package docs. A checkpoint of another model or configuration is refused.
         history_file: a JSONL file that gets one line per epoch (the ``HistoryFile`` callback).
-        callbacks: your own ``advfeat.train.Callback`` objects, called after the trainer's own.
+        callbacks: your own ``advfeat.train.Callback`` objects (or None), called after the trainer's own; their
+            ``state_key`` s must differ from each other's and from the trainer's own checkpoint entries.
         amp: None, ``"bf16"`` or ``"fp16"``: ``torch.autocast`` for the training forward passes (and the
             attacks); fp16 on CUDA uses a gradient scaler.
         attack_eval_mode: run attacks with the model in eval mode (default) or in train mode.
@@ -95,7 +96,7 @@ class AdversarialTrainer:
         checkpoint: str | Path | None = None,
         resume: bool = False,
         history_file: str | Path | None = None,
-        callbacks: Sequence[Callback] = (),
+        callbacks: Sequence[Callback] | None = (),
         amp: str | None = None,
         attack_eval_mode: bool = True,
         device: str | torch.device | None = None,
@@ -170,7 +171,12 @@ class AdversarialTrainer:
             "history": json.dumps(self.history),
             "rng": rng_state(self.loader),
         }
-        return state | {cb.state_key: cb.state_dict() for cb in self.callbacks if cb.state_key is not None}
+        own: dict[str, Any] = {}
+        for cb in self.callbacks:
+            if cb.state_key is not None:
+                own[cb.state_key] = cb.state_dict()
+                check_state(cb, own[cb.state_key])  # before anything is written: a resume must read it back
+        return state | own
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         shown = describe_differences(state.get("fingerprint", {}), self.fingerprint(), "in the checkpoint", "now")
@@ -235,6 +241,7 @@ class AdversarialTrainer:
             record = train_epoch(self)
             for cb in self.callbacks:
                 cb.on_epoch_end(self, record)
+                check_record(cb, record)
             self.epoch += 1
             self.history.append(record)
             if self.checkpoint is not None and rank_world()[0] == 0:
@@ -267,11 +274,10 @@ class AdversarialTrainer:
 
 def _callbacks(method: TrainingMethod, attack: Attack | None, eval_loader: Batches | None,
                eval_attack: Attack | None, history_file: str | Path | None,
-               user: Sequence[Callback]) -> tuple[Callback, ...]:
-    """The trainer's own callbacks (the method's guard, the per-epoch evaluation), the user's, the history file."""
-    bad = [c for c in user if not isinstance(c, Callback)]
-    if bad:
-        raise TypeError(f"callbacks must be advfeat.train.Callback objects; got {type(bad[0]).__name__}")
+               user: Sequence[Callback] | None) -> tuple[Callback, ...]:
+    """The trainer's own callbacks (the method's guard, the per-epoch evaluation), the user's, the history file;
+    every ``state_key`` its own (``check_callbacks``)."""
+    check_callbacks(user)
     own: list[Callback] = []
     guard = method.guard_attack()
     if guard is not None:
@@ -279,7 +285,7 @@ def _callbacks(method: TrainingMethod, attack: Attack | None, eval_loader: Batch
     if eval_loader is not None:
         default = attack if attack is not None else getattr(method, "attack", None)  # "standard" has none
         own.append(EpochEvaluation(eval_loader, eval_attack if eval_attack is not None else default))
-    return (*own, *user, *([HistoryFile(history_file)] if history_file is not None else []))
+    return check_callbacks([*own, *(user or ()), *([HistoryFile(history_file)] if history_file is not None else [])])
 
 
 def _optimizer(optimizer: torch.optim.Optimizer | None, params: list[nn.Parameter], lr: float, momentum: float,
