@@ -32,6 +32,7 @@ from .attacks import (
     PGD,
     Attack,
     AutoAttack,
+    FixedRandomness,
     GradientAttack,
     LinfPGD,
     Outcome,
@@ -44,6 +45,7 @@ from .attacks import (
     dlr_targeted,
     frozen_model,
 )
+from .audit import AuditReport, audit
 from .construct import ConstructedDataset, controls, nonrobustify, robustify
 from .evaluate import Comparison, EvalResult, RobustnessCurve, compare, evaluate, robustness_curve
 from .methods import FGSMRS, MART, TRADES, FreeTraining, PGDTraining, StandardTraining, TrainingMethod
@@ -60,16 +62,16 @@ _sys.modules[f"{__name__}.store"] = construct.store
 
 __all__ = [
     "Attack", "GradientAttack", "PGD", "L2PGD", "LinfPGD", "FGSM", "APGD", "FAB", "Square", "AutoAttack", "Restarts",
-    "WorstOf", "EOT",
+    "WorstOf", "EOT", "FixedRandomness",
     "Outcome",
     "cross_entropy", "cw_margin", "dlr", "dlr_targeted", "frozen_model",
     "ThreatModel", "L2Ball", "LinfBall", "Box",
-    "evaluate", "EvalResult", "compare", "Comparison", "robustness_curve", "RobustnessCurve",
+    "evaluate", "EvalResult", "compare", "Comparison", "robustness_curve", "RobustnessCurve", "audit", "AuditReport",
     "Normalize", "AdversarialTrainer", "adversarial_train",
     "TrainingMethod", "StandardTraining", "PGDTraining", "FGSMRS", "FreeTraining", "TRADES", "MART",
     "robustify", "nonrobustify", "ConstructedDataset", "transfer_rates", "InUseError",
-    "adapters", "allocator", "construct", "controls", "data", "engine", "figures", "guard", "machine", "methods",
-    "models",
+    "adapters", "allocator", "construct", "controls", "cost", "data", "engine", "figures", "guard", "machine",
+    "methods", "models", "tally",
     "stats", "steps", "train",
     "__version__",
 ]

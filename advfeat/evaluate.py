@@ -24,15 +24,16 @@ import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ._dist import rank_world
+from ._dist import all_gather_object, rank_world
 from .adapters import check_keys, classifier
 from .attacks import Attack
+from .cost import Passes, counting
 from .guard import device_of, frozen_model
 from .progress import progress_bar
 from .stats import mcnemar, wilson
@@ -59,6 +60,7 @@ class EvalResult:
     worst_correct: int | None = None
     samples: dict[str, Tensor] | None = None
     indices: Tensor | None = None
+    passes: dict[str, Passes] = field(default_factory=dict)
 
     @property
     def clean_accuracy(self) -> float:
@@ -87,6 +89,19 @@ class EvalResult:
             raise KeyError(f"{name!r}: not 'clean', 'worst' or an attack of this result ({list(self.robust_correct)})")
         return self.robust_correct[name]
 
+    def passes_per_image(self, name: str, part: str | None = None) -> float:
+        """The model's forward and backward passes per evaluated image that the attack ``name`` made (``part``: one
+        part of a cascade, e.g. ``"apgd-t"`` of ``AutoAttack``): the cost that carries from one machine to
+        another."""
+        if name not in self.passes:
+            raise KeyError(f"{name!r}: no passes counted for it (attacks: {list(self.passes)})")
+        p = self.passes[name]
+        if part is not None:
+            if part not in p.parts:
+                raise KeyError(f"{part!r}: not a part of {name!r} ({list(p.parts)})")
+            p = p.parts[part]
+        return p.total / self.total if self.total else float("nan")
+
     def interval(self, name: str = "clean", level: float = 0.95) -> tuple[float, float]:
         """Wilson's confidence interval for the accuracy ``name`` (``"clean"``, ``"worst"`` or an attack's)."""
         return wilson(self.correct(name), self.total, level)
@@ -108,7 +123,14 @@ class EvalResult:
             return (f"{label}: {self.correct(name) / max(self.total, 1):.2%} ({self.correct(name)}/{self.total}; "
                     f"95% CI {lo:.1%}-{hi:.1%})")
 
-        lines = [line("clean", "clean")] + [line(k, k) for k in self.robust_correct]
+        def cost(name: str) -> str:
+            if name not in self.passes or not self.total:
+                return ""
+            parts = self.passes[name].parts
+            inside = "; " + ", ".join(f"{k} {self.passes_per_image(name, k):.1f}" for k in parts) if parts else ""
+            return f" [{self.passes_per_image(name):.1f} passes per image{inside}]"
+
+        lines = [line("clean", "clean")] + [line(k, k) + cost(k) for k in self.robust_correct]
         if self.worst_correct is not None and len(self.robust_correct) > 1:
             lines.append(line("worst case", "worst"))
         return "\n".join(lines)
@@ -122,6 +144,9 @@ class EvalResult:
             record["samples"] = {k: "".join("1" if b else "0" for b in v.tolist()) for k, v in self.samples.items()}
         if self.indices is not None:
             record["indices"] = self.indices.tolist()
+        if self.passes:
+            record["passes"] = {k: p.as_dict() for k, p in self.passes.items()}
+            record["passes_per_image"] = {k: self.passes_per_image(k) for k in self.passes}
         return json.dumps(_strict(record), indent=2, allow_nan=False)
 
     @classmethod
@@ -158,8 +183,12 @@ class EvalResult:
                     or len(set(indices)) != len(indices)):
                 raise ValueError(f"EvalResult JSON: indices must be {total} distinct whole numbers >= 0 (one per "
                                  "sample)")
+        passes = r.get("passes", {})
+        if not isinstance(passes, dict) or not set(passes) <= set(robust):
+            raise ValueError(f"EvalResult JSON: passes must be an object keyed by attacks among {list(robust)}")
         return cls(total=total, clean_correct=clean, robust_correct=robust, worst_correct=worst, samples=flags,
-                   indices=None if indices is None else torch.tensor(indices, dtype=torch.long))
+                   indices=None if indices is None else torch.tensor(indices, dtype=torch.long),
+                   passes={k: Passes.from_dict(v, f"EvalResult JSON: passes[{k!r}]") for k, v in passes.items()})
 
     @classmethod
     def from_samples(cls, samples: Mapping[str, Tensor], indices: Tensor | None = None) -> EvalResult:
@@ -171,6 +200,76 @@ class EvalResult:
         return cls(total=int(flags["clean"].numel()), clean_correct=int(flags["clean"].sum()),
                    robust_correct={k: int(flags[k].sum()) for k in attacks},
                    worst_correct=int(flags["worst"].sum()) if attacks else None, samples=flags, indices=indices)
+
+    @staticmethod
+    def best_known(*results: EvalResult | Tensor) -> EvalResult:
+        """The per-sample worst case over several evaluations of one model on the same samples, as RobustBench ranks
+        defences: a sample counts as robust only if no attack of any result broke it. ``results``: ``EvalResult``s
+        with per-sample results (``evaluate(..., per_sample=True)``: attacks, runs, seeds), or bool tensors (N,) of
+        per-sample correctness under an adversarial set you made yourself. Results that all know their samples'
+        indices must agree on them; tensors and results without indices are taken by position. The result keeps
+        every attack (named ``"<k>:<name>"``, k the result's position, when names repeat); its ``worst`` is the
+        best-known accuracy, and ``compare`` and ``interval`` work on it.
+
+        Examples:
+            >>> import torch, advfeat as af
+            >>> a = af.EvalResult.from_samples({"clean": torch.tensor([1, 1, 1, 0]).bool(),
+            ...                                 "pgd": torch.tensor([1, 0, 1, 0]).bool()})
+            >>> b = af.EvalResult.from_samples({"clean": torch.tensor([1, 1, 1, 0]).bool(),
+            ...                                 "square": torch.tensor([1, 1, 0, 0]).bool()})
+            >>> best = af.EvalResult.best_known(a, b, torch.tensor([0, 1, 1, 1]).bool())
+            >>> best.worst_accuracy, best.robust_accuracy("pgd")
+            (0.0, 0.5)
+        """
+        if not results:
+            raise ValueError("best_known needs at least one result")
+        parts: list[tuple[dict[str, Tensor], Tensor | None]] = []
+        for k, r in enumerate(results):
+            if isinstance(r, Tensor):
+                if r.dtype != torch.bool or r.ndim != 1:
+                    raise TypeError(f"results[{k}]: a tensor must be per-sample correctness, bool of shape (N,); got "
+                                    f"{r.dtype} of shape {tuple(r.shape)}")
+                parts.append(({f"set {k}": r.detach().cpu()}, None))
+            elif isinstance(r, EvalResult):
+                if r.samples is None:
+                    raise ValueError(f"results[{k}] has no per-sample results: evaluate(..., per_sample=True)")
+                parts.append(({n: v for n, v in r.samples.items() if n != "worst"}, r.indices))
+            else:
+                raise TypeError(f"results[{k}] must be an EvalResult or a bool tensor, got {type(r).__name__}")
+        n = next(iter(parts[0][0].values())).numel()
+        if any(v.numel() != n for flags, _ in parts for v in flags.values()):
+            raise ValueError(f"best_known: every result must hold the same {n} samples, got "
+                             f"{sorted({v.numel() for flags, _ in parts for v in flags.values()})}")
+        known = [idx for flags, idx in parts if "clean" in flags]
+        if not known:
+            raise ValueError("best_known needs at least one EvalResult (for the clean accuracy)")
+        order = known[0]
+
+        def same(idx: Tensor | None) -> bool:
+            if idx is None or order is None:
+                return idx is None and order is None
+            return idx.shape == order.shape and torch.equal(idx, order)
+
+        if not all(same(idx) for idx in known):
+            raise ValueError("best_known: the results must hold the same samples in the same order (their indices "
+                             "differ, or only some of them know their indices)")
+        names = [name for flags, _ in parts for name in flags if name != "clean"]
+        repeated = len(set(names)) < len(names)
+        clean: Tensor | None = None
+        merged: dict[str, Tensor] = {}
+        for k, (flags, _) in enumerate(parts):
+            for name, v in flags.items():
+                if name == "clean":
+                    clean = v if clean is None else clean & v
+                else:
+                    merged[f"{k}:{name}" if repeated else name] = v
+        assert clean is not None
+        best = EvalResult.from_samples({"clean": clean, **{k: v & clean for k, v in merged.items()}}, order)
+        for k, r in enumerate(results):
+            if isinstance(r, EvalResult):
+                for name, p in r.passes.items():
+                    best.passes.setdefault(f"{k}:{name}" if repeated else name, Passes()).add(p)
+        return best
 
     @staticmethod
     def merge(*results: EvalResult) -> EvalResult:
@@ -186,6 +285,9 @@ class EvalResult:
                             robust_correct={k: sum(r.robust_correct[k] for r in results) for k in names},
                             worst_correct=None if results[0].worst_correct is None else
                             sum(r.worst_correct or 0 for r in results))
+        for r in results:
+            for k, p in r.passes.items():
+                merged.passes.setdefault(k, Passes()).add(p)
         if all(r.samples is not None for r in results):
             merged.samples = {k: torch.cat([r.samples[k] for r in results if r.samples is not None])
                               for k in results[0].samples or {}}
@@ -363,6 +465,7 @@ def evaluate(
         raise ValueError("distributed=True needs a DataLoader with a DistributedSampler (its indices tell which "
                          "samples each rank holds, so that each is counted once)")
     tally = Tally(["clean", *runs], keep=per_sample or bool(distributed))
+    cost: dict[str, Passes] = {}
     lower, upper = next(iter(runs.values())).box if runs else (0.0, 1.0)
     with frozen_model(model) as m, progress_bar(loader, desc="evaluate", enabled=progress) as bar:
         for batch_no, x, y, logits in checked_batches(bar, m, keys, (lower, upper), dev):
@@ -375,7 +478,9 @@ def evaluate(
                 ok = torch.zeros_like(ys, dtype=torch.bool)
                 if ys.shape[0] > 0:  # (known: nonzero synced); some models refuse empty batches
                     try:
-                        x_adv = attack.select(keep)(m, xs, ys, generator=generator)  # a per-sample eps follows
+                        with counting() as passes:
+                            x_adv = attack.select(keep)(m, xs, ys, generator=generator)  # a per-sample eps follows
+                        cost.setdefault(k, Passes()).add(passes)
                     except FloatingPointError as e:
                         raise FloatingPointError(f"loader batch {batch_no}, attack {k!r}: {e}") from None
                     with torch.no_grad():
@@ -389,9 +494,21 @@ def evaluate(
     if distributed:
         assert isinstance(sampler, DistributedSampler)
         result: EvalResult = tally.compute(indices=list(iter(sampler)))
+        for k, p in _summed_passes(cost).items():
+            result.passes[k] = p
         return result
     done: EvalResult = tally.compute()
+    done.passes = {k: cost.get(k, Passes()) for k in runs}
     return done
+
+
+def _summed_passes(cost: dict[str, Passes]) -> dict[str, Passes]:
+    """Every rank's passes, added (each rank attacked its own samples)."""
+    total: dict[str, Passes] = {}
+    for part in cast(list[dict[str, Any]], all_gather_object({k: p.as_dict() for k, p in cost.items()})):
+        for k, record in part.items():
+            total.setdefault(k, Passes()).add(Passes.from_dict(record))
+    return total
 
 
 @dataclass(frozen=True)

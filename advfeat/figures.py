@@ -330,3 +330,29 @@ def robustness_curve(curve: Any, *, title: str = "") -> Figure:
     if any(c.name for c in curves):
         ax.legend(fontsize=7)
     return fig
+
+
+def audit_figure(report: Any) -> Figure:
+    """An ``advfeat.audit`` report as two panels: robust accuracy by eps (each budget attacked on its own; the last
+    spans the whole box, where it must reach 0) and the distribution of the input gradients' norms."""
+    m = report.measurements
+    fig = _figure(9.0, 3.4)
+    left, right = fig.subplots(1, 2)
+    curve = m.get("curve", [])
+    if curve:
+        eps, acc = zip(*curve, strict=True)
+        left.plot(eps, [100 * a for a in acc], "o-", color="#4477aa")
+        left.set_xscale("log")
+    left.set_xlabel("eps")
+    left.set_ylabel("robust accuracy (%)")
+    left.set_ylim(-2, 102)
+    left.set_title("accuracy must fall to 0 as eps grows", fontsize=9)
+    norms = [v for v in m.get("gradient_norms", []) if v > 0]
+    if norms:
+        right.hist(norms, bins=30, color="#ee6677")
+        right.set_xscale("log")
+    right.set_xlabel("norm of the margin's input gradient")
+    right.set_title(f"{100 * m.get('zero_gradients', 0):.1f}% of gradients are exactly 0", fontsize=9)
+    flags = ", ".join(f.check for f in report.flags) or "no flag"
+    fig.suptitle(f"audit: {flags}", fontsize=10)
+    return fig

@@ -198,8 +198,9 @@ class _NaNModel(nn.Module):
 def test_a_curve_checks_labels_and_logits_as_evaluate_does():
     model, x, y = _planted()
     small = nn.Sequential(nn.Flatten(), nn.Linear(256, 5))
-    curve = (lambda m, yy: af.robustness_curve(m, [(x, yy)], lambda e: af.L2PGD(e, steps=2), [0.5],
-                                               progress=False))
+    def curve(m: nn.Module, yy: torch.Tensor) -> af.RobustnessCurve:
+        return af.robustness_curve(m, [(x, yy)], lambda e: af.L2PGD(e, steps=2), [0.5], progress=False)
+
     with pytest.raises(ValueError, match=r"y must hold labels in \[0, C\) = \[0, 5\), found \[7, 7\]"):
         curve(small, torch.full_like(y, 7))
     with pytest.raises(FloatingPointError, match="returned non-finite logits"):

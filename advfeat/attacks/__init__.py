@@ -34,8 +34,8 @@ Examples:
 from ..guard import frozen_model
 from .apgd import APGD
 from .autoattack import AutoAttack
-from .base import Attack, Criterion, Misclassified, Outcome, ReachedTarget
-from .compose import EOT, Restarts, WorstOf
+from .base import Attack, BallAttack, Criterion, Misclassified, Outcome, ReachedTarget
+from .compose import EOT, FixedRandomness, Restarts, WorstOf
 from .fab import FAB
 from .gradient import FGSM, L2PGD, PGD, GradientAttack, LinfPGD
 from .losses import LossFn, cross_entropy, cw_margin, dlr, dlr_targeted
@@ -46,7 +46,7 @@ EnginePGD = GradientAttack
 
 __all__ = [
     "Attack", "GradientAttack", "PGD", "L2PGD", "LinfPGD", "FGSM", "APGD", "FAB", "Square", "AutoAttack", "Restarts",
-    "WorstOf", "EOT",
+    "WorstOf", "EOT", "FixedRandomness", "BallAttack",
     "Outcome",
     "Criterion", "Misclassified", "ReachedTarget",
     "cross_entropy", "cw_margin", "dlr", "dlr_targeted", "frozen_model", "LossFn", "EnginePGD",

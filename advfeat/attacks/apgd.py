@@ -11,11 +11,12 @@ from torch import Tensor, nn
 from .._checks import check_logits, check_positive_int
 from ..engine import optimize, working_dtype
 from ..steps import APGDStep, StepRule
+from ..threat import LinfBall, ThreatModel
 from .base import Criterion, Outcome, calls, keep, tile, towards
 from .gradient import BallPGD, expected
 from .losses import LossFn, cross_entropy, dlr, dlr_targeted
 
-__all__ = ["APGD"]
+__all__ = ["APGD", "malt_targets", "TARGETS"]
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -30,6 +31,10 @@ class APGD(BallPGD):
       raising the targeted DLR loss (``dlr_targeted``; with another loss ``L``, ``-L(logits, t)``); a
       sample broken by one target is not attacked with the next;
     * ``APGD(eps, targeted=True)``: towards given targets ``y`` (cross-entropy or any loss of the targets).
+
+    APGD-T's target classes: ``targets="confidence"`` (the reference's: the most likely wrong classes by the clean
+    logits) or ``"malt"`` (Melamed, Yehudai and Shamir, NeurIPS 2024: the classes whose boundary is nearest in the
+    model's linearisation at the clean point, ``malt_targets``; one backward pass per class, once per sample).
 
     Where it may move: ``threat=af.L2Ball(eps)`` or ``af.LinfBall(eps)`` (eps a float or a per-sample (N,) tensor,
     with the threat model's box), or the shorthand ``eps`` with ``norm`` and ``lower`` / ``upper``. A sample counts
@@ -56,12 +61,15 @@ class APGD(BallPGD):
     keep_best: bool = field(default=True, kw_only=True)
     rule: StepRule = field(default_factory=APGDStep, kw_only=True)
     n_target_classes: int = field(default=0, kw_only=True)
+    targets: str = field(default="confidence", kw_only=True)
     batched: bool = field(default=False, kw_only=True, repr=False)
     max_batch: int | None = field(default=None, kw_only=True, repr=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_int("n_target_classes", self.n_target_classes, minimum=0)
+        if self.targets not in TARGETS:
+            raise ValueError(f"targets must be one of {', '.join(map(repr, TARGETS))}, got {self.targets!r}")
         if self.max_batch is not None:
             check_positive_int("max_batch", self.max_batch)
         if self.targeted and self.n_target_classes:
@@ -89,7 +97,10 @@ class APGD(BallPGD):
         if self.n_target_classes > c - 1:
             raise ValueError(f"n_target_classes must be at most C - 1 = {c - 1} for this model, got "
                              f"{self.n_target_classes}")
-        ranked = logits.float().scatter(1, y[:, None], float("-inf")).argsort(1, descending=True)
+        if self.targets == "malt":
+            ranked = malt_targets(model, x, y, self.threat_model())
+        else:
+            ranked = logits.float().scatter(1, y[:, None], float("-inf")).argsort(1, descending=True)
         threat = self.threat_model()
         criterion = self.success_criterion()
         xw = x.detach().to(working_dtype(x.dtype))
@@ -141,6 +152,42 @@ class APGD(BallPGD):
                 best = new if best is None else keep(~best[1].success & new[1].better_than(best[1]), new, best)
         assert best is not None
         return best[0]
+
+
+TARGETS = ("confidence", "malt")
+"""How APGD-T orders its target classes."""
+
+
+def malt_targets(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> Tensor:
+    """MALT's order of the target classes (Melamed, Yehudai and Shamir, NeurIPS 2024), per sample: the classes
+    ``t`` by the linearised distance to their boundary at the clean point, ``(z_y - z_t) / ||grad (z_y - z_t)||_*``
+    (the dual norm of the threat model's: L1 for an Linf ball, L2 for an L2 ball), nearest first; the true class
+    last. One backward pass per class through the batch. (N, C) long.
+
+    Examples:
+        >>> import torch
+        >>> from advfeat.threat import LinfBall
+        >>> w = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 10.0]])  # class 2's logit moves 10x faster
+        >>> model = torch.nn.Linear(2, 3, bias=False)
+        >>> model.weight.data = w
+        >>> x = torch.tensor([[-0.1, -0.05]])  # z = (0, -0.1, -0.5): class 1 is likelier, class 2 nearer
+        >>> malt_targets(model, x, torch.tensor([0]), LinfBall(0.1)).tolist()
+        [[2, 1, 0]]
+    """
+    with torch.enable_grad():
+        z = x.detach().requires_grad_(True)
+        logits = model(z)
+        c = logits.shape[1]
+        grads = torch.stack([torch.autograd.grad(logits[:, k].sum(), z, retain_graph=k < c - 1)[0].flatten(1)
+                             for k in range(c)], 1).float()  # (N, C, D)
+    rows = torch.arange(x.shape[0], device=x.device)
+    gap = (logits.detach().float()[rows, y][:, None] - logits.detach().float())  # (N, C), >= 0 where y leads
+    slope = grads[rows, y][:, None] - grads
+    dual = slope.abs().sum(2) if isinstance(threat, LinfBall) else slope.norm(dim=2)
+    distance = gap / dual.clamp_min(1e-12)
+    distance[rows, y] = float("inf")
+    order: Tensor = distance.argsort(1)
+    return order
 
 
 class _TowardsTarget:

@@ -3,7 +3,9 @@
 ``version="standard"``: APGD-CE, APGD-T (the targeted DLR loss, 9 target classes), FAB-T (9 target classes) and
 Square (5,000 queries), each with the reference's settings (100 steps, one restart), in that order, each run only
 on the samples every earlier attack left robust. ``version="rand"``, for models with randomness at inference:
-APGD-CE and APGD-DLR with the gradient averaged over 20 draws of the model (``EOT``).
+APGD-CE and APGD-DLR with the gradient averaged over 20 draws of the model (``EOT``). ``version="malt"``: APGD-CE,
+then APGD-T on the 3 target classes MALT ranks nearest (Melamed, Yehudai and Shamir, NeurIPS 2024: the
+linearised distance to each class's boundary), no FAB-T or Square: a cheaper cascade (docs/benchmarks.md).
 
 A sample counts as broken by the first attack whose point the model misclassifies; the cascade returns that point.
 A sample no attack broke gets the candidate with the highest cross-entropy among those tried (the worst case, so
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .. import cost
 from .._checks import check_logits
 from ..threat import ThreatModel
 from .apgd import APGD
@@ -29,7 +32,10 @@ from .square import Square
 
 __all__ = ["AutoAttack"]
 
-VERSIONS = ("standard", "rand")
+VERSIONS = ("standard", "rand", "malt")
+MALT_TARGETS = 3
+"""The target classes of the ``"malt"`` version's APGD-T (MALT's nearest three, against the standard's nine by
+confidence, and no FAB-T or Square): docs/benchmarks.md measures it against the standard cascade."""
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -79,6 +85,10 @@ class AutoAttack(BallAttack):
         if self.version == "rand":
             return (("apgd-ce", EOT(ce, self.draws)),
                     ("apgd-dlr", EOT(APGD(threat=t, criterion=c, steps=steps, loss=dlr), self.draws)))
+        if self.version == "malt":
+            return (("apgd-ce", ce),
+                    ("apgd-t", APGD(threat=t, criterion=c, steps=steps, loss=dlr, targets="malt",
+                                    n_target_classes=min(MALT_TARGETS, targets))))
         return (("apgd-ce", ce),
                 ("apgd-t", APGD(threat=t, criterion=c, steps=steps, loss=dlr, n_target_classes=targets)),
                 ("fab-t", FAB(threat=t, criterion=c, steps=steps, n_target_classes=targets)),
@@ -94,11 +104,12 @@ class AutoAttack(BallAttack):
         out = x.clone()
         best = self.outcome(model, x, y)
         alive = (~best.success).nonzero().squeeze(1)
-        for _, part in self.parts(classes):
+        for name, attack in self.parts(classes):
             if alive.numel() == 0:
                 break
             xs, ys = x.index_select(0, alive), y.index_select(0, alive)
-            cand = towards(part.select(alive).for_evaluation(True).run(model, xs, ys, generator).detach(), xs)
+            with cost.part(name):  # each part's passes apart, in an evaluation's count
+                cand = towards(attack.select(alive).for_evaluation(True).run(model, xs, ys, generator).detach(), xs)
             new = (cand, self.outcome(model, cand, ys))
             old = (out.index_select(0, alive), Outcome(best.success[alive], best.score[alive]))
             kept, o = keep(new[1].better_than(old[1]), new, old)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import final
 
+from .. import cost
 from .._checks import check_batch, check_labels
 from .._config import Config, config_repr
 from ..adapters import Classifier, classifier
@@ -197,9 +198,10 @@ class Attack(Config, ABC):
             return x.clone()
         if generator is None and self.seed is not None:
             generator = torch.Generator(device=x.device).manual_seed(self.seed)
-        checked = _Checked(model, y) if validate else None
+        runs_on: nn.Module = cost.Counted(model) if cost.active() else model  # passes counted inside counting()
+        checked = _Checked(runs_on, y) if validate else None
         with frozen_model(model, eval_mode=self.eval_mode):
-            x_adv = self.run(checked if checked is not None else model, x, y, generator)
+            x_adv = self.run(checked if checked is not None else runs_on, x, y, generator)
         if not isinstance(x_adv, Tensor) or x_adv.shape != x.shape:
             got = tuple(x_adv.shape) if isinstance(x_adv, Tensor) else type(x_adv).__name__
             raise ValueError(f"{type(self).__name__}.run must return a tensor of shape {tuple(x.shape)}, got {got}")

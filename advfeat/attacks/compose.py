@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +18,7 @@ from .base import Attack, Outcome, calls, check_fields, tile, towards, worst_of
 from .gradient import GradientAttack
 from .losses import LossFn
 
-__all__ = ["Restarts", "WorstOf", "EOT"]
+__all__ = ["Restarts", "WorstOf", "EOT", "FixedRandomness"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -166,6 +167,77 @@ def EOT(attack: Attack, draws: int = 20) -> Attack:  # noqa: N802 (an attack's c
     if not isinstance(attack, Attack):
         raise TypeError(f"attack must be an advfeat Attack, got {attack!r}")
     return attack.with_draws(draws)
+
+
+@dataclass(frozen=True, eq=False)
+class FixedRandomness(Attack):
+    """``attack`` on a randomised model with its randomness frozen: before every forward pass of the attack the
+    random generators are reset to one state (``seed``), so the model draws the same noise, dropout or
+    transformation for each sample position at every step, and the attack optimises against one fixed model
+    (arXiv 2505.22839; beside ``EOT``, which averages over draws instead). The attack runs without early stopping
+    (every step on every sample, its best iterate kept), so a sample keeps its position, and its draw, throughout;
+    the caller's random generators are left as they were. ``evaluate`` then scores the point on the model's own,
+    random, forward.
+
+    Examples:
+        >>> import advfeat as af
+        >>> af.FixedRandomness(af.APGD(0.03, steps=10))
+        FixedRandomness(attack=APGD(eps=0.03, steps=10), seed=0)
+    """
+
+    attack: Attack
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.attack, Attack):
+            raise TypeError(f"attack must be an advfeat Attack, got {self.attack!r}")
+        check_fields(self)
+        if self.seed is None:
+            raise TypeError("seed must be a whole number in [0, 2**63): the state every forward starts from")
+
+    @property
+    def targeted(self) -> bool:
+        return self.attack.targeted
+
+    @property
+    def eval_mode(self) -> bool:
+        return self.attack.eval_mode
+
+    @property
+    def box(self) -> tuple[float | Tensor, float | Tensor]:
+        return self.attack.box
+
+    def threat_model(self) -> Any:
+        return self.attack.threat_model()  # type: ignore[attr-defined]
+
+    def outcome(self, model: nn.Module, x_adv: Tensor, y: Tensor) -> Outcome:
+        return self.attack.outcome(_Replayed(model, self.seed), x_adv, y)
+
+    def run(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None) -> Tensor:
+        inner = self.attack.for_evaluation(False)  # every step on every sample: positions, and draws, stay fixed
+        return inner.run(_Replayed(model, self.seed), x, y, generator)
+
+    def for_evaluation(self, early_stop: bool) -> Attack:
+        return self
+
+    def select(self, index: Tensor) -> Attack:
+        part = self.attack.select(index)
+        return self if part is self.attack else dataclasses.replace(self, attack=part)
+
+
+class _Replayed(nn.Module):
+    """``model`` whose every forward starts its random generators from one state (the caller's are restored)."""
+
+    def __init__(self, model: nn.Module, seed: int) -> None:
+        super().__init__()
+        self.model, self.seed = model, seed
+
+    def forward(self, x: Tensor) -> Tensor:
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices):
+            torch.manual_seed(self.seed)
+            out: Tensor = self.model(x)
+        return out
 
 
 def _same_box(a: tuple[float | Tensor, float | Tensor], b: tuple[float | Tensor, float | Tensor]) -> bool:
