@@ -203,7 +203,9 @@ def gradient_free_table(summary: dict[str, Any]) -> str:
     lines = [f"Robust accuracy (%) on the first {g0['n']:,} test images at L2 eps {g0['eps']:g}: PGD (the table's "
              f"attack), the Square Attack ({g0['queries']:,} queries, no gradient){budget}, with 95% intervals. "
              "Square well below PGD would mean the robustness PGD sees is gradient masking.", ""]
+    best = "best_known" in g0
     head = ["experiment", "PGD", "Square", "Square - PGD"] + (["AutoAttack", "AutoAttack - PGD"] if cascade else [])
+    head += ["best known", "passes per image (PGD / Square / AutoAttack)"] if best else []
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def cell(g: dict[str, Any]) -> str:
@@ -216,7 +218,13 @@ def gradient_free_table(summary: dict[str, Any]) -> str:
     for key, label in checked:
         g = rows[key]["gradient_free"]
         more = [cell(g["autoattack"]), gap(g, "autoattack")] if cascade and "autoattack" in g else []
+        if best and "best_known" in g:
+            more += [cell(g["best_known"]), " / ".join(f"{g[k]['passes_per_image']:.0f}" for k in
+                                                        ("pgd", "square", "autoattack") if k in g)]
         lines.append("| " + " | ".join([label, cell(g["pgd"]), cell(g["square"]), gap(g, "square"), *more]) + " |")
+    if best:
+        lines += ["", "Best known: per sample, the worst of the three attacks (as RobustBench ranks); passes per "
+                  "image: the model's forward and backward passes each attack made, per checked image."]
     return "\n".join(lines) + "\n"
 
 

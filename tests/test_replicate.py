@@ -496,13 +496,17 @@ def test_bad_arguments_exit_with_a_message(tmp_path, capsys):
 def test_the_robust_rows_hold_under_a_gradient_free_attack(run):
     """The gradient-free check (the claims of group ``gradient-free``): D's adversarially trained model and D_R's
     learner keep their robustness under the Square Attack and under AutoAttack's cascade on the same test images
-    (no gradient masking), the standard rows lose it under all three."""
+    (no gradient masking), the standard rows lose it under all three; the best-known accuracy and each attack's
+    passes per image beside them."""
     out, res = run
     rows = res["rows"]
     for key in ("standard", "robust", "d_r", "d_nr", "control"):
         g = rows[key]["gradient_free"]
         assert g["n"] == 500 and g["queries"] == 1000
         assert g["pgd"]["interval_95"][0] <= g["pgd"]["accuracy"] <= g["pgd"]["interval_95"][1]
+        # the best known: per sample, the worst of the three attacks; and what each cost
+        assert g["best_known"]["accuracy"] <= min(g[k]["accuracy"] for k in ("pgd", "square", "autoattack"))
+        assert all(g[k]["passes_per_image"] > 0 for k in ("pgd", "square", "autoattack"))
     _claims(res, "gradient-free")
     assert rows["robust"]["gradient_free"]["cascade"] == {"steps": 20, "queries": 1000}
     assert af.report.gradient_free_table(res) in (out / "report.md").read_text()

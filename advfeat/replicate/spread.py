@@ -38,7 +38,7 @@ MAP_MEASURES = ("split", "poison", "transfer")
 
 _SKIP = {"seconds", "train_seconds", "n_test", "n", "eps", "queries", "steps", "cascade", "interval_95", "same_as",
          "source", "features", "curve", "split_seconds", "poison_seconds", "transfer_seconds", "transfer_n",
-         "passes", "learner_epochs", "seed", "source_epochs", "split_size"}
+         "passes", "learner_epochs", "seed", "source_epochs", "split_size", "passes_per_image"}
 """What is not a measured quantity: times, counts, budgets, intervals and names."""
 
 
