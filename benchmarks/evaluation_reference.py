@@ -1,6 +1,6 @@
 """advfeat's evaluation attacks against a reference port on the same models, batch and budget, in one run.
 
-    python benchmarks/evaluation_reference.py [--attack square|fab-t|autoattack] [--n 500] [--queries 5000]
+    python benchmarks/evaluation_reference.py [--attack square|fab-t|autoattack|malt] [--n 500] [--queries 5000]
         [--threads 1] [--fashion-root DIR] [--models NAME ...] [--norms linf l2]
 
 For each model (a standard and a PGD-trained planted MLP; a standard and a PGD-trained Fashion-MNIST SmallCNN
@@ -9,8 +9,11 @@ port (``pip install --no-deps torchattacks==3.5.1 scipy requests``) on the same 
 budget, and each one's time per image: ``Square`` (``--queries``), FAB-T (100 steps, 9 targets) or AutoAttack's
 standard cascade at torchattacks' budget (its AutoAttack runs 10 steps of APGD, APGD-T and FAB-T, and Square at
 5,000 queries; the reference runs 100 steps, which the last two columns add for advfeat). "No weaker" means
-advfeat's robust accuracy is at most the reference's + 0.5 points. Prints a Markdown table (docs/benchmarks.md
-records it).
+advfeat's robust accuracy is at most the reference's + 0.5 points. The AutoAttack rows add the passes per image
+(the model's forward and backward passes, ``EvalResult.passes_per_image``) of advfeat's cascade at 100 steps.
+``--attack malt`` sets advfeat's ``AutoAttack(version="malt")`` (APGD-CE, then APGD-T on MALT's 3 nearest targets)
+beside its standard cascade, both at the reference's 100 steps, on the same images in one run: robust accuracy,
+passes per image and time per image of each. Prints a Markdown table (docs/benchmarks.md records it).
 """
 
 from __future__ import annotations
@@ -92,15 +95,33 @@ def _row(attack: str, name: str, model: nn.Module, x: Tensor, y: Tensor, norm: s
     (a, t_ours), (b, t_ref) = _timed(ours), _timed(theirs)
     row = (f"| {name} | {norm} | {eps:g} | {acc(x):.1f} | {acc(a):.1f} | {acc(b):.1f} | {acc(a) - acc(b):+.1f} | "
            f"{1000 * t_ours / len(x):.2f} | {1000 * t_ref / len(x):.2f} |")
-    if attack == "autoattack":  # and the cascade at the reference's settings (100 steps)
-        full, t_full = _timed(lambda: af.AutoAttack(norm, eps, seed=0)(model, x, y))
-        row += f" {acc(full):.1f} | {1000 * t_full / len(x):.2f} |"
+    if attack == "autoattack":  # and the cascade at the reference's settings (100 steps), with its passes
+        full, passes, ms = _evaluated(model, x, y, af.AutoAttack(norm, eps, seed=0))
+        row += f" {full:.1f} | {ms:.2f} | {passes:.0f} |"
     return row
+
+
+def _evaluated(model: nn.Module, x: Tensor, y: Tensor, attack: af.Attack) -> tuple[float, float, float]:
+    """(robust accuracy %, passes per image, ms per image) of ``attack`` through ``af.evaluate``."""
+    t0 = time.perf_counter()
+    r = af.evaluate(model, [(x, y)], {"a": attack}, progress=False)
+    seconds = time.perf_counter() - t0
+    return 100 * r.robust_accuracy("a"), r.passes_per_image("a"), 1000 * seconds / len(x)
+
+
+def _malt_row(name: str, model: nn.Module, x: Tensor, y: Tensor, norm: str, eps: float) -> str:
+    """AutoAttack's standard cascade and the MALT version, both at 100 steps, on the same images."""
+    std = _evaluated(model, x, y, af.AutoAttack(norm, eps, seed=0))
+    malt = _evaluated(model, x, y, af.AutoAttack(norm, eps, version="malt", seed=0))
+    with torch.no_grad():
+        clean = 100 * float((model(x).argmax(1) == y).double().mean())
+    return (f"| {name} | {norm} | {eps:g} | {clean:.1f} | {std[0]:.1f} | {malt[0]:.1f} | {malt[0] - std[0]:+.1f} | "
+            f"{std[1]:.0f} | {malt[1]:.0f} | {std[1] / max(malt[1], 1e-9):.1f}x | {std[2]:.1f} | {malt[2]:.1f} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--attack", nargs="+", choices=["square", "fab-t", "autoattack"], default=["square"])
+    ap.add_argument("--attack", nargs="+", choices=["square", "fab-t", "autoattack", "malt"], default=["square"])
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--queries", type=int, default=5000, help="Square's budget (the cascade's is 5,000)")
     ap.add_argument("--threads", type=int, default=1)
@@ -111,10 +132,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     models = _models(args.fashion_root, args.models)
     for attack in args.attack:
+        if attack == "malt":
+            head = ("| model | norm | eps | clean | AutoAttack standard | MALT version | MALT - standard | standard "
+                    "passes/image | MALT passes/image | fewer passes | standard ms/image | MALT ms/image |")
+            print(f"\n{head}\n|" + "---|" * (head.count("|") - 1), flush=True)
+            for name, (model, x, y, linf, l2) in models.items():
+                for norm, eps in (("linf", linf), ("l2", l2)):
+                    if norm in args.norms:
+                        print(_malt_row(name, model, x[:args.n], y[:args.n], norm, eps), flush=True)
+            continue
         head = (f"| model | norm | eps | clean | advfeat {attack} | torchattacks {attack} | difference | "
                 "advfeat ms/image | torchattacks ms/image |")
         if attack == "autoattack":
-            head += " advfeat, 100 steps | its ms/image |"
+            head += " advfeat, 100 steps | its ms/image | its passes/image |"
         print(f"\n{head}\n|" + "---|" * (head.count("|") - 1), flush=True)
         for name, (model, x, y, linf, l2) in models.items():
             for norm, eps in (("linf", linf), ("l2", l2)):

@@ -437,7 +437,7 @@ def test_apgd_t_with_its_targets_in_one_batch_equals_the_sequential_run(max_batc
 
 def test_batched_restarts_of_apgd_t_run_apgd_t():
     """Restarts(batched=True) runs one batch through run_from, which APGD-T's target loop is not: it falls back to
-    the runs one after another (it ran plain APGD-DLR before session 8)."""
+    the runs one after another."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
     x, y = torch.rand(12, 1, 8, 8), torch.randint(0, 10, (12,))
@@ -447,7 +447,7 @@ def test_batched_restarts_of_apgd_t_run_apgd_t():
     assert torch.equal(seq, bat)
 
 
-# -- Square: gradient-free, on the conventions of every attack (issue 32) ---------------------------------------------
+# -- Square: gradient-free, on the conventions of every attack --------------------------------------------------------
 
 @functools.cache
 def _planted_model():
@@ -533,7 +533,7 @@ def test_square_is_no_weaker_than_torchattacks_port(norm, eps):
     assert acc(af.Square(eps, norm=norm, queries=300, seed=0)(model, x, y)) <= acc(ref(x, y)) + 0.03
 
 
-# -- EOT: gradients averaged over a randomised model's draws (issue 32) ---------------------------------------------
+# -- EOT: gradients averaged over a randomised model's draws --------------------------------------------------------
 
 class _RandomPixels(torch.nn.Module):
     """A randomised defence: each forward keeps a random 10% of the pixels (the rest at 0.5), rescaled."""
@@ -572,7 +572,7 @@ def test_eot_shows_what_a_randomised_model_hides_from_a_single_draw():
         af.EOT(af.Square(0.05))
 
 
-# -- FAB and the AutoAttack cascade (issue 32) ----------------------------------------------------------------------
+# -- FAB and the AutoAttack cascade ---------------------------------------------------------------------------------
 
 @given(st.integers(0, 2**31 - 1), st.sampled_from(["linf", "l2"]), st.integers(1, 12))
 def test_fabs_projection_lands_on_the_plane_inside_the_box_and_is_the_shortest_step(seed, norm, dim):

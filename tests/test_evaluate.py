@@ -114,7 +114,7 @@ def test_a_sample_counts_as_broken_if_any_iterate_is_misclassified(step_size):
     assert int((~broken).sum()) < int(last.sum())  # last-iterate accuracy would overstate robustness
 
 
-# -- per-sample results, intervals, paired comparison, curves, ranks (issue 32) --------------------------------------
+# -- per-sample results, intervals, paired comparison, curves, ranks -----------------------------------------------
 
 import json  # noqa: E402
 import subprocess  # noqa: E402

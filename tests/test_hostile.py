@@ -1,4 +1,4 @@
-"""Defects a hostile user found in the newer surfaces (issue 33), one test each: the caller's loader read once per
+"""Defects a hostile user found in the surfaces of version 0.2, one test each: the caller's loader read once per
 epoch, a collate function or batch sampler that would silently change a construction, non-finite models stopped
 by every attack, per-sample budgets through APGD-T, full disks named with the bytes needed, robustify's start
 images covered by the resume check, and the command line's OpenMP waiting policy."""

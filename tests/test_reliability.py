@@ -1,4 +1,4 @@
-"""The reliability defects a hostile tester found (issue 20): nothing written through a planted symbolic link,
+"""The reliability defects a hostile tester found: nothing written through a planted symbolic link,
 hand-edited manifests and linked shard files refused, a full disk named, clear errors instead of raw tracebacks."""
 
 from __future__ import annotations

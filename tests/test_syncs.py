@@ -1,4 +1,4 @@
-"""No host synchronisation inside a loop (issue 22), counted on the CPU with the engine's accelerator schedule
+"""No host synchronisation inside a loop, counted on the CPU with the engine's accelerator schedule
 forced on (early-stop checks at steps 1, 2, 4, 8, ... as on a GPU). A sync is any call that needs a tensor's value
 on the host: ``item``, ``bool``, ``float``, ``int``, ``tolist``, ``nonzero`` / ``argwhere`` without a size,
 ``cpu``, ``numpy`` and printing. The trainer's checks of the loader's CPU copy of a batch (before it moves to the
