@@ -8,6 +8,7 @@ model and data loader. See README.md and docs/.
 import sys as _sys
 
 from . import (
+    _floor,  # noqa: F401 (first: an older torch is refused before anything uses it)
     adapters,
     allocator,
     construct,
@@ -23,6 +24,7 @@ from . import (
     train,
 )
 from ._lock import InUseError
+from ._version import __version__
 from .attacks import (
     APGD,
     EOT,
@@ -53,8 +55,6 @@ from .models import Normalize
 from .threat import Box, L2Ball, LinfBall, ThreatModel
 from .train import AdversarialTrainer, adversarial_train
 from .transfer import transfer_rates
-
-__version__ = "0.2.0"
 
 # ``advfeat.controls`` and ``advfeat.store`` stay importable under those names
 _sys.modules[f"{__name__}.controls"] = controls

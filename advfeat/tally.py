@@ -34,6 +34,7 @@ from ._checks import check_batch, check_logits
 from ._dist import all_gather_object
 from .adapters import batch_xy
 from .guard import check_input, device_of
+from .result import EvalResult
 
 __all__ = ["checked_batches", "Tally"]
 
@@ -98,11 +99,9 @@ class Tally:
     def count(self, name: str) -> int:
         return int(self.counts[name])
 
-    def compute(self, indices: list[int] | None = None) -> Any:
+    def compute(self, indices: list[int] | None = None) -> EvalResult:
         """The ``EvalResult``: from the flags when kept (per sample; with ``indices``, the dataset index of each
         sample, gathered across ranks), else from the counts."""
-        from .evaluate import EvalResult
-
         attacks = self.names[1:]
         if indices is not None:
             return _gathered(self.flags, indices, self.total, bool(attacks))
@@ -115,11 +114,9 @@ class Tally:
                           worst_correct=None if self.worst is None else int(self.worst))
 
 
-def _gathered(flags: dict[str, list[Tensor]], indices: list[int], total: int, attacked: bool) -> Any:
+def _gathered(flags: dict[str, list[Tensor]], indices: list[int], total: int, attacked: bool) -> EvalResult:
     """The global result of every rank's per-sample flags: gathered, each dataset index counted once (the first
     rank that holds it), in index order."""
-    from .evaluate import EvalResult
-
     if len(indices) < total:
         raise ValueError(f"the loader yielded {total} samples but its DistributedSampler holds {len(indices)}")
     local = {k: (torch.cat(v).cpu() if v else torch.zeros(0, dtype=torch.bool)) for k, v in flags.items()}

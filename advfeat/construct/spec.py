@@ -22,6 +22,7 @@ from torch.utils.data import BatchSampler, DataLoader, IterableDataset, Sampler,
 
 from .._checks import check_batch, check_labels, check_logits, check_positive_int, check_seed
 from .._digest import fingerprint, tensor_bytes
+from .._version import __version__
 from ..adapters import batch_xy, check_keys, classifier
 from ..guard import device_of, frozen_model
 
@@ -214,7 +215,6 @@ class Spec:
 
     def manifest(self) -> dict[str, Any]:
         """What a folder of this construction records (``advfeat.construct.store``)."""
-        from .. import __version__
         from .store import FORMAT, shard_count
 
         return {"format": FORMAT, "library": f"advfeat {__version__}", "config": self.config,
