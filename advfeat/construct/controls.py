@@ -33,13 +33,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
+from typing_extensions import Unpack
 
 from .._checks import check_positive_float, check_positive_int
 from .._digest import fingerprint
@@ -48,7 +48,7 @@ from ..guard import device_of, frozen_model, predict
 from ..models import penultimate
 from ..progress import progress_bar
 from .shards import build
-from .spec import specify
+from .spec import Build, BuildOptions, specify
 from .store import ConstructedDataset
 
 __all__ = ["leakage_probe", "shortcut", "wrong_labels"]
@@ -127,15 +127,7 @@ def shortcut(
     *,
     mode: str = "det",
     eps: float = 0.5,
-    seed: int = 0,
-    out: str | Path | None = None,
-    shard_size: int = 4096,
-    batch_size: int | None = None,
-    lower: float = 0.0,
-    upper: float = 1.0,
-    device: str | torch.device | None = None,
-    progress: bool = True,
-    keys: tuple[str, str] | None = None,
+    **options: Unpack[BuildOptions],
 ) -> ConstructedDataset:
     """Keller Jordan's shortcut control: ``nonrobustify``'s relabelling (the same targets for the same ``mode``
     and ``seed``) with each adversarial perturbation replaced by a fixed random pattern of the target class, of L2
@@ -145,10 +137,12 @@ def shortcut(
     and sharding as ``nonrobustify``.
     """
     check_positive_float("eps", eps)
-    spec = specify("shortcut", model, loader, mode=mode, settings={"mode": mode, "eps": eps},
-                   fields=("target_reached", "perturbation_norm", "original_label"), seed=seed, lower=lower,
-                   upper=upper, batch_size=batch_size, shard_size=shard_size, storage="float32", device=device,
-                   keys=keys, out=out, progress=progress, desc=f"shortcut {mode}")
+    if options.get("storage", "float32") != "float32":
+        raise ValueError("storage: the shortcut control stores float32 (its patterns are below 1/255 per pixel)")
+    common = Build(**options)
+    seed, lower, upper = common.seed, common.lower, common.upper
+    spec = specify("shortcut", model, loader, common, mode=mode, settings={"mode": mode, "eps": eps},
+                   fields=("target_reached", "perturbation_norm", "original_label"), desc=f"shortcut {mode}")
     assert spec.targets is not None
     targets, c = spec.targets, spec.classes
     shape = spec.source.get(torch.arange(1))[0].shape[1:]

@@ -22,7 +22,7 @@ from ..models import last_linear, penultimate
 from ..steps import Constant, Cosine, RelativeToStart, StepRule
 from ..threat import Box
 from .shards import build
-from .spec import specify
+from .spec import Build, specify
 from .store import ConstructedDataset
 
 __all__ = ["robustify", "nonrobustify", "ROBUSTIFY_RULE", "NONROBUSTIFY_RULE", "LOW_TARGETS", "LowTargetsWarning"]
@@ -119,12 +119,11 @@ def robustify(
         raise TypeError(f"representation must be a callable x -> g(x), got {type(representation).__name__}")
     rep_name = "last nn.Linear input" if representation is None else getattr(
         representation, "__qualname__", type(representation).__name__)
-    spec = specify("robustify", model, loader,
+    common = Build(seed, lower, upper, out, shard_size, batch_size, storage, device, progress, keys)
+    spec = specify("robustify", model, loader, common,
                    settings={"init": init, "steps": steps, "step_size": step_size, "rule": repr(rule),
                              "representation": rep_name},
-                   fields=("rel_distance", "start_index"), seed=seed, lower=lower, upper=upper,
-                   batch_size=batch_size, shard_size=shard_size, storage=storage, device=device, keys=keys, out=out,
-                   progress=progress, desc="robustify")
+                   fields=("rel_distance", "start_index"), desc="robustify")
     n = spec.source.n
     if init == "other" and n < 2:
         raise ValueError("init='other' needs at least 2 source images")
@@ -216,11 +215,11 @@ def nonrobustify(
         extra["keep_correct"] = [fingerprint(m) for m in keep]
     if keep_best:
         extra["keep_best"] = True
-    spec = specify("nonrobustify", model, loader, mode=mode,
+    common = Build(seed, lower, upper, out, shard_size, batch_size, storage, device, progress, keys)
+    spec = specify("nonrobustify", model, loader, common, mode=mode,
                    settings={"mode": mode, "eps": eps, "step_size": step_size, "steps": steps, "rule": repr(rule)},
-                   fields=("target_reached", "perturbation_norm", "original_label"), seed=seed, lower=lower,
-                   upper=upper, batch_size=batch_size, shard_size=shard_size, storage=storage, device=device,
-                   keys=keys, out=out, progress=progress, desc=f"nonrobustify {mode}", extra=extra)
+                   fields=("target_reached", "perturbation_norm", "original_label"), desc=f"nonrobustify {mode}",
+                   extra=extra)
     assert spec.targets is not None
     targets, source_model, others = spec.targets, spec.model, [classifier(m) for m in keep]
     attack = L2PGD(eps, steps=steps, step_size=step_size, targeted=True, lower=lower, upper=upper, rule=rule,

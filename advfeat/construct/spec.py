@@ -13,7 +13,7 @@ import hashlib
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from .._version import __version__
 from ..adapters import batch_xy, check_keys, classifier
 from ..guard import device_of, frozen_model
 
-__all__ = ["Source", "Targets", "Spec", "specify", "STORAGE"]
+__all__ = ["Source", "Targets", "Spec", "Build", "BuildOptions", "specify", "STORAGE"]
 
 STORAGE = ("float32", "uint8")
 """How images are stored: ``"float32"`` (exact) or ``"uint8"`` (quantised to 1/255, which can erase non-robust
@@ -221,17 +221,54 @@ class Spec:
                 "shards": shard_count(self.source.n, self.shard_size), "fields": list(self.fields)}
 
 
-def specify(kind: str, model: nn.Module, loader: Any, *, settings: Mapping[str, Any], fields: Sequence[str],
-            seed: int, lower: float, upper: float, batch_size: int | None, shard_size: int, storage: str,
-            device: str | torch.device | None, keys: tuple[str, str] | None, out: str | Path | None,
-            progress: bool, desc: str, mode: str | None = None,
+@dataclass(frozen=True)
+class Build:
+    """What every construction takes besides its own settings: the ``seed`` (sample ``i``'s randomness depends
+    only on ``(seed, i)``), the pixel box ``lower`` / ``upper``, where it streams (``out``, ``shard_size``,
+    ``storage``), how it reads (``batch_size``, ``keys`` of mapping batches), the ``device`` and the progress bar.
+    A construction's public function takes these as keywords and hands them to ``specify`` as one ``Build``; a new
+    construction declares only its own parameters and ``**build: Unpack[BuildOptions]``."""
+
+    seed: int = 0
+    lower: float = 0.0
+    upper: float = 1.0
+    out: str | Path | None = None
+    shard_size: int = 4096
+    batch_size: int | None = None
+    storage: str = "float32"
+    device: str | torch.device | None = None
+    progress: bool = True
+    keys: tuple[str, str] | None = None
+
+
+class BuildOptions(TypedDict, total=False):
+    """``Build``'s fields as keyword arguments (``**build: Unpack[BuildOptions]`` in a construction's signature)."""
+
+    seed: int
+    lower: float
+    upper: float
+    out: str | Path | None
+    shard_size: int
+    batch_size: int | None
+    storage: str
+    device: str | torch.device | None
+    progress: bool
+    keys: tuple[str, str] | None
+
+
+def specify(kind: str, model: nn.Module, loader: Any, build: Build, *, settings: Mapping[str, Any],
+            fields: Sequence[str], desc: str, mode: str | None = None,
             extra: Mapping[str, Any] | None = None) -> Spec:
     """Check a construction before anything is written and return its ``Spec``.
 
-    ``settings``: the construction's own recorded settings (after ``kind``, before the common ones); ``mode``:
-    ``"det"`` / ``"rand"`` for a relabelling (its targets), else None; ``extra``: config entries recorded after the
-    common ones (and only when given, so folders built before they existed still resume).
+    ``build``: the parameters every construction shares; ``settings``: the construction's own recorded settings
+    (after ``kind``, before the common ones); ``mode``: ``"det"`` / ``"rand"`` for a relabelling (its targets), else
+    None; ``extra``: config entries recorded after the common ones (and only when given, so folders built before
+    they existed still resume).
     """
+    seed, lower, upper, batch_size, shard_size = build.seed, build.lower, build.upper, build.batch_size, \
+        build.shard_size
+    storage, device, keys, out, progress = build.storage, build.device, build.keys, build.out, build.progress
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if mode is not None and mode not in ("det", "rand"):
