@@ -33,8 +33,8 @@ set and cell is cached in ``--out`` (a rerun resumes; one run per folder). Each 
 ``leakage`` (``advfeat.controls.leakage_probe`` with the robust model on the same prefix: what robust features
 alone teach), ``curve`` (the learner's real-test accuracy after every epoch, measured without touching its
 training's random streams), ``passes`` (the attack's passes per image) and ``seconds``. ``--measure`` adds
-``split``, ``poison`` and ``transfer`` (``advfeat.report.MEASURES``), each a cached stage of its own with its time
-as ``<measure>_seconds``. Writes
+``split``, ``poison`` and ``transfer`` (``map_report.MEASURES``), each a cached stage of its own with its
+time as ``<measure>_seconds``. Writes
 ``map.json`` and ``map.md`` after every cell (``"complete": false`` until the last), and ``map.png``,
 ``curves.png`` and (with ``transfer``) ``teaching.png`` at the end.
 """
@@ -55,8 +55,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from .. import figures, models, report, steps
-from .._io import atomic_write
+from .. import models, steps
+from .._io import atomic_write, load_tensors
 from .._lock import exclusive, folder_lock
 from ..attacks import L2PGD
 from ..construct import ConstructedDataset, nonrobustify
@@ -64,19 +64,14 @@ from ..construct.controls import leakage_probe
 from ..evaluate import shifted_accuracy
 from ..train import adversarial_train
 from . import settings as rep
-from .stages import cached_stage, curve_of, learning_curve
+from .map_report import MAP_AXES, MEASURES, render, write_figures
+from .stages import Run, Stage, curve_of, learning_curve
 
 __all__ = ["build_cells", "build_map", "design", "choose", "rules", "learners", "same_recipe", "render",
-           "Relabelled", "LEARNERS", "AXES", "DEFAULT_BASE"]
+           "cell_stages", "Relabelled", "LEARNERS", "AXES", "DEFAULT_BASE", "MEASUREMENTS", "SET_KEY"]
 
 LEARNERS = ("cnn", "mlp", "resnet")
-AXES = report.MAP_AXES
-
-
-def render(result: dict[str, Any]) -> str:
-    """What ``map.md`` holds: the map's table, and its measurements' table when it has any."""
-    extra = [t for t in (report.measures_table(result), report.teaching_table(result)) if t]
-    return "\n".join([report.map_table(result), *extra])
+AXES = MAP_AXES
 
 
 def rules(settings: rep.Settings) -> dict[str, Callable[[float], dict[str, Any]]]:
@@ -168,34 +163,16 @@ def build_cells(out: str | Path, cells: Sequence[Mapping[str, Any]], *, source: 
     """Fill the map's ``cells`` (mappings of the axes; missing axes from ``DEFAULT_BASE``) in ``out``; returns
     what ``map.json`` holds. With ``source`` (a finished ``advfeat replicate --out``) its settings, standard and
     robust models are used; else the settings of ``dataset`` and ``scale`` and models trained here.
-    ``measures`` (``report.MEASURES``): measurements added to every cell, each a stage of its own (so a finished
-    cell keeps its result and gains the measurement); ``poison`` only in D_det cells."""
-    unknown = [m for m in measures if m not in report.MEASURES]
+    ``measures`` (``map_report.MEASURES``): measurements added to every cell, each a stage of its own (so a
+    finished cell keeps its result and gains the measurement); ``poison`` only in D_det cells.
+
+    A cell is a list of ``Stage``s (``cell_stages``: the cell, then each measurement, ``MEASUREMENTS``) run by
+    the replication's ``stages.Run``, every result cached as ``stages/<name>.json``."""
+    unknown = [m for m in measures if m not in MEASURES]
     if unknown:
-        raise ValueError(f"measures must be among {', '.join(report.MEASURES)}; got {', '.join(unknown)}")
+        raise ValueError(f"measures must be among {', '.join(MEASURES)}; got {', '.join(unknown)}")
     outdir = Path(out)
-    if source is not None:
-        src = Path(source)
-        if not (src / "settings.json").exists() or not (src / "models" / "standard.pt").exists():
-            raise ValueError(f"--from {str(src)!r} is not a replicate run with a trained standard model "
-                             "(settings.json and models/standard.pt): run `advfeat replicate --out` there first")
-        where = f"--from {str(src)!r}: {src / 'settings.json'}"
-        try:
-            record = json.loads((src / "settings.json").read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{where} is damaged ({type(e).__name__}): is this a replicate run?") from None
-        if not isinstance(record, dict) or not isinstance(record.get("settings"), dict) or "seed" not in record:
-            raise ValueError(f"{where} holds no 'settings' and 'seed': it is not a replicate run's record")
-        fields = set(rep.Settings.__dataclass_fields__)
-        given: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in record["settings"].items()
-                                 if k in fields}
-        try:
-            s = rep.Settings(**given)
-            run_seed = int(record["seed"])
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{where} holds settings this version cannot read ({e})") from None
-    else:
-        src, s, run_seed = None, rep.settings_for(dataset, scale), 0
+    src, s, run_seed = _source(source, dataset, scale)
     full = [{**DEFAULT_BASE, **c} for c in cells]
     for c in full:
         _check_cell(c)
@@ -209,217 +186,268 @@ def build_cells(out: str | Path, cells: Sequence[Mapping[str, Any]], *, source: 
             raise ValueError(f"rule must be among {', '.join(rules(s))}; got {c['rule']!r}")
         if c["source_epochs"] == 0 and src is None:
             raise ValueError("source_epochs 0 means the --from run's standard model: give --from, or source_epochs")
-    loaded: dict[int, tuple[Dataset[Any], Dataset[Any]]] = {}
-
-    def data(seed: int) -> tuple[Dataset[Any], Dataset[Any]]:
-        if seed not in loaded:
-            loaded[seed] = rep.load_data(s, root, seed)[:2]
-        return loaded[seed]
-
+    cache = _Data(s, root)
     for c in full:  # every cell's images exist, before any work
-        size = len(cast(Sized, data(c["seed"])[0]))
+        size = len(cast(Sized, cache(c["seed"])[0]))
         if c["n"] > size:
             raise ValueError(f"cell {c}: n must be at most the {size:,} training images of {s.dataset}, got {c['n']}")
     t_start = time.perf_counter()
     with exclusive(folder_lock(outdir), f"--out {str(outdir)!r}"):
-        for sub in ("stages", "datasets", "checkpoints", "models"):
-            (outdir / sub).mkdir(parents=True, exist_ok=True)
-
-        def stage(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-            return cached_stage(outdir / "stages", name, fn, log)
-
-        curves: dict[str, list[float]] = {}  # a learner's real-test accuracy after every epoch, by name
-
-        def trained(name: str, train: Dataset[Any], make: Callable[[], nn.Module], method: str, epochs: int,
-                    lr: float, seed: int, curve_on: Dataset[Any] | None = None) -> nn.Module:
-            """A model trained once (checkpointed every epoch, resumed), then read back from its checkpoint; with
-            ``curve_on``, its accuracy there after every epoch (``curves[name]``; the weights are those of a run
-            without it)."""
-            torch.manual_seed(seed)
-            model = make()
-            history = adversarial_train(
-                model, DataLoader(train, batch_size=s.batch_size, shuffle=True), method=method,
-                attack=L2PGD(s.eps, steps=s.train_steps), epochs=epochs, lr=lr, progress=progress,
-                checkpoint=outdir / "checkpoints" / f"{name}.pt", resume=True,
-                callbacks=[learning_curve(curve_on)] if curve_on is not None else [])
-            if curve_on is not None:
-                curves[name] = curve_of(history)
-            return model.eval()
-
-        def from_run(name: str) -> nn.Module:
-            assert src is not None
-            m = rep.make_model(s)
-            m.load_state_dict(torch.load(src / "models" / f"{name}.pt", map_location="cpu", weights_only=True))
-            return m.eval()
-
-        def source_model(epochs: int, seed: int) -> nn.Module:
-            if epochs == 0:
-                return from_run("standard")
-            name = f"source_e{epochs}_s{seed}"
-            stage(name, lambda: {"epochs": epochs})
-            return trained(name, data(seed)[0], lambda: rep.make_model(s), "standard", epochs, s.lr, seed)
-
-        def robust_model(seed: int) -> nn.Module:
-            if src is not None and seed == run_seed:
-                return from_run("robust")
-            stage(f"robust_s{seed}", lambda: {"epochs": s.robust_epochs, "method": s.robust_method})
-            return trained(f"robust_s{seed}", data(seed)[0], lambda: rep.make_model(s), s.robust_method,
-                           s.robust_epochs, s.lr, seed)
-
-        def relabelled(c: Mapping[str, Any], n_max: int) -> ConstructedDataset:
-            mode, e, seed = c["mode"], c["eps"], c["seed"]
-            if (src is not None and c["source_epochs"] == 0 and s.nonrobust_source_epochs is None and seed == run_seed
-                    and (src / "stages" / f"build_d_{mode}.json").exists()):
-                ds = ConstructedDataset.load(src / "datasets" / f"d_{mode}")  # the run's own, finished: reused
-                if len(ds) >= n_max and same_recipe(ds.config, e, rules(s)[c["rule"]](e)):  # when built alike
-                    return ds
-            name = f"{mode}_eps{e:g}_src{c['source_epochs']}_{c['rule']}_s{seed}"
-            if c["source_epochs"] == 0 and c["rule"] == "default" and seed == run_seed:
-                name = f"{mode}_eps{e:g}"  # the earlier map's folder names
-            folder = outdir / "datasets" / f"{name}_n{n_max}"
-
-            def build() -> dict[str, Any]:
-                ds = nonrobustify(source_model(c["source_epochs"], seed), Subset(data(seed)[0], range(n_max)),
-                                     mode=mode, eps=e, seed=seed, batch_size=s.batch_size, shard_size=1024,
-                                     progress=progress, out=folder, **rules(s)[c["rule"]](e))
-                return {"n": len(ds), "targets_reached": float(ds.meta["target_reached"].double().mean())}
-
-            stage(f"build_{name}_n{n_max}", build)
-            return ConstructedDataset.load(folder)
-
-        set_key = ("mode", "eps", "source_epochs", "rule", "seed")
-        sizes: dict[tuple[Any, ...], int] = {}
-        for c in full:
-            k = tuple(c[a] for a in set_key)
-            sizes[k] = max(sizes.get(k, 0), c["n"])
-        shape = tuple(data(full[0]["seed"])[0][0][0].shape)
-        make = learners(shape)
-
-        def cell_set(c: Mapping[str, Any]) -> ConstructedDataset:
-            """The relabelled set a cell trains on (built once, for the largest n that uses it)."""
-            return relabelled(c, sizes[tuple(c[a] for a in set_key)])
-
-        def learning_rate(c: Mapping[str, Any]) -> float:
-            return s.lr_nr if c["mode"] == "rand" else s.lr
-
-        def cell(c: Mapping[str, Any], name: str) -> dict[str, Any]:
-            n, seed, ds = c["n"], c["seed"], cell_set(c)
-            if len(ds) < n:
-                raise ValueError(f"--sizes: {n} is more than the {len(ds)} images of the training set")
-            prefix: Dataset[Any] = Subset(ds, range(n))
-            test = data(seed)[1]
-            t0 = time.perf_counter()
-            model = trained(name, prefix, make[c["learner"]], "standard", c["learner_epochs"], learning_rate(c), seed,
-                            curve_on=test)
-            train_s = time.perf_counter() - t0
-            return {"test_accuracy": shifted_accuracy(model, test), "fit": shifted_accuracy(model, prefix),
-                    "curve": curves[name],
-                    "predicts_shift": shifted_accuracy(model, test, shift=1) if c["mode"] == "det" else None,
-                    "targets_reached": float(ds.meta["target_reached"][:n].double().mean()),
-                    "leakage": leakage_probe(robust_model(seed), prefix, test, seed=seed),
-                    "train_seconds": round(train_s, 2)}
-
-        def split(c: Mapping[str, Any], name: str) -> dict[str, Any]:
-            """Learners on the reached and the unreached parts apart (equal sizes) and on the unperturbed
-            images with the set's labels (the same size)."""
-            n, seed, ds = c["n"], c["seed"], cell_set(c)
-            reached = ds.meta["target_reached"][:n].bool()
-            parts = {"reached": reached.nonzero().squeeze(1), "unreached": (~reached).nonzero().squeeze(1)}
-            size = min(len(v) for v in parts.values())
-            out: dict[str, Any] = {"split_size": size, "reached_teaches": None, "unreached_teaches": None,
-                                   "random_labels_teach": None}
-            if size == 0:
-                return out
-            g = torch.Generator().manual_seed(seed)
-            chosen = {k: v[torch.randperm(len(v), generator=g)[:size]].sort().values.tolist()
-                      for k, v in parts.items()}
-            chosen["random_labels"] = torch.randperm(n, generator=g)[:size].sort().values.tolist()
-            for part, idx in chosen.items():
-                train: Dataset[Any] = (Subset(ds, idx) if part != "random_labels" else
-                                       Relabelled(Subset(data(seed)[0], idx), ds.labels[idx]))
-                model = trained(f"{name}_{part}", train, make[c["learner"]], "standard", c["learner_epochs"],
-                                learning_rate(c), seed)
-                out[f"{part}_teaches" if part != "random_labels" else "random_labels_teach"] = \
-                    shifted_accuracy(model, data(seed)[1])
-            return out
-
-        def poison(c: Mapping[str, Any], name: str) -> dict[str, Any]:
-            """A learner on D_det's images with their true labels, and one on the clean images with theirs."""
-            n, seed, ds = c["n"], c["seed"], cell_set(c)
-            poisoned = Relabelled(Subset(ds, range(n)), ds.meta["original_label"][:n].long())
-            model = trained(f"{name}_poison", poisoned, make[c["learner"]], "standard", c["learner_epochs"],
-                            s.lr, seed)
-            clean_name = f"clean_n{n}_{c['learner']}_e{c['learner_epochs']}_s{seed}"
-            clean = trained(clean_name, Subset(data(seed)[0], range(n)), make[c["learner"]], "standard",
-                            c["learner_epochs"], s.lr, seed)
-            return {"poison_accuracy": shifted_accuracy(model, data(seed)[1]),
-                    "clean_accuracy": shifted_accuracy(clean, data(seed)[1])}
-
-        other_arch = "cnn" if s.model == "SmallResNet" else "mlp"  # planted: a 1024-wide MLP beside its 256-wide one
-
-        def independent(seed: int) -> dict[str, nn.Module]:
-            """Standard models the sources never saw, trained here as row 1 is: two of the settings' architecture
-            (seeds ``seed`` + 1001, + 1002) and one of another (``other_arch``, + 1003)."""
-            found: dict[str, nn.Module] = {}
-            for k, arch in ((1, "same"), (2, "same"), (3, other_arch)):
-                name = f"independent_{arch}{k}_s{seed}"
-                build = (lambda: rep.make_model(s)) if arch == "same" else make[arch]
-                stage(name, partial(dict, epochs=s.std_epochs, architecture=arch, seed=seed + 1000 + k))
-                found[name] = trained(name, data(seed)[0], build, "standard", s.std_epochs, s.lr, seed + 1000 + k)
-            return found
-
-        def transfer(c: Mapping[str, Any], name: str) -> dict[str, Any]:
-            """How often independently trained models classify the set's images (those whose label moved) as the
-            set's label: its perturbations' transfer, beside the same for the unperturbed images (the control)."""
-            n, seed, ds = c["n"], c["seed"], cell_set(c)
-            x, t = ds.tensors()
-            moved = (t[:n] != ds.meta["original_label"][:n]).nonzero().squeeze(1)
-            clean = torch.stack([data(seed)[0][int(i)][0] for i in moved]) if len(moved) else x[:0]
-            rates = {k: (shifted_accuracy(m, TensorDataset(x[moved], t[moved])),
-                         shifted_accuracy(m, TensorDataset(clean, t[moved])))
-                     for k, m in independent(seed).items()}
-            same = [v for k, v in rates.items() if "_same" in k]
-            other = [v for k, v in rates.items() if "_same" not in k]
-            return {"transfer_same": sum(r for r, _ in same) / len(same), "transfer_other": other[0][0],
-                    "transfer_clean": sum(r for _, r in same) / len(same), "transfer_other_arch": other_arch,
-                    "transfer_n": len(moved)}
-
+        m = _Map(s, outdir, src, run_seed, cache, full, progress, log)
         results = []
         for c in full:
             name = "_".join(f"{a}{c[a]:g}" if isinstance(c[a], float) else f"{a}{c[a]}" for a in AXES)
             passes = rules(s)[c["rule"]](c["eps"])["steps"]  # forward+backward passes per image of the attack
-            found = {**c, **stage(name, partial(cell, c, name)), "passes": passes}
-            for m, fn in (("split", split), ("poison", poison), ("transfer", transfer)):
-                if m in measures and (m != "poison" or c["mode"] == "det"):  # its time beside the cell's
-                    found.update({f"{m}_{k}" if k == "seconds" else k: v
-                                  for k, v in stage(f"{name}_{m}", partial(fn, c, name)).items()})
+            done = m.run.stages(cell_stages(m, c, name, measures))
+            found = {**c, **done[name], "passes": passes}
+            for key in done:  # each measurement's results, its time beside the cell's
+                if key != name:
+                    measure = key[len(name) + 1:]
+                    found.update({f"{measure}_{k}" if k == "seconds" else k: v for k, v in done[key].items()})
             results.append(found)
             result: dict[str, Any] = {
                 "from": None if src is None else str(src), "dataset": s.dataset, "settings": rep.settings_record(s),
-                "n_test": len(cast(Sized, data(full[0]["seed"])[1])), "cells": results,
+                "n_test": len(cast(Sized, cache(full[0]["seed"])[1])), "cells": results,
                 "complete": len(results) == len(full), "total_seconds": round(time.perf_counter() - t_start, 2)}
             # after every cell, so a sweep of hours can be read (and published) while it runs
             for file, text in (("map.json", json.dumps(result, indent=1)), ("map.md", render(result))):
                 atomic_write(outdir / file, partial(_write, text.encode()))
-        varying = [a for a in AXES if len({json.dumps(c[a]) for c in results}) > 1]
-        if set(varying) <= {"mode", "eps", "n", "learner"}:  # a grid over the first map's axes: the heat map
-            fig = figures.generalisation_map([{**c, "mode": f"D_{c['mode']}"} for c in results])
-        else:
-            fig = figures.map_axes(results, varying)
-        figures.save(fig, outdir / "map.png")
-        label = {id(c): ", ".join(f"{a} {c[a]}" for a in varying) or "cell" for c in results}
-        if any("curve" in c for c in results):
-            figures.save(figures.learning_curves({label[id(c)]: c["curve"] for c in results if "curve" in c}),
-                         outdir / "curves.png")
-        measured = [c for c in results if "transfer_same" in c]
-        if measured:
-            figures.save(figures.transfer_scatter(
-                [c["transfer_same"] for c in measured], [c["test_accuracy"] for c in measured],
-                [label[id(c)] for c in measured], title="Teaching against transfer, cell by cell",
-                xlabel="the set's moved images classified as its label by independent models (%)",
-                ylabel="real test accuracy of the set's learner (%)"), outdir / "teaching.png")
+        write_figures(outdir, results)
         log(render(result))
         return result
+
+
+def _source(source: str | Path | None, dataset: str, scale: str) -> tuple[Path | None, rep.Settings, int]:
+    """The ``--from`` run's folder, settings and seed (checked), or the settings of ``dataset`` and ``scale``."""
+    if source is None:
+        return None, rep.settings_for(dataset, scale), 0
+    src = Path(source)
+    if not (src / "settings.json").exists() or not (src / "models" / "standard.pt").exists():
+        raise ValueError(f"--from {str(src)!r} is not a replicate run with a trained standard model "
+                         "(settings.json and models/standard.pt): run `advfeat replicate --out` there first")
+    where = f"--from {str(src)!r}: {src / 'settings.json'}"
+    try:
+        record = json.loads((src / "settings.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{where} is damaged ({type(e).__name__}): is this a replicate run?") from None
+    if not isinstance(record, dict) or not isinstance(record.get("settings"), dict) or "seed" not in record:
+        raise ValueError(f"{where} holds no 'settings' and 'seed': it is not a replicate run's record")
+    fields = set(rep.Settings.__dataclass_fields__)
+    given: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in record["settings"].items()
+                             if k in fields}
+    try:
+        return src, rep.Settings(**given), int(record["seed"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where} holds settings this version cannot read ({e})") from None
+
+
+class _Data:
+    """The settings' training and test sets by seed, each loaded once."""
+
+    def __init__(self, s: rep.Settings, root: str | None) -> None:
+        self.s, self.root = s, root
+        self.loaded: dict[int, tuple[Dataset[Any], Dataset[Any]]] = {}
+
+    def __call__(self, seed: int) -> tuple[Dataset[Any], Dataset[Any]]:
+        if seed not in self.loaded:
+            self.loaded[seed] = rep.load_data(self.s, self.root, seed)[:2]
+        return self.loaded[seed]
+
+
+class _Map:
+    """What a map's cells share: the replication's ``Run`` over ``out`` (stages cached as ``stages/<name>.json``),
+    the data, the models (trained once, checkpointed every epoch, read back; the ``--from`` run's read through the
+    checked reader), the relabelled sets (each built once, for the largest ``n`` that uses it), and the learners'
+    per-epoch curves."""
+
+    def __init__(self, s: rep.Settings, out: Path, src: Path | None, run_seed: int, data: _Data,
+                 full: list[dict[str, Any]], progress: bool, log: Callable[[str], None]) -> None:
+        self.s, self.out, self.src, self.run_seed, self.data, self.progress = s, out, src, run_seed, data, progress
+        self.run = Run(s, out, torch.device("cpu"), run_seed, progress, log)
+        self.curves: dict[str, list[float]] = {}  # a learner's real-test accuracy after every epoch, by name
+        self.sizes: dict[tuple[Any, ...], int] = {}
+        for c in full:
+            k = tuple(c[a] for a in SET_KEY)
+            self.sizes[k] = max(self.sizes.get(k, 0), c["n"])
+        self.make = learners(tuple(data(full[0]["seed"])[0][0][0].shape))
+        self.other_arch = "cnn" if s.model == "SmallResNet" else "mlp"  # planted: a 1024-wide MLP beside its own
+
+    def stage(self, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        return self.run.stages([Stage(name, fn)])[name]
+
+    def trained(self, name: str, train: Dataset[Any], make: Callable[[], nn.Module], method: str, epochs: int,
+                lr: float, seed: int, curve_on: Dataset[Any] | None = None) -> nn.Module:
+        """A model trained once (checkpointed every epoch, resumed), then read back from its checkpoint; with
+        ``curve_on``, its accuracy there after every epoch (``curves[name]``; the weights are those of a run
+        without it)."""
+        s = self.s
+        torch.manual_seed(seed)
+        model = make()
+        history = adversarial_train(
+            model, DataLoader(train, batch_size=s.batch_size, shuffle=True), method=method,
+            attack=L2PGD(s.eps, steps=s.train_steps), epochs=epochs, lr=lr, progress=self.progress,
+            checkpoint=self.out / "checkpoints" / f"{name}.pt", resume=True,
+            callbacks=[learning_curve(curve_on)] if curve_on is not None else [])
+        if curve_on is not None:
+            self.curves[name] = curve_of(history)
+        return model.eval()
+
+    def from_run(self, name: str) -> nn.Module:
+        """The ``--from`` run's model ``name``, through the checked reader (no code from the file runs)."""
+        assert self.src is not None
+        m = rep.make_model(self.s)
+        m.load_state_dict(load_tensors(self.src / "models" / f"{name}.pt", f"the {name} model of the run",
+                                       "run advfeat replicate on that folder again to rebuild it", argument="--from"))
+        return m.eval()
+
+    def source_model(self, epochs: int, seed: int) -> nn.Module:
+        if epochs == 0:
+            return self.from_run("standard")
+        name = f"source_e{epochs}_s{seed}"
+        self.stage(name, lambda: {"epochs": epochs})
+        return self.trained(name, self.data(seed)[0], lambda: rep.make_model(self.s), "standard", epochs, self.s.lr,
+                            seed)
+
+    def robust_model(self, seed: int) -> nn.Module:
+        s = self.s
+        if self.src is not None and seed == self.run_seed:
+            return self.from_run("robust")
+        self.stage(f"robust_s{seed}", lambda: {"epochs": s.robust_epochs, "method": s.robust_method})
+        return self.trained(f"robust_s{seed}", self.data(seed)[0], lambda: rep.make_model(s), s.robust_method,
+                            s.robust_epochs, s.lr, seed)
+
+    def cell_set(self, c: Mapping[str, Any]) -> ConstructedDataset:
+        """The relabelled set a cell trains on: built once, for the largest ``n`` that uses it (a ``--from`` run's
+        own finished D_rand / D_det when it is of this very recipe)."""
+        s, src = self.s, self.src
+        n_max = self.sizes[tuple(c[a] for a in SET_KEY)]
+        mode, e, seed = c["mode"], c["eps"], c["seed"]
+        if (src is not None and c["source_epochs"] == 0 and s.nonrobust_source_epochs is None
+                and seed == self.run_seed and (src / "stages" / f"build_d_{mode}.json").exists()):
+            ds = ConstructedDataset.load(src / "datasets" / f"d_{mode}")  # the run's own, finished: reused
+            if len(ds) >= n_max and same_recipe(ds.config, e, rules(s)[c["rule"]](e)):  # when built alike
+                return ds
+        name = f"{mode}_eps{e:g}_src{c['source_epochs']}_{c['rule']}_s{seed}"
+        if c["source_epochs"] == 0 and c["rule"] == "default" and seed == self.run_seed:
+            name = f"{mode}_eps{e:g}"  # the earlier map's folder names
+        folder = self.out / "datasets" / f"{name}_n{n_max}"
+
+        def build() -> dict[str, Any]:
+            ds = nonrobustify(self.source_model(c["source_epochs"], seed), Subset(self.data(seed)[0], range(n_max)),
+                              mode=mode, eps=e, seed=seed, batch_size=s.batch_size, shard_size=1024,
+                              progress=self.progress, out=folder, **rules(s)[c["rule"]](e))
+            return {"n": len(ds), "targets_reached": float(ds.meta["target_reached"].double().mean())}
+
+        self.stage(f"build_{name}_n{n_max}", build)
+        return ConstructedDataset.load(folder)
+
+    def learner(self, c: Mapping[str, Any], name: str, train: Dataset[Any], lr: float | None = None,
+                curve_on: Dataset[Any] | None = None) -> nn.Module:
+        """The cell's learner trained on ``train`` (the cell's mode's learning rate unless ``lr``)."""
+        rate = lr if lr is not None else (self.s.lr_nr if c["mode"] == "rand" else self.s.lr)
+        return self.trained(name, train, self.make[c["learner"]], "standard", c["learner_epochs"], rate, c["seed"],
+                            curve_on=curve_on)
+
+    def independent(self, seed: int) -> dict[str, nn.Module]:
+        """Standard models the sources never saw, trained here as row 1 is: two of the settings' architecture
+        (seeds ``seed`` + 1001, + 1002) and one of another (``other_arch``, + 1003)."""
+        s, found = self.s, {}
+        for k, arch in ((1, "same"), (2, "same"), (3, self.other_arch)):
+            name = f"independent_{arch}{k}_s{seed}"
+            build = (lambda: rep.make_model(s)) if arch == "same" else self.make[arch]
+            self.stage(name, partial(dict, epochs=s.std_epochs, architecture=arch, seed=seed + 1000 + k))
+            found[name] = self.trained(name, self.data(seed)[0], build, "standard", s.std_epochs, s.lr,
+                                       seed + 1000 + k)
+        return found
+
+
+SET_KEY = ("mode", "eps", "source_epochs", "rule", "seed")
+"""The axes that decide a cell's relabelled set (the other axes share it)."""
+
+
+def _cell(m: _Map, c: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The cell: its learner on the first ``n`` images of its set, scored on the real test set, its fit, the share
+    predicted ``y + 1`` (D_det), its targets reached, the leakage probe and the learner's per-epoch curve."""
+    n, seed, ds = c["n"], c["seed"], m.cell_set(c)
+    if len(ds) < n:
+        raise ValueError(f"--sizes: {n} is more than the {len(ds)} images of the training set")
+    prefix: Dataset[Any] = Subset(ds, range(n))
+    test = m.data(seed)[1]
+    t0 = time.perf_counter()
+    model = m.learner(c, name, prefix, curve_on=test)
+    train_s = time.perf_counter() - t0
+    return {"test_accuracy": shifted_accuracy(model, test), "fit": shifted_accuracy(model, prefix),
+            "curve": m.curves[name],
+            "predicts_shift": shifted_accuracy(model, test, shift=1) if c["mode"] == "det" else None,
+            "targets_reached": float(ds.meta["target_reached"][:n].double().mean()),
+            "leakage": leakage_probe(m.robust_model(seed), prefix, test, seed=seed),
+            "train_seconds": round(train_s, 2)}
+
+
+def _split(m: _Map, c: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """Learners on the reached and the unreached parts apart (equal sizes) and on the unperturbed images with the
+    set's labels (the same size)."""
+    n, seed, ds = c["n"], c["seed"], m.cell_set(c)
+    reached = ds.meta["target_reached"][:n].bool()
+    parts = {"reached": reached.nonzero().squeeze(1), "unreached": (~reached).nonzero().squeeze(1)}
+    size = min(len(v) for v in parts.values())
+    out: dict[str, Any] = {"split_size": size, "reached_teaches": None, "unreached_teaches": None,
+                           "random_labels_teach": None}
+    if size == 0:
+        return out
+    g = torch.Generator().manual_seed(seed)
+    chosen = {k: v[torch.randperm(len(v), generator=g)[:size]].sort().values.tolist() for k, v in parts.items()}
+    chosen["random_labels"] = torch.randperm(n, generator=g)[:size].sort().values.tolist()
+    for part, idx in chosen.items():
+        train: Dataset[Any] = (Subset(ds, idx) if part != "random_labels" else
+                               Relabelled(Subset(m.data(seed)[0], idx), ds.labels[idx]))
+        model = m.learner(c, f"{name}_{part}", train)
+        out[f"{part}_teaches" if part != "random_labels" else "random_labels_teach"] = \
+            shifted_accuracy(model, m.data(seed)[1])
+    return out
+
+
+def _poison(m: _Map, c: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """A learner on D_det's images with their true labels, and one on the clean images with theirs."""
+    n, seed, ds = c["n"], c["seed"], m.cell_set(c)
+    poisoned = Relabelled(Subset(ds, range(n)), ds.meta["original_label"][:n].long())
+    model = m.learner(c, f"{name}_poison", poisoned, lr=m.s.lr)
+    clean_name = f"clean_n{n}_{c['learner']}_e{c['learner_epochs']}_s{seed}"
+    clean = m.learner(c, clean_name, Subset(m.data(seed)[0], range(n)), lr=m.s.lr)
+    return {"poison_accuracy": shifted_accuracy(model, m.data(seed)[1]),
+            "clean_accuracy": shifted_accuracy(clean, m.data(seed)[1])}
+
+
+def _transfer(m: _Map, c: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """How often independently trained models classify the set's images (those whose label moved) as the set's
+    label: its perturbations' transfer, beside the same for the unperturbed images (the control)."""
+    n, seed, ds = c["n"], c["seed"], m.cell_set(c)
+    x, t = ds.tensors()
+    moved = (t[:n] != ds.meta["original_label"][:n]).nonzero().squeeze(1)
+    clean = torch.stack([m.data(seed)[0][int(i)][0] for i in moved]) if len(moved) else x[:0]
+    rates = {k: (shifted_accuracy(model, TensorDataset(x[moved], t[moved])),
+                 shifted_accuracy(model, TensorDataset(clean, t[moved])))
+             for k, model in m.independent(seed).items()}
+    same = [v for k, v in rates.items() if "_same" in k]
+    other = [v for k, v in rates.items() if "_same" not in k]
+    return {"transfer_same": sum(r for r, _ in same) / len(same), "transfer_other": other[0][0],
+            "transfer_clean": sum(r for _, r in same) / len(same), "transfer_other_arch": m.other_arch,
+            "transfer_n": len(moved)}
+
+
+MEASUREMENTS: dict[str, Callable[[_Map, Mapping[str, Any], str], dict[str, Any]]] = {
+    "split": _split, "poison": _poison, "transfer": _transfer}
+"""The measurements ``--measure`` adds to a cell, in the order they run: each a stage factory's function."""
+
+
+def cell_stages(m: _Map, c: Mapping[str, Any], name: str, measures: Sequence[str]) -> list[Stage]:
+    """A cell as a list of stages: the cell itself (``name``), then each measurement of ``measures`` that applies
+    (``poison`` to D_det cells only) as ``<name>_<measurement>``, each needing the cell."""
+    stages = [Stage(name, partial(_cell, m, c, name))]
+    for measure, fn in MEASUREMENTS.items():
+        if measure in measures and (measure != "poison" or c["mode"] == "det"):
+            stages.append(Stage(f"{name}_{measure}", partial(fn, m, c, name), (name,)))
+    return stages
 
 
 class Relabelled(Dataset[tuple[torch.Tensor, torch.Tensor]]):
@@ -441,7 +469,7 @@ def build_map(source: str | Path, out: str | Path, *, eps: Sequence[float] = (1.
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """The first map's grid on the ``advfeat replicate`` run in ``source``: both modes x ``eps`` x ``sizes`` x
     ``learner_names`` through the run's standard model and default rule; returns what ``map.json`` holds."""
-    cells = design("grid", {"learner_epochs": epochs or 0},
+    cells = design("grid", {"learner_epochs": epochs} if epochs else {},
                    {"eps": list(eps), "mode": ["rand", "det"], "n": list(sizes), "learner": list(learner_names)})
     return build_cells(out, cells, source=source, root=root, progress=progress, log=log)
 

@@ -9,11 +9,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import report
 from .._lock import InUseError
 from ..allocator import tune
 from ..progress import command_reports_interrupts
 from .map import AXES, LEARNERS, build_cells, choose, design
+from .map_report import MEASURES
 
 __all__ = ["add_arguments", "run", "main"]
 
@@ -58,7 +58,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="the values of each axis to map (default with --from: eps=1,2,3 mode=rand,det "
                          "n=5000,20000,60000 learner=cnn,mlp,resnet)")
     ap.add_argument("--root", default=None, help="the dataset's folder, as given to replicate")
-    ap.add_argument("--measure", nargs="*", default=[], choices=report.MEASURES,
+    ap.add_argument("--measure", nargs="*", default=[], choices=MEASURES,
                     help="measurements added to every cell: split (the reached and unreached parts apart, and the "
                          "unperturbed images with the set's labels), poison (D_det cells: its images with their "
                          "true labels against the clean images), transfer (independently trained models: how "
