@@ -138,42 +138,7 @@ class EvalResult:
     def from_json(cls, text: str) -> EvalResult:
         """The result ``to_json`` wrote, every field checked against the others (counts against the per-sample
         results, their lengths against ``total``, indices unique); a contradiction is refused naming the field."""
-        try:
-            r = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"EvalResult JSON: not JSON ({e})") from None
-        if not isinstance(r, dict):
-            raise ValueError(f"EvalResult JSON: not an object, got {type(r).__name__}")
-        total = _count(r, "total", None)
-        clean = _count(r, "clean_correct", total)
-        robust = r.get("robust_correct")
-        if not isinstance(robust, dict):
-            raise ValueError(f"EvalResult JSON: robust_correct must be an object name -> count, got {robust!r}")
-        robust = {str(k): _count(robust, k, clean, "robust_correct") for k in robust}
-        worst = None if r.get("worst_correct") is None else _count(r, "worst_correct", min([clean, *robust.values()]))
-        if (worst is None) != (not robust):
-            raise ValueError("EvalResult JSON: worst_correct must be given exactly when there are attacks")
-        samples = r.get("samples")
-        flags = None if samples is None else _flags(samples, total, ["clean", *robust, *(["worst"] * bool(robust))])
-        if flags is not None:
-            for name, count in [("clean", clean), *robust.items(), *([("worst", worst)] if robust else [])]:
-                if name in flags and int(flags[name].sum()) != count:
-                    field = {"clean": "clean_correct", "worst": "worst_correct"}.get(name, "robust_correct")
-                    raise ValueError(f"EvalResult JSON: {field} ({count} for {name!r}) disagrees with samples "
-                                     f"({int(flags[name].sum())} correct)")
-        indices = r.get("indices")
-        if indices is not None:
-            if (not isinstance(indices, list) or len(indices) != total
-                    or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in indices)
-                    or len(set(indices)) != len(indices)):
-                raise ValueError(f"EvalResult JSON: indices must be {total} distinct whole numbers >= 0 (one per "
-                                 "sample)")
-        passes = r.get("passes", {})
-        if not isinstance(passes, dict) or not set(passes) <= set(robust):
-            raise ValueError(f"EvalResult JSON: passes must be an object keyed by attacks among {list(robust)}")
-        return cls(total=total, clean_correct=clean, robust_correct=robust, worst_correct=worst, samples=flags,
-                   indices=None if indices is None else torch.tensor(indices, dtype=torch.long),
-                   passes={k: Passes.from_dict(v, f"EvalResult JSON: passes[{k!r}]") for k, v in passes.items()})
+        return _from_json(text)
 
     @classmethod
     def from_samples(cls, samples: Mapping[str, Tensor], indices: Tensor | None = None) -> EvalResult:
@@ -206,55 +171,7 @@ class EvalResult:
             >>> best.worst_accuracy, best.robust_accuracy("pgd")
             (0.0, 0.5)
         """
-        if not results:
-            raise ValueError("best_known needs at least one result")
-        parts: list[tuple[dict[str, Tensor], Tensor | None]] = []
-        for k, r in enumerate(results):
-            if isinstance(r, Tensor):
-                if r.dtype != torch.bool or r.ndim != 1:
-                    raise TypeError(f"results[{k}]: a tensor must be per-sample correctness, bool of shape (N,); got "
-                                    f"{r.dtype} of shape {tuple(r.shape)}")
-                parts.append(({f"set {k}": r.detach().cpu()}, None))
-            elif isinstance(r, EvalResult):
-                if r.samples is None:
-                    raise ValueError(f"results[{k}] has no per-sample results: evaluate(..., per_sample=True)")
-                parts.append(({n: v for n, v in r.samples.items() if n != "worst"}, r.indices))
-            else:
-                raise TypeError(f"results[{k}] must be an EvalResult or a bool tensor, got {type(r).__name__}")
-        n = next(iter(parts[0][0].values())).numel()
-        if any(v.numel() != n for flags, _ in parts for v in flags.values()):
-            raise ValueError(f"best_known: every result must hold the same {n} samples, got "
-                             f"{sorted({v.numel() for flags, _ in parts for v in flags.values()})}")
-        known = [idx for flags, idx in parts if "clean" in flags]
-        if not known:
-            raise ValueError("best_known needs at least one EvalResult (for the clean accuracy)")
-        order = known[0]
-
-        def same(idx: Tensor | None) -> bool:
-            if idx is None or order is None:
-                return idx is None and order is None
-            return idx.shape == order.shape and torch.equal(idx, order)
-
-        if not all(same(idx) for idx in known):
-            raise ValueError("best_known: the results must hold the same samples in the same order (their indices "
-                             "differ, or only some of them know their indices)")
-        names = [name for flags, _ in parts for name in flags if name != "clean"]
-        repeated = len(set(names)) < len(names)
-        clean: Tensor | None = None
-        merged: dict[str, Tensor] = {}
-        for k, (flags, _) in enumerate(parts):
-            for name, v in flags.items():
-                if name == "clean":
-                    clean = v if clean is None else clean & v
-                else:
-                    merged[f"{k}:{name}" if repeated else name] = v
-        assert clean is not None
-        best = EvalResult.from_samples({"clean": clean, **{k: v & clean for k, v in merged.items()}}, order)
-        for k, r in enumerate(results):
-            if isinstance(r, EvalResult):
-                for name, p in r.passes.items():
-                    best.passes.setdefault(f"{k}:{name}" if repeated else name, Passes()).add(p)
-        return best
+        return _best_known(results)
 
     @staticmethod
     def merge(*results: EvalResult) -> EvalResult:
@@ -356,3 +273,96 @@ def compare(a: EvalResult, b: EvalResult, name: str = "worst", *, paired: bool =
     only_a, only_b = int((x & ~y).sum()), int((~x & y).sum())
     return Comparison(name, a.correct(name) / a.total, b.correct(name) / b.total, only_a, only_b,
                       mcnemar(only_a, only_b))
+
+
+def _from_json(text: str) -> EvalResult:
+    """``EvalResult.from_json``."""
+    try:
+        r = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"EvalResult JSON: not JSON ({e})") from None
+    if not isinstance(r, dict):
+        raise ValueError(f"EvalResult JSON: not an object, got {type(r).__name__}")
+    total = _count(r, "total", None)
+    clean = _count(r, "clean_correct", total)
+    robust = r.get("robust_correct")
+    if not isinstance(robust, dict):
+        raise ValueError(f"EvalResult JSON: robust_correct must be an object name -> count, got {robust!r}")
+    robust = {str(k): _count(robust, k, clean, "robust_correct") for k in robust}
+    worst = None if r.get("worst_correct") is None else _count(r, "worst_correct", min([clean, *robust.values()]))
+    if (worst is None) != (not robust):
+        raise ValueError("EvalResult JSON: worst_correct must be given exactly when there are attacks")
+    samples = r.get("samples")
+    flags = None if samples is None else _flags(samples, total, ["clean", *robust, *(["worst"] * bool(robust))])
+    if flags is not None:
+        for name, count in [("clean", clean), *robust.items(), *([("worst", worst)] if robust else [])]:
+            if name in flags and int(flags[name].sum()) != count:
+                field = {"clean": "clean_correct", "worst": "worst_correct"}.get(name, "robust_correct")
+                raise ValueError(f"EvalResult JSON: {field} ({count} for {name!r}) disagrees with samples "
+                                 f"({int(flags[name].sum())} correct)")
+    indices = r.get("indices")
+    if indices is not None:
+        if (not isinstance(indices, list) or len(indices) != total
+                or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in indices)
+                or len(set(indices)) != len(indices)):
+            raise ValueError(f"EvalResult JSON: indices must be {total} distinct whole numbers >= 0 (one per "
+                             "sample)")
+    passes = r.get("passes", {})
+    if not isinstance(passes, dict) or not set(passes) <= set(robust):
+        raise ValueError(f"EvalResult JSON: passes must be an object keyed by attacks among {list(robust)}")
+    return EvalResult(total=total, clean_correct=clean, robust_correct=robust, worst_correct=worst, samples=flags,
+               indices=None if indices is None else torch.tensor(indices, dtype=torch.long),
+               passes={k: Passes.from_dict(v, f"EvalResult JSON: passes[{k!r}]") for k, v in passes.items()})
+
+
+def _best_known(results: tuple[EvalResult | Tensor, ...]) -> EvalResult:
+    """``EvalResult.best_known``."""
+    if not results:
+        raise ValueError("best_known needs at least one result")
+    parts: list[tuple[dict[str, Tensor], Tensor | None]] = []
+    for k, r in enumerate(results):
+        if isinstance(r, Tensor):
+            if r.dtype != torch.bool or r.ndim != 1:
+                raise TypeError(f"results[{k}]: a tensor must be per-sample correctness, bool of shape (N,); got "
+                                f"{r.dtype} of shape {tuple(r.shape)}")
+            parts.append(({f"set {k}": r.detach().cpu()}, None))
+        elif isinstance(r, EvalResult):
+            if r.samples is None:
+                raise ValueError(f"results[{k}] has no per-sample results: evaluate(..., per_sample=True)")
+            parts.append(({n: v for n, v in r.samples.items() if n != "worst"}, r.indices))
+        else:
+            raise TypeError(f"results[{k}] must be an EvalResult or a bool tensor, got {type(r).__name__}")
+    n = next(iter(parts[0][0].values())).numel()
+    if any(v.numel() != n for flags, _ in parts for v in flags.values()):
+        raise ValueError(f"best_known: every result must hold the same {n} samples, got "
+                         f"{sorted({v.numel() for flags, _ in parts for v in flags.values()})}")
+    known = [idx for flags, idx in parts if "clean" in flags]
+    if not known:
+        raise ValueError("best_known needs at least one EvalResult (for the clean accuracy)")
+    order = known[0]
+
+    def same(idx: Tensor | None) -> bool:
+        if idx is None or order is None:
+            return idx is None and order is None
+        return idx.shape == order.shape and torch.equal(idx, order)
+
+    if not all(same(idx) for idx in known):
+        raise ValueError("best_known: the results must hold the same samples in the same order (their indices "
+                         "differ, or only some of them know their indices)")
+    names = [name for flags, _ in parts for name in flags if name != "clean"]
+    repeated = len(set(names)) < len(names)
+    clean: Tensor | None = None
+    merged: dict[str, Tensor] = {}
+    for k, (flags, _) in enumerate(parts):
+        for name, v in flags.items():
+            if name == "clean":
+                clean = v if clean is None else clean & v
+            else:
+                merged[f"{k}:{name}" if repeated else name] = v
+    assert clean is not None
+    best = EvalResult.from_samples({"clean": clean, **{k: v & clean for k, v in merged.items()}}, order)
+    for k, r in enumerate(results):
+        if isinstance(r, EvalResult):
+            for name, p in r.passes.items():
+                best.passes.setdefault(f"{k}:{name}" if repeated else name, Passes()).add(p)
+    return best
