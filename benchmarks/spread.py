@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="cores to fill (default: all)")
     ap.add_argument("--publish", action="store_true", help="write the package's spread file and the docs' tables")
+    ap.add_argument("--commit", default=None, help="the commit the cached runs were made at (default: HEAD here)")
     ap.add_argument("--worker", nargs=2, metavar=("SEED", "FOLDER"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                     bar.update()
     cmd = "python benchmarks/spread.py " + " ".join(
         [f"--seeds {' '.join(map(str, args.seeds))}", f"--threads {' '.join(map(str, args.threads))}"])
-    spread = Spread(settings_record(SCALES["planted", "quick"]), runs, describe(), commit(), cmd)
+    spread = Spread(settings_record(SCALES["planted", "quick"]), runs, describe(), args.commit or commit(), cmd)
     (args.out / "spread.json").write_text(spread.to_json())
     print(spread_table(spread))
     print(claims_table(spread, PLANTED_QUICK))
