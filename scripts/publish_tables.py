@@ -12,7 +12,10 @@ with a line naming the run's settings and time; ``NAME/KIND`` by the table ``adv
 every table of it. A generalisation map's ``map.json`` (``scripts/generalisation_map.py``) fills a ``NAME`` region
 with its cells (``advfeat.report.map_table``), a ``NAME/measures`` region with the cells'
 ``--measure`` results (``advfeat.report.measures_table``) and a ``NAME/teaching`` region with their learning curves
-and transfer rates (``advfeat.report.teaching_table``).
+and transfer rates (``advfeat.report.teaching_table``). A spread's record (``benchmarks/spread.py``, e.g.
+``advfeat/replicate/spread_planted_quick.json``) fills a ``NAME`` region with the headline table's median and
+range over its runs (``advfeat.replicate.spread.headline_table``), ``NAME/spread`` with every quantity's range and
+``NAME/claims`` with the suite's claims beside the margin rule (``advfeat.replicate.claims.claims_table``).
 """
 
 from __future__ import annotations
@@ -24,11 +27,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from advfeat.replicate import spread as spreads
+from advfeat.replicate.claims import claims_table
 from advfeat.report import TABLES, headline_table, map_table, measures_table, teaching_table
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "docs" / "results.md"]
 MAP_TABLES = {"headline": map_table, "measures": measures_table, "teaching": teaching_table}
+SPREAD_TABLES = {"headline": spreads.headline_table, "spread": spreads.spread_table, "claims": claims_table}
 
 
 def region(name: str, kind: str | None = None) -> re.Pattern[str]:
@@ -38,6 +44,16 @@ def region(name: str, kind: str | None = None) -> re.Pattern[str]:
 
 
 def render(summary: dict, eps: str | None = None, kind: str = "headline") -> str:
+    if "runs" in summary:  # a spread: its headline's median and range, every quantity's range, the claims
+        if kind not in SPREAD_TABLES:
+            raise SystemExit(f"publish_tables: a spread has three tables (NAME, NAME/spread, NAME/claims), not "
+                             f"{kind!r}")
+        sp = spreads.Spread(summary["settings"], summary["runs"], summary.get("machine", ""),
+                            summary.get("commit", ""), summary.get("command", ""))
+        hours = sum(float(r["seconds"]) for r in sp.runs) / 3600
+        return SPREAD_TABLES[kind](sp) + (f"\n(median [smallest, largest] over {sp.describe()}; "
+                                          f"`{sp.command}` at {sp.commit}, {hours:.1f} h of run time on "
+                                          f"{sp.machine}; regenerate with `scripts/publish_tables.py`)\n")
     if "cells" in summary:  # a map.json: its cells, their measurements (NAME/measures), teaching (NAME/teaching)
         if kind not in MAP_TABLES:
             raise SystemExit(f"publish_tables: a map.json has three tables (NAME, NAME/measures, NAME/teaching), "
@@ -75,7 +91,8 @@ def publish(name: str, results: Path, eps: str | None = None, docs: Sequence[Pat
         new, k = region(name).subn(lambda m: m.group(1) + render(summary, eps) + m.group(3), text)
         found += k
         for kind in sorted({m.group(2) for m in region(name, "*").finditer(new)}):
-            if kind not in TABLES and not ("cells" in summary and kind in MAP_TABLES):
+            if kind not in TABLES and not ("cells" in summary and kind in MAP_TABLES) and not (
+                    "runs" in summary and kind in SPREAD_TABLES):
                 raise SystemExit(f"publish_tables: {doc.name} names an unknown table {name}/{kind} "
                                  f"(known: {', '.join(TABLES)})")
             new, k = region(name, kind).subn(lambda m, kind=kind: m.group(1) + render(summary, eps, kind)
