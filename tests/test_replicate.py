@@ -106,6 +106,10 @@ def test_outputs_exist_and_the_report_agrees_with_the_json(run):
         for i, e in enumerate(eps):
             assert abs(float(cells[3 + i]) - 100 * row["robust"][e]) <= shown
     assert re.search(r"\| d_det \| 5000 \| targets_reached \| ", report)
+    # the run placed in the published spread of its settings, with the claims it measured
+    assert "## Where this run sits among the published runs" in report and "20 runs: seeds 0-9" in report
+    assert re.search(r"\| 6\. standard training on D_det \| \d+\.\d \(\d+\.\d to \d+\.\d\)", report)
+    assert re.search(r"The claims the suite asserts at these settings .*: \d+ of \d+ hold in this run", report)
 
 
 def test_every_file_gets_the_umasks_mode(run):
@@ -342,7 +346,7 @@ def test_the_maps_measurements_split_the_set_poison_the_true_task_and_transfer(r
     assert 0 < rand["split_size"] <= rand["n"] // 2  # two parts of equal size: at most half the cell's images
     assert "poison_accuracy" not in rand  # poison is a D_det measurement
     text = (tmp_path / "map.md").read_text()
-    assert "| mode | eps | test | size | reached | unreached | random labels | poison | clean |" in text
+    assert "| mode | eps | n | test | size | reached | unreached | random labels | poison | clean |" in text
     doc = tmp_path / "doc.md"
     doc.write_text("<!-- advfeat:table m/measures -->\n<!-- /advfeat:table -->\n")
     assert _script("publish_tables").publish("m", tmp_path / "map.json", docs=[doc]) == 1

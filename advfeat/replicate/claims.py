@@ -99,7 +99,7 @@ PLANTED_QUICK: tuple[Claim, ...] = (
     _at_most("... without robustness", "d_nr/robust/0.5", 0.1),
     _at_least("D_rand's mislabelled images teach the real task", "d_rand/clean", 0.5),
     _at_least("D_det's mislabelled images teach the real task above chance (10%)", "d_det/clean", 0.15),
-    _at_least("D_det's attack reaches its targets", "d_det/construction/targets_reached", 0.9),
+    _at_least("D_det's attack reaches most of its targets", "d_det/construction/targets_reached", 0.8),
     # the gradient-free check: the robust rows keep their robustness without gradients, the standard rows do not
     *(c for key in ("robust", "d_r") for c in (
         _at_least(f"{key}: robust under PGD on the checked images", f"{key}/gradient_free/pgd", 0.4, "gradient-free"),
@@ -116,9 +116,9 @@ PLANTED_QUICK: tuple[Claim, ...] = (
         _at_most(f"{key}: nor under Square", f"{key}/gradient_free/square", 0.3, "gradient-free"),
         _at_most(f"{key}: nor under the cascade", f"{key}/gradient_free/autoattack", 0.05, "gradient-free"))),
     # the critics' controls (--controls)
-    _at_least("the bugs reach their targets", "d_det_bugs/targets_reached", 0.9, "controls"),
-    Claim("the bugs transfer at most a third as often as D_det's perturbations",
-          {"d_det/transfer_rate": 1 / 3, "d_det_bugs/transfer_rate": -1.0}, 0.0, group="controls"),
+    _at_least("the bugs reach most of their targets", "d_det_bugs/targets_reached", 0.85, "controls"),
+    Claim("the bugs transfer at most half as often as D_det's perturbations",
+          {"d_det/transfer_rate": 0.5, "d_det_bugs/transfer_rate": -1.0}, 0.0, group="controls"),
     _at_most("the bugs teach the real task no better than chance", "d_det_bugs/clean", 0.12, "controls"),
     _at_most("a probe on robust features learns nothing from D_det", "leakage_det/clean", 0.12, "controls"),
     # the generalisation map's measurements (spread.MAP_CELLS)
@@ -132,9 +132,9 @@ PLANTED_QUICK: tuple[Claim, ...] = (
           group="map"),
     _at_most("random labels on clean images teach nothing", "map/rand_eps0.3/random_labels_teach", 0.15, "map"),
     Claim("the lesson is in the reached targets", {"map/rand_eps0.3/reached_teaches": 1.0,
-                                                   "map/rand_eps0.3/unreached_teaches": -1.0}, 0.1, group="map"),
+                                                   "map/rand_eps0.3/unreached_teaches": -1.0}, 0.04, group="map"),
     Claim("D_det's images poison the true task", {"map/det_eps0.5/clean_accuracy": 1.0,
-                                                  "map/det_eps0.5/poison_accuracy": -1.0}, 0.1, group="map"),
+                                                  "map/det_eps0.5/poison_accuracy": -1.0}, 0.05, group="map"),
     _at_least("... whose clean images teach it", "map/det_eps0.5/clean_accuracy", 0.8, "map"),
 )
 """The claims the suite asserts on its planted quick run; each bound is safe by :func:`margin_rule` on the
