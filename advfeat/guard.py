@@ -37,11 +37,20 @@ _LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyD
 _LOCKS_LOCK = threading.Lock()
 
 
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+"""The models frozen now (by the thread that holds their lock), with the mode they were frozen in."""
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    while isinstance(model, Classifier):
+        model = model.model
+    return model
+
+
 def model_lock(model: nn.Module) -> threading.RLock:
     """The lock ``frozen_model`` holds on ``model`` (one per model, re-entrant, forgotten with the model; the
     model inside advfeat's output adapters, ``advfeat.adapters.Classifier``, is the one locked)."""
-    while isinstance(model, Classifier):
-        model = model.model
+    model = _inner(model)
     with _LOCKS_LOCK:
         lock = _LOCKS.get(model)
         if lock is None:
@@ -59,11 +68,24 @@ def frozen_model(model: nn.Module, *, eval_mode: bool = True) -> Iterator[nn.Mod
 
     The model's lock (``model_lock``) is held throughout: threads that attack or evaluate one shared model take
     turns, so each sees the model as its caller left it and none restores a state another one set (re-entrant:
-    an attack inside an evaluation of the same model, in one thread, nests).
+    an attack inside an evaluation of the same model, in one thread, nests, and a nested block in the same mode
+    does nothing more).
     """
     with model_lock(model):
-        with _frozen(model, eval_mode) as m:
-            yield m
+        key = _inner(model)
+        if _ACTIVE.get(key) == eval_mode:  # already frozen so by an enclosing block of this thread: nothing to redo
+            yield model
+            return
+        before = _ACTIVE.get(key)
+        _ACTIVE[key] = eval_mode
+        try:
+            with _frozen(model, eval_mode) as m:
+                yield m
+        finally:
+            if before is None:
+                del _ACTIVE[key]
+            else:
+                _ACTIVE[key] = before
 
 
 @contextmanager

@@ -210,3 +210,22 @@ def test_evaluate_under_two_gloo_ranks_equals_one_process_exactly(tmp_path, rend
         assert ranked.total == alone.total == 37 and ranked.as_dict() == alone.as_dict()
         assert ranked.indices.tolist() == list(range(37))
         assert all(torch.equal(ranked.samples[k], alone.samples[k]) for k in alone.samples)
+
+
+def test_evaluate_checks_each_batch_once_and_freezes_the_model_once(monkeypatch):
+    """The tally checks a batch once (box, labels, device, logits); the attacks it runs check only their result
+    and logits, and the model's state is saved and restored once per evaluation, not once more per attack."""
+    import advfeat.attacks.base as base
+    import advfeat.guard as guard
+    import advfeat.tally as tally
+
+    checked, frozen = [], []
+    real_check, real_frozen = tally.check_batch, guard._frozen
+    monkeypatch.setattr(tally, "check_batch", lambda *a, **k: checked.append(1) or real_check(*a, **k))
+    monkeypatch.setattr(base, "check_batch", lambda *a, **k: checked.append(2) or real_check(*a, **k))
+    monkeypatch.setattr(guard, "_frozen", lambda *a, **k: frozen.append(1) or real_frozen(*a, **k))
+    model, loader = trained_model_and_loader()
+    attacks = {"a": af.L2PGD(0.5, steps=2), "b": af.LinfPGD(0.05, steps=2), "c": af.APGD(0.05, steps=2)}
+    r = af.evaluate(model, loader, attacks, progress=False)
+    batches = len(list(loader))
+    assert checked == [1] * batches and len(frozen) == 1 and r.total > 0

@@ -170,7 +170,7 @@ class Attack(Config, ABC):
     @final
     def __call__(
         self, model: nn.Module, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None,
-        validate: bool = True,
+        validate: bool | str = True,
     ) -> Tensor:
         """Attack ``model`` at ``(x, y)``; returns a new tensor like ``x``.
 
@@ -182,16 +182,19 @@ class Attack(Config, ABC):
             generator: the random source; default: a new one seeded with ``self.seed`` if set, else
                 PyTorch's global generator (so ``torch.manual_seed`` makes runs repeatable).
             validate: check ``x`` and ``y`` (box, finiteness, labels against the model's classes) before, and that
-                the result is finite after: a few host syncs per call. ``False`` is for callers that checked the
-                batch already and check what they compute from the result (the trainer checks its loss), e.g.
-                inside a training step, where no host sync is wanted.
+                the result and every logit the attack saw are finite after: a few host syncs per call. ``"result"``
+                checks only the latter (for callers that checked the batch already: ``evaluate``). ``False`` is for
+                callers that checked the batch already and check what they compute from the result (the trainer
+                checks its loss), e.g. inside a training step, where no host sync is wanted.
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         name = type(model.model if isinstance(model, Classifier) else model).__name__
         model = classifier(model)  # a tensor, a mapping or a Hugging Face output: logits from here on
         lower, upper = self.box
-        if validate:
+        if validate not in (True, False, "result"):
+            raise ValueError(f"validate must be True, False or 'result', got {validate!r}")
+        if validate is True:
             x, y = check_batch(x, y, lower, upper)
             check_input(model, x)
         if x.shape[0] == 0:
