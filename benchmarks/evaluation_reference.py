@@ -1,6 +1,6 @@
 """advfeat's evaluation attacks against a reference port on the same models, batch and budget, in one run.
 
-    python benchmarks/evaluation_reference.py [--attack square|fab-t|autoattack|malt] [--n 500] [--queries 5000]
+    python benchmarks/evaluation_reference.py [--attack square|fab-t|autoattack|malt|parts] [--n 500] [--queries 5000]
         [--threads 1] [--fashion-root DIR] [--models NAME ...] [--norms linf l2]
 
 For each model (a standard and a PGD-trained planted MLP; a standard and a PGD-trained Fashion-MNIST SmallCNN
@@ -13,7 +13,10 @@ advfeat's robust accuracy is at most the reference's + 0.5 points. The AutoAttac
 (the model's forward and backward passes, ``EvalResult.passes_per_image``) of advfeat's cascade at 100 steps.
 ``--attack malt`` sets advfeat's ``AutoAttack(version="malt")`` (APGD-CE, then APGD-T on MALT's 3 nearest targets)
 beside its standard cascade, both at the reference's 100 steps, on the same images in one run: robust accuracy,
-passes per image and time per image of each. Prints a Markdown table (docs/benchmarks.md records it).
+passes per image and time per image of each. ``--attack parts`` runs each attack of the two cascades alone on
+every image (APGD-CE; APGD-T on 3 or 9 targets by confidence and on 3, 5 or 9 by MALT; FAB-T; Square): its robust
+accuracy, passes per image, and the images it alone breaks (no other attack of the list does). Prints a Markdown
+table (docs/benchmarks.md records it).
 """
 
 from __future__ import annotations
@@ -119,9 +122,36 @@ def _malt_row(name: str, model: nn.Module, x: Tensor, y: Tensor, norm: str, eps:
             f"{std[1]:.0f} | {malt[1]:.0f} | {std[1] / max(malt[1], 1e-9):.1f}x | {std[2]:.1f} | {malt[2]:.1f} |")
 
 
+def _parts_rows(name: str, model: nn.Module, x: Tensor, y: Tensor, norm: str, eps: float) -> list[str]:
+    """Each attack of the standard and MALT cascades alone, at 100 steps, on every image: robust accuracy, passes
+    per image, and the images (by position) that it breaks and no other attack of the list does."""
+    from advfeat.attacks.losses import dlr
+
+    def apgd_t(k: int, targets: str) -> af.Attack:
+        return af.APGD(norm=norm, eps=eps, loss=dlr, n_target_classes=k, targets=targets, seed=0)
+
+    attacks: dict[str, af.Attack] = {
+        "APGD-CE": af.APGD(norm=norm, eps=eps, seed=0),
+        "APGD-T, 3 by confidence": apgd_t(3, "confidence"), "APGD-T, 9 by confidence": apgd_t(9, "confidence"),
+        "APGD-T, 3 by MALT": apgd_t(3, "malt"), "APGD-T, 5 by MALT": apgd_t(5, "malt"),
+        "APGD-T, 9 by MALT": apgd_t(9, "malt"),
+        "FAB-T": af.FAB(eps, norm=norm, n_target_classes=9, seed=0),
+        "Square": af.Square(eps, norm=norm, queries=5000, seed=0)}
+    r = af.evaluate(model, [(x, y)], attacks, per_sample=True, progress=False)
+    assert r.samples is not None
+    robust = torch.stack([r.samples[k] for k in attacks])  # (attacks, images): still right after the attack
+    rows = []
+    for i, k in enumerate(attacks):
+        alone = (~robust[i] & robust[torch.arange(len(attacks)) != i].all(0)).nonzero().flatten().tolist()
+        rows.append(f"| {name} | {norm} | {eps:g} | {k} | {100 * r.robust_accuracy(k):.1f} | "
+                    f"{r.passes_per_image(k):.0f} | {', '.join(map(str, alone)) or '-'} |")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--attack", nargs="+", choices=["square", "fab-t", "autoattack", "malt"], default=["square"])
+    ap.add_argument("--attack", nargs="+", choices=["square", "fab-t", "autoattack", "malt", "parts"],
+                    default=["square"])
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--queries", type=int, default=5000, help="Square's budget (the cascade's is 5,000)")
     ap.add_argument("--threads", type=int, default=1)
@@ -140,6 +170,14 @@ def main() -> None:
                 for norm, eps in (("linf", linf), ("l2", l2)):
                     if norm in args.norms:
                         print(_malt_row(name, model, x[:args.n], y[:args.n], norm, eps), flush=True)
+            continue
+        if attack == "parts":
+            head = "| model | norm | eps | attack alone | robust accuracy | passes/image | images only it breaks |"
+            print(f"\n{head}\n|" + "---|" * (head.count("|") - 1), flush=True)
+            for name, (model, x, y, linf, l2) in models.items():
+                for norm, eps in (("linf", linf), ("l2", l2)):
+                    if norm in args.norms:
+                        print("\n".join(_parts_rows(name, model, x[:args.n], y[:args.n], norm, eps)), flush=True)
             continue
         head = (f"| model | norm | eps | clean | advfeat {attack} | torchattacks {attack} | difference | "
                 "advfeat ms/image | torchattacks ms/image |")
