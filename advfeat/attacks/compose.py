@@ -22,29 +22,15 @@ __all__ = ["Restarts", "WorstOf", "EOT", "FixedRandomness"]
 
 
 @dataclass(frozen=True, eq=False)
-class Restarts(Attack):
-    """Run ``attack`` ``n`` times and keep, per sample, the worst case: success first, then the highest
-    score. Each run draws fresh random starts from the same generator (``generator=`` or ``seed``).
-
-    ``batched=True`` runs the restarts of a PGD-family attack with random starts as one batch of ``n x N`` samples
-    (at most ``max_batch`` samples per engine call; more runs are split into several calls): the starts are drawn
-    exactly as the runs one after another draw them, so the result equals the sequential one sample for sample up to
-    float rounding (a larger batch can take other kernels). Fewer, larger passes: faster on a GPU. Other attacks
-    run one after another."""
+class _Wrapper(Attack):
+    """An attack around one ``attack``: its sense (targeted or not), mode, box, outcome and per-sample parts."""
 
     attack: Attack
-    n: int
-    seed: int | None = None
-    batched: bool = field(default=False, kw_only=True, repr=False)
-    max_batch: int | None = field(default=None, kw_only=True, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.attack, Attack):
             raise TypeError(f"attack must be an advfeat Attack, got {self.attack!r}")
         check_fields(self)
-        check_positive_int("n", self.n)
-        if self.max_batch is not None:
-            check_positive_int("max_batch", self.max_batch)
 
     @property
     def targeted(self) -> bool:
@@ -60,6 +46,33 @@ class Restarts(Attack):
 
     def outcome(self, model: nn.Module, x_adv: Tensor, y: Tensor) -> Outcome:
         return self.attack.outcome(model, x_adv, y)
+
+    def select(self, index: Tensor) -> Attack:
+        part = self.attack.select(index)
+        return self if part is self.attack else dataclasses.replace(self, attack=part)
+
+
+@dataclass(frozen=True, eq=False)
+class Restarts(_Wrapper):
+    """Run ``attack`` ``n`` times and keep, per sample, the worst case: success first, then the highest
+    score. Each run draws fresh random starts from the same generator (``generator=`` or ``seed``).
+
+    ``batched=True`` runs the restarts of a PGD-family attack with random starts as one batch of ``n x N`` samples
+    (at most ``max_batch`` samples per engine call; more runs are split into several calls): the starts are drawn
+    exactly as the runs one after another draw them, so the result equals the sequential one sample for sample up to
+    float rounding (a larger batch can take other kernels). Fewer, larger passes: faster on a GPU. Other attacks
+    run one after another."""
+
+    n: int
+    seed: int | None = None
+    batched: bool = field(default=False, kw_only=True, repr=False)
+    max_batch: int | None = field(default=None, kw_only=True, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int("n", self.n)
+        if self.max_batch is not None:
+            check_positive_int("max_batch", self.max_batch)
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None) -> Tensor:
         a = self.attack
@@ -83,10 +96,6 @@ class Restarts(Attack):
 
     def for_evaluation(self, early_stop: bool) -> Attack:
         return dataclasses.replace(self, attack=self.attack.for_evaluation(early_stop))
-
-    def select(self, index: Tensor) -> Attack:
-        part = self.attack.select(index)
-        return self if part is self.attack else dataclasses.replace(self, attack=part)
 
     def with_draws(self, draws: int) -> Attack:
         return dataclasses.replace(self, attack=self.attack.with_draws(draws))
@@ -170,7 +179,7 @@ def EOT(attack: Attack, draws: int = 20) -> Attack:  # noqa: N802 (an attack's c
 
 
 @dataclass(frozen=True, eq=False)
-class FixedRandomness(Attack):
+class FixedRandomness(_Wrapper):
     """``attack`` on a randomised model with its randomness frozen: before every forward pass of the attack the
     random generators are reset to one state (``seed``), so the model draws the same noise, dropout or
     transformation for each sample position at every step, and the attack optimises against one fixed model
@@ -185,27 +194,12 @@ class FixedRandomness(Attack):
         FixedRandomness(attack=APGD(eps=0.03, steps=10), seed=0)
     """
 
-    attack: Attack
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.attack, Attack):
-            raise TypeError(f"attack must be an advfeat Attack, got {self.attack!r}")
-        check_fields(self)
+        super().__post_init__()
         if self.seed is None:
             raise TypeError("seed must be a whole number in [0, 2**63): the state every forward starts from")
-
-    @property
-    def targeted(self) -> bool:
-        return self.attack.targeted
-
-    @property
-    def eval_mode(self) -> bool:
-        return self.attack.eval_mode
-
-    @property
-    def box(self) -> tuple[float | Tensor, float | Tensor]:
-        return self.attack.box
 
     def threat_model(self) -> Any:
         return self.attack.threat_model()  # type: ignore[attr-defined]
@@ -219,10 +213,6 @@ class FixedRandomness(Attack):
 
     def for_evaluation(self, early_stop: bool) -> Attack:
         return self
-
-    def select(self, index: Tensor) -> Attack:
-        part = self.attack.select(index)
-        return self if part is self.attack else dataclasses.replace(self, attack=part)
 
 
 class _Replayed(nn.Module):
