@@ -72,25 +72,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.keep_malloc:
         tune()
 
-    from .progress import command_reports_interrupts
+    from .progress import run_command
 
-    try:
-        with command_reports_interrupts():
-            replicate(args.dataset, root=args.root, out=args.out, scale=args.scale, device=args.device,
-                      seed=args.seed, progress=not args.no_progress, transfer=args.transfer,
-                      controls=args.controls, standard_model=args.standard_model, robust_model=args.robust_model,
-                      checkpoint_arch=args.checkpoint_arch, checkpoint_width=args.checkpoint_width)
-    except (FileNotFoundError, ValueError, InUseError, ImportError) as e:
-        print(f"advfeat replicate: error: {e}", file=sys.stderr)
-        return 2
-    except (OSError, FloatingPointError) as e:  # a full disk, a planted link, a model that turned non-finite
-        print(f"advfeat replicate: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"\nadvfeat replicate: interrupted; finished stages, shards and checkpoints are kept in {args.out}: "
-              "run the same command again to continue", file=sys.stderr)
-        return 130
-    return 0
+    def work() -> int:
+        replicate(args.dataset, root=args.root, out=args.out, scale=args.scale, device=args.device,
+                  seed=args.seed, progress=not args.no_progress, transfer=args.transfer,
+                  controls=args.controls, standard_model=args.standard_model, robust_model=args.robust_model,
+                  checkpoint_arch=args.checkpoint_arch, checkpoint_width=args.checkpoint_width)
+        return 0
+
+    return run_command("advfeat replicate", f"finished stages, shards and checkpoints are kept in {args.out}", work,
+                       (FileNotFoundError, ValueError, InUseError, ImportError))
 
 
 def _env() -> int:

@@ -1,6 +1,7 @@
 """Progress bars for long work: tqdm, notebook aware (``tqdm.auto``: one widget per long call in Jupyter, where
 ipywidgets is installed, as the ``report`` extra does), off when not wanted. Without ipywidgets the plain text bar
-is used everywhere, with no warning."""
+is used everywhere, with no warning. And how long work ends: interrupted (what is kept, how to go on), and, in a
+command line, in one line per failure (``run_command``)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ if importlib.util.find_spec("ipywidgets") is not None:  # tqdm.auto's notebook b
 else:
     from tqdm import tqdm
 
-__all__ = ["interrupted", "progress_bar", "command_reports_interrupts"]
+__all__ = ["interrupted", "progress_bar", "command_reports_interrupts", "run_command"]
 
 _COMMAND = contextvars.ContextVar("advfeat_command_reports_interrupts", default=False)
 
@@ -30,6 +31,25 @@ def command_reports_interrupts() -> Iterator[None]:
         yield
     finally:
         _COMMAND.reset(token)
+
+def run_command(prog: str, kept: str, work: Callable[[], int], usage: tuple[type[Exception], ...]) -> int:
+    """Run a command line's ``work`` and end each failure in one line on stderr, returning the exit status: 2 for a
+    ``usage`` error (a bad option or file, a folder in use), 1 for a failure of the machine (``OSError``: a full
+    disk, a folder it may not write; ``FloatingPointError``: a model that turned non-finite), 130 after Ctrl-C,
+    saying what is ``kept`` and that the same command continues."""
+    try:
+        with command_reports_interrupts():
+            return work()
+    except usage as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, FloatingPointError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted; {kept}: run the same command again to continue", file=sys.stderr)
+        return 130
+
 
 T = TypeVar("T")
 

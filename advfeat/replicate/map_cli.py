@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .._lock import InUseError
 from ..allocator import tune
-from ..progress import command_reports_interrupts
+from ..progress import run_command
 from .map import AXES, LEARNERS, build_cells, choose, design
 from .map_report import MEASURES
 
@@ -70,19 +69,8 @@ def run(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
     """Run the map the parsed ``args`` describe; the exit status: 2 for a bad option, file or a folder in use, 1 for
     a failure of the machine (a full disk, a folder it may not write), 130 after Ctrl-C. Every error is one line
     naming the flag or the file."""
-    try:
-        with command_reports_interrupts():
-            return _run(args, ap)
-    except (ValueError, KeyError, IndexError, InUseError, FileNotFoundError) as e:
-        print(f"{ap.prog}: error: {e}", file=sys.stderr)
-        return 2
-    except (OSError, FloatingPointError) as e:  # a full disk, a read-only folder, a model that turned non-finite
-        print(f"{ap.prog}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"\n{ap.prog}: interrupted; finished cells, sets and checkpoints are kept in --out {args.out}: run "
-              "the same command again to continue", file=sys.stderr)
-        return 130
+    return run_command(ap.prog, f"finished cells, sets and checkpoints are kept in --out {args.out}",
+                       lambda: _run(args, ap), (ValueError, KeyError, IndexError, InUseError, FileNotFoundError))
 
 
 def _run(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
