@@ -284,7 +284,7 @@ def _binarization(report: AuditReport, model: nn.Module, x: Tensor, y: Tensor, t
         weight = torch.tensor([1.0, 65.0], device=xi.device)
         for _ in range(300):
             opt.zero_grad()
-            F.cross_entropy(readout(feats), labels, weight=weight).backward()  # type: ignore[no-untyped-call]
+            torch.autograd.backward(F.cross_entropy(readout(feats), labels, weight=weight))
             opt.step()
         with torch.no_grad():
             separated = readout(feats).argmax(1)

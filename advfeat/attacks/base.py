@@ -8,11 +8,14 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from typing_extensions import final
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 from .. import cost
 from .._checks import check_batch, check_labels
@@ -244,10 +247,10 @@ class Attack(Config, ABC):
 _FLAGS = ("targeted", "random_start", "keep_best", "early_stop", "eval_mode", "batched")
 
 
-def check_fields(attack: object) -> None:
+def check_fields(attack: DataclassInstance) -> None:
     """The fields every attack configuration may share, checked when it is made: ``seed`` None or a whole number
     in [0, 2**63) (what ``torch.Generator.manual_seed`` takes), and each yes / no flag a bool."""
-    for f in dataclasses.fields(attack):  # type: ignore[arg-type]
+    for f in dataclasses.fields(attack):
         value = getattr(attack, f.name)
         if f.name == "seed" and value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63):
@@ -279,6 +282,7 @@ class BallAttack(Attack):
     norm: str | None  # declared by the subclasses that offer a choice of norm
     _region: ThreatModel
     threats: ClassVar[tuple[type[ThreatModel], ...]] = (L2Ball, LinfBall)
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[object]]]  # a subclass is a dataclass
     """The threat models the attack can search."""
     positive_eps: ClassVar[bool] = True
     """Whether the ball's radius must be positive and finite (a minimum-norm or search attack)."""
@@ -335,8 +339,8 @@ class BallAttack(Attack):
             return self
         picked = t.select(index)
         if self.threat is not None:
-            return dataclasses.replace(self, threat=picked)  # type: ignore[type-var]
-        return dataclasses.replace(self, eps=picked.eps)  # type: ignore[type-var]
+            return dataclasses.replace(self, threat=picked)
+        return dataclasses.replace(self, eps=picked.eps)
 
     def __repr__(self) -> str:
         return config_repr(self)
@@ -345,12 +349,12 @@ class BallAttack(Attack):
 _NORM_OF: dict[type[ThreatModel], str] = {L2Ball: "l2", LinfBall: "linf"}
 
 
-def _fields(obj: object) -> set[str]:
-    return {f.name for f in dataclasses.fields(obj)}  # type: ignore[arg-type]
+def _fields(obj: DataclassInstance) -> set[str]:
+    return {f.name for f in dataclasses.fields(obj)}
 
 
-def _default(obj: object, name: str) -> object:
-    return next(f.default for f in dataclasses.fields(obj) if f.name == name)  # type: ignore[arg-type]
+def _default(obj: DataclassInstance, name: str) -> object:
+    return next(f.default for f in dataclasses.fields(obj) if f.name == name)
 
 
 def _at(value: float | Tensor, default: float) -> bool:

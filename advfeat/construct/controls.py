@@ -114,7 +114,7 @@ def leakage_probe(
             b = order[i:i + batch_size]
             loss = F.cross_entropy(probe(f_train[b]), y_train[b])
             opt.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
+            torch.autograd.backward(loss)
             opt.step()
         sched.step()
     with torch.no_grad():

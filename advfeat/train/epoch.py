@@ -100,7 +100,7 @@ def _optimise(self: AdversarialTrainer, x: Tensor, y: Tensor, ctx: TrainContext,
                              f"{where}; expected ({y.shape[0]}, {self._classes}) as on the first step")
         finite &= torch.isfinite(loss.detach()) & torch.isfinite(logits.detach()).all()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+        torch.autograd.backward(self.scaler.scale(loss))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
