@@ -519,6 +519,26 @@ def test_the_robust_rows_hold_under_a_gradient_free_attack(run):
     assert "gradient_free" not in rows["d_det"]
 
 
+def test_a_map_folder_written_by_an_earlier_version_loads_without_running_again(tmp_path, monkeypatch):
+    """The stages of a finished map written at commit f9eac72 (before the map ran on the replication's stages; the
+    small self-contained map below, every measurement) are read by today's code: no stage runs again and the cells
+    are the recorded ones."""
+    shutil.copytree(Path(__file__).parent / "fixtures" / "map_f9eac72" / "stages", tmp_path / "stages")
+    recorded = json.loads((Path(__file__).parent / "fixtures" / "map_f9eac72" / "map.json").read_text())
+    small = dataclasses.replace(rep.SCALES["planted", "quick"], n_train=300, n_test=100, robust_epochs=1,
+                                train_steps=1)
+    monkeypatch.setitem(rep.SCALES, ("planted", "quick"), small)
+    base = {"mode": "det", "n": 200, "eps": 0.5, "source_epochs": 1, "rule": "fixed", "learner": "mlp",
+            "learner_epochs": 1, "seed": 0}
+    lines: list[str] = []
+    from advfeat.replicate.map import build_cells, design
+
+    res = build_cells(tmp_path, design("axes", base, {"mode": ["rand"]}), dataset="planted",
+                      scale="quick", progress=False, log=lines.append, measures=("split", "poison", "transfer"))
+    assert lines and not [line for line in lines if line.endswith("running")]
+    assert res["complete"] and res["cells"] == recorded["cells"]
+
+
 def test_the_teaching_table_reads_each_axis_of_a_map_apart():
     """An ``axes`` map varies one axis at a time around a base point: the rank correlation is taken along each
     axis over the cells where the other axes sit at the base (the pre-registered rules read them apart)."""
