@@ -15,8 +15,10 @@ advfeat's robust accuracy is at most the reference's + 0.5 points. The AutoAttac
 beside its standard cascade, both at the reference's 100 steps, on the same images in one run: robust accuracy,
 passes per image and time per image of each. ``--attack parts`` runs each attack of the two cascades alone on
 every image (APGD-CE; APGD-T on 3 or 9 targets by confidence and on 3, 5 or 9 by MALT; FAB-T; Square): its robust
-accuracy, passes per image, and the images it alone breaks (no other attack of the list does). Prints a Markdown
-table (docs/benchmarks.md records it).
+accuracy, passes per image, and the images it alone breaks (no other attack of the list does); then the attacks of
+each cascade together (an image counts as broken if any of them breaks it run alone: the most the cascade can
+break) and the images that they miss and another attack breaks. Prints a Markdown table (docs/benchmarks.md
+records it).
 """
 
 from __future__ import annotations
@@ -145,6 +147,14 @@ def _parts_rows(name: str, model: nn.Module, x: Tensor, y: Tensor, norm: str, ep
         alone = (~robust[i] & robust[torch.arange(len(attacks)) != i].all(0)).nonzero().flatten().tolist()
         rows.append(f"| {name} | {norm} | {eps:g} | {k} | {100 * r.robust_accuracy(k):.1f} | "
                     f"{r.passes_per_image(k):.0f} | {', '.join(map(str, alone)) or '-'} |")
+    names = list(attacks)
+    for label, part in (("standard cascade's attacks, together", [0, 2, 6, 7]),
+                        ("MALT cascade's attacks, together", [0, 3]), ("APGD-CE and 5 by MALT, together", [0, 4]),
+                        ("all of them", list(range(len(names))))):
+        together = robust[part].all(0)
+        missed = (together & ~robust.all(0)).nonzero().flatten().tolist()  # broken by an attack left out
+        rows.append(f"| {name} | {norm} | {eps:g} | {label} | {100 * float(together.double().mean()):.1f} | | "
+                    f"{'misses ' + ', '.join(map(str, missed)) if missed else '-'} |")
     return rows
 
 
