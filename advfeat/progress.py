@@ -1,7 +1,7 @@
 """Progress bars for long work: tqdm, notebook aware (``tqdm.auto``: one widget per long call in Jupyter, where
 ipywidgets is installed, as the ``report`` extra does), off when not wanted. Without ipywidgets the plain text bar
-is used everywhere, with no warning. And how long work ends: interrupted (what is kept, how to go on), and, in a
-command line, in one line per failure (``run_command``)."""
+is used everywhere, with no warning. Also how long work ends: after Ctrl-C, saying what is kept and how to go on
+(``interrupted``), and in a command line, one line per failure (``run_command``)."""
 
 from __future__ import annotations
 
