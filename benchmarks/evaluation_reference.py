@@ -1,24 +1,26 @@
 """advfeat's evaluation attacks against a reference port on the same models, batch and budget, in one run.
 
-    python benchmarks/evaluation_reference.py [--attack square|fab-t|autoattack|malt|parts] [--n 500] [--queries 5000]
-        [--threads 1] [--fashion-root DIR] [--models NAME ...] [--norms linf l2]
+    python benchmarks/evaluation_reference.py [--attack square|fab-t|autoattack|malt|parts] [--n 500] [--offset 0]
+        [--queries 5000] [--threads 1] [--fashion-root DIR] [--models NAME ...] [--norms linf l2]
+        [--malt-targets K ...]
 
-For each model (a standard and a PGD-trained planted MLP; a standard and a PGD-trained Fashion-MNIST SmallCNN
-when the IDX files are there) and each norm, robust accuracy (%) of advfeat's attack and of torchattacks 3.5.1's
-port (``pip install --no-deps torchattacks==3.5.1 scipy requests``) on the same ``--n`` test images with the same
-budget, and each one's time per image: ``Square`` (``--queries``), FAB-T (100 steps, 9 targets) or AutoAttack's
-standard cascade at torchattacks' budget (its AutoAttack runs 10 steps of APGD, APGD-T and FAB-T, and Square at
-5,000 queries; the reference runs 100 steps, which the last two columns add for advfeat). "No weaker" means
-advfeat's robust accuracy is at most the reference's + 0.5 points. The AutoAttack rows add the passes per image
-(the model's forward and backward passes, ``EvalResult.passes_per_image``) of advfeat's cascade at 100 steps.
-``--attack malt`` sets advfeat's ``AutoAttack(version="malt")`` (APGD-CE, then APGD-T on MALT's 3 nearest targets)
-beside its standard cascade, both at the reference's 100 steps, on the same images in one run: robust accuracy,
-passes per image and time per image of each. ``--attack parts`` runs each attack of the two cascades alone on
-every image (APGD-CE; APGD-T on 3 or 9 targets by confidence and on 3, 5 or 9 by MALT; FAB-T; Square): its robust
-accuracy, passes per image, and the images it alone breaks (no other attack of the list does); then the attacks of
-each cascade together (an image counts as broken if any of them breaks it run alone: the most the cascade can
-break) and the images that they miss and another attack breaks. Prints a Markdown table (docs/benchmarks.md
-records it).
+For each model (a standard and a PGD-trained planted MLP; a standard and a PGD-trained Fashion-MNIST SmallCNN when
+the IDX files are there) and each norm, robust accuracy (%) of advfeat's attack and of torchattacks 3.5.1's port
+(``pip install --no-deps torchattacks==3.5.1 scipy requests``) on the same ``--n`` test images with the same budget
+(test images ``--offset`` to ``--offset + --n``), and each one's time per image: ``Square`` (``--queries``), FAB-T
+(100 steps, 9 targets) or AutoAttack's standard cascade at torchattacks' budget (its AutoAttack runs 10 steps of
+APGD, APGD-T and FAB-T, and Square at 5,000 queries; the reference runs 100 steps, which the last two columns add
+for advfeat). "No weaker" means advfeat's robust accuracy is at most the reference's + 0.5 points. The AutoAttack
+rows add the passes per image (the model's forward and backward passes, ``EvalResult.passes_per_image``) of
+advfeat's cascade at 100 steps. ``--attack malt`` sets advfeat's ``AutoAttack(version="malt")`` (APGD-CE, then
+APGD-T on MALT's nearest targets) beside its standard cascade, both at the reference's 100 steps, on the same images
+in one run: robust accuracy, passes per image and time per image of each; ``--malt-targets 3 5 9`` runs the MALT
+cascade at each of those target counts (default: the version's own, ``MALT_TARGETS``), a column group each.
+``--attack parts`` runs each attack of the two cascades alone on every image (APGD-CE; APGD-T on 3 or 9 targets by
+confidence and on 3, 5 or 9 by MALT; FAB-T; Square): its robust accuracy, passes per image, and the images it alone
+breaks (no other attack of the list does); then the attacks of each cascade together (an image counts as broken if
+any of them breaks it run alone: the most the cascade can break) and the images that they miss and another attack
+breaks. Prints a Markdown table (docs/benchmarks.md records it).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -33,6 +36,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 import advfeat as af
+from advfeat.attacks.autoattack import MALT_TARGETS
 
 MODELS = ["planted standard", "planted pgd", "fashion-mnist standard", "fashion-mnist pgd"]
 
@@ -114,14 +118,37 @@ def _evaluated(model: nn.Module, x: Tensor, y: Tensor, attack: af.Attack) -> tup
     return 100 * r.robust_accuracy("a"), r.passes_per_image("a"), 1000 * seconds / len(x)
 
 
-def _malt_row(name: str, model: nn.Module, x: Tensor, y: Tensor, norm: str, eps: float) -> str:
-    """AutoAttack's standard cascade and the MALT version, both at 100 steps, on the same images."""
+@dataclass(frozen=True, eq=False, repr=False)
+class _MaltAt(af.AutoAttack):
+    """``AutoAttack(version="malt")`` with its APGD-T on ``k`` MALT targets instead of ``MALT_TARGETS``."""
+
+    k: int = field(default=MALT_TARGETS, kw_only=True)
+
+    def parts(self, classes: int) -> tuple[tuple[str, af.Attack], ...]:
+        (ce, (name, apgd_t)) = super().parts(classes)
+        assert isinstance(apgd_t, af.APGD)
+        return ce, (name, replace(apgd_t, n_target_classes=max(1, min(self.k, classes - 1))))
+
+
+def _malt_head(counts: list[int]) -> str:
+    head = "| model | norm | eps | clean | AutoAttack standard | standard passes/image | standard ms/image |"
+    for k in counts:
+        head += (f" MALT {k} | MALT {k} - standard | MALT {k} passes/image | fewer passes | MALT {k} ms/image |")
+    return head
+
+
+def _malt_row(name: str, model: nn.Module, x: Tensor, y: Tensor, norm: str, eps: float, counts: list[int]) -> str:
+    """AutoAttack's standard cascade and the MALT version at each target count, all at 100 steps, on the same
+    images."""
     std = _evaluated(model, x, y, af.AutoAttack(norm, eps, seed=0))
-    malt = _evaluated(model, x, y, af.AutoAttack(norm, eps, version="malt", seed=0))
     with torch.no_grad():
         clean = 100 * float((model(x).argmax(1) == y).double().mean())
-    return (f"| {name} | {norm} | {eps:g} | {clean:.1f} | {std[0]:.1f} | {malt[0]:.1f} | {malt[0] - std[0]:+.1f} | "
-            f"{std[1]:.0f} | {malt[1]:.0f} | {std[1] / max(malt[1], 1e-9):.1f}x | {std[2]:.1f} | {malt[2]:.1f} |")
+    row = f"| {name} | {norm} | {eps:g} | {clean:.1f} | {std[0]:.1f} | {std[1]:.0f} | {std[2]:.1f} |"
+    for k in counts:
+        malt = _evaluated(model, x, y, _MaltAt(norm, eps, version="malt", seed=0, k=k))
+        row += (f" {malt[0]:.1f} | {malt[0] - std[0]:+.1f} | {malt[1]:.0f} | {std[1] / max(malt[1], 1e-9):.1f}x | "
+                f"{malt[2]:.1f} |")
+    return row
 
 
 def _parts_rows(name: str, model: nn.Module, x: Tensor, y: Tensor, norm: str, eps: float) -> list[str]:
@@ -165,6 +192,9 @@ def main() -> None:
     ap.add_argument("--attack", nargs="+", choices=["square", "fab-t", "autoattack", "malt", "parts"],
                     default=["square"])
     ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--offset", type=int, default=0, help="the first test image (default: 0)")
+    ap.add_argument("--malt-targets", type=int, nargs="+", default=[MALT_TARGETS],
+                    help="--attack malt: the MALT cascade at each of these target counts")
     ap.add_argument("--queries", type=int, default=5000, help="Square's budget (the cascade's is 5,000)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fashion-root", type=Path, default=af.data.FASHION_MNIST_ROOT)
@@ -172,16 +202,16 @@ def main() -> None:
     ap.add_argument("--norms", nargs="+", choices=["linf", "l2"], default=["linf", "l2"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    models = _models(args.fashion_root, args.models)
+    models = {name: (m, x[args.offset:args.offset + args.n], y[args.offset:args.offset + args.n], linf, l2)
+              for name, (m, x, y, linf, l2) in _models(args.fashion_root, args.models).items()}
     for attack in args.attack:
         if attack == "malt":
-            head = ("| model | norm | eps | clean | AutoAttack standard | MALT version | MALT - standard | standard "
-                    "passes/image | MALT passes/image | fewer passes | standard ms/image | MALT ms/image |")
+            head = _malt_head(args.malt_targets)
             print(f"\n{head}\n|" + "---|" * (head.count("|") - 1), flush=True)
             for name, (model, x, y, linf, l2) in models.items():
                 for norm, eps in (("linf", linf), ("l2", l2)):
                     if norm in args.norms:
-                        print(_malt_row(name, model, x[:args.n], y[:args.n], norm, eps), flush=True)
+                        print(_malt_row(name, model, x, y, norm, eps, args.malt_targets), flush=True)
             continue
         if attack == "parts":
             head = "| model | norm | eps | attack alone | robust accuracy | passes/image | images only it breaks |"
@@ -189,7 +219,7 @@ def main() -> None:
             for name, (model, x, y, linf, l2) in models.items():
                 for norm, eps in (("linf", linf), ("l2", l2)):
                     if norm in args.norms:
-                        print("\n".join(_parts_rows(name, model, x[:args.n], y[:args.n], norm, eps)), flush=True)
+                        print("\n".join(_parts_rows(name, model, x, y, norm, eps)), flush=True)
             continue
         head = (f"| model | norm | eps | clean | advfeat {attack} | torchattacks {attack} | difference | "
                 "advfeat ms/image | torchattacks ms/image |")
@@ -200,7 +230,7 @@ def main() -> None:
             for norm, eps in (("linf", linf), ("l2", l2)):
                 if norm not in args.norms:
                     continue
-                print(_row(attack, name, model, x[:args.n], y[:args.n], norm, eps, args.queries), flush=True)
+                print(_row(attack, name, model, x, y, norm, eps, args.queries), flush=True)
 
 if __name__ == "__main__":
     main()
