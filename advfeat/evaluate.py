@@ -127,14 +127,8 @@ def evaluate(
     named = _named(attacks)
     runs = {k: a.for_evaluation(early_stop) for k, a in named.items()}
     dev = device_of(model, device)
-    sampler = getattr(loader, "sampler", None)
-    world = rank_world()[1]
-    if distributed is None:
-        distributed = isinstance(sampler, DistributedSampler) and world > 1
-    if distributed and not isinstance(sampler, DistributedSampler):
-        raise ValueError("distributed=True needs a DataLoader with a DistributedSampler (its indices tell which "
-                         "samples each rank holds, so that each is counted once)")
-    tally = Tally(["clean", *runs], keep=per_sample or bool(distributed))
+    sampler = _sampler(loader, distributed)
+    tally = Tally(["clean", *runs], keep=per_sample or sampler is not None)
     cost: dict[str, Passes] = {}
     lower, upper = next(iter(runs.values())).box if runs else (0.0, 1.0)
     with frozen_model(model) as m, progress_bar(loader, desc="evaluate", enabled=progress) as bar:
@@ -162,8 +156,7 @@ def evaluate(
                 tally.update_worst(still)
             if progress:
                 bar.set_postfix(clean=f"{tally.count('clean') / max(tally.total, 1):.3f}", refresh=False)
-    if distributed:
-        assert isinstance(sampler, DistributedSampler)
+    if sampler is not None:
         result: EvalResult = tally.compute(indices=list(iter(sampler)))
         for k, p in _summed_passes(cost).items():
             result.passes[k] = p
@@ -171,6 +164,20 @@ def evaluate(
     done: EvalResult = tally.compute()
     done.passes = {k: cost.get(k, Passes()) for k in runs}
     return done
+
+
+def _sampler(loader: Iterable[Any], distributed: bool | None) -> DistributedSampler[Any] | None:
+    """The loader's ``DistributedSampler`` when the result is to be gathered across ranks (``distributed``: True,
+    or None and more than one rank runs), else None."""
+    sampler = getattr(loader, "sampler", None)
+    if distributed is None:
+        distributed = isinstance(sampler, DistributedSampler) and rank_world()[1] > 1
+    if not distributed:
+        return None
+    if not isinstance(sampler, DistributedSampler):
+        raise ValueError("distributed=True needs a DataLoader with a DistributedSampler (its indices tell which "
+                         "samples each rank holds, so that each is counted once)")
+    return sampler
 
 
 def _summed_passes(cost: dict[str, Passes]) -> dict[str, Passes]:
@@ -212,10 +219,12 @@ def robustness_curve(
     generator: torch.Generator | None = None,
     keys: tuple[str, str] | None = None,
     name: str = "",
+    distributed: bool | None = None,
 ) -> RobustnessCurve:
     """Accuracy under ``attack(e)`` for every budget ``e`` in ``eps``, in one pass over ``loader``. A sample broken
     at a smaller budget is broken at every larger one (its perturbation is inside the larger ball), so each budget
-    attacks only the samples every smaller budget left standing.
+    attacks only the samples every smaller budget left standing. ``distributed`` as in ``evaluate``: under
+    ``torch.distributed`` every rank gets the curve of all ranks' samples, each dataset index counted once.
 
     Examples:
         >>> import torch, advfeat as af
@@ -234,7 +243,8 @@ def robustness_curve(
     dev = device_of(model, device)
     named = _named({str(j): attack(e) for j, e in enumerate(budgets)})  # one name per budget, however they print
     runs = [a.for_evaluation(True) for a in named.values()]
-    tally = Tally(["clean", *named])
+    sampler = _sampler(loader, distributed)
+    tally = Tally(["clean", *named], keep=sampler is not None)
     with frozen_model(model) as m, progress_bar(loader, desc="robustness curve", enabled=progress) as bar:
         for _, x, y, logits in checked_batches(bar, m, keys, runs[0].box, dev):
             correct = logits.argmax(1) == y
@@ -246,12 +256,16 @@ def robustness_curve(
                 if ys.shape[0] > 0:
                     with torch.no_grad():
                         ok = m(run(m, xs, ys, generator=generator)).argmax(1) == ys
-                tally.update(name, ok)
-                left = ok.nonzero().squeeze(1)
-                xs, ys = xs.index_select(0, left), ys.index_select(0, left)
-    if tally.total == 0:
-        raise ValueError("loader yielded no samples: there is no curve to draw")
-    total = tally.total
-    counts = [tally.count(name) for name in named]
+                tally.update(name, torch.zeros_like(correct).index_put((keep,), ok))
+                keep, xs, ys = keep[ok], xs[ok], ys[ok]
+    if sampler is not None:
+        result = tally.compute(indices=list(iter(sampler)))
+        total, clean = result.total, result.clean_correct
+        counts = [result.robust_correct[name] for name in named]
+    else:
+        if tally.total == 0:
+            raise ValueError("loader yielded no samples: there is no curve to draw")
+        total, clean = tally.total, tally.count("clean")
+        counts = [tally.count(name) for name in named]
     return RobustnessCurve(tuple(budgets), tuple(c / total for c in counts), tuple(wilson(c, total) for c in counts),
-                           tally.count("clean") / total, total, name)
+                           clean / total, total, name)

@@ -190,7 +190,7 @@ def test_a_robustness_curve_in_one_pass_reuses_what_smaller_budgets_broke():
         af.robustness_curve(model, loader, lambda e: af.L2PGD(e), [0.5, 0.1])
 
 
-def test_evaluate_under_two_gloo_ranks_equals_one_process_exactly(tmp_path, rendezvous):
+def test_evaluate_and_its_curve_under_two_gloo_ranks_equal_one_process_exactly(tmp_path, rendezvous):
     """37 samples on 2 ranks: DistributedSampler (shuffled) pads one rank with a repeated sample, which must be
     counted once; every rank returns the global result, sample for sample the one process's."""
     one = subprocess.run([sys.executable, str(WORKER), str(tmp_path), "0", "1", "-"], capture_output=True, text=True,
@@ -210,6 +210,8 @@ def test_evaluate_under_two_gloo_ranks_equals_one_process_exactly(tmp_path, rend
         assert ranked.total == alone.total == 37 and ranked.as_dict() == alone.as_dict()
         assert ranked.indices.tolist() == list(range(37))
         assert all(torch.equal(ranked.samples[k], alone.samples[k]) for k in alone.samples)
+        curve = json.loads((tmp_path / f"r{r}" / f"curve{r}.json").read_text())
+        assert curve == json.loads((tmp_path / "curve0.json").read_text())  # the robustness curve too
 
 
 def test_evaluate_checks_each_batch_once_and_freezes_the_model_once(monkeypatch):
