@@ -15,7 +15,8 @@ rows add the passes per image (the model's forward and backward passes, ``EvalRe
 advfeat's cascade at 100 steps. ``--attack malt`` sets advfeat's ``AutoAttack(version="malt")`` (APGD-CE, then
 APGD-T on MALT's nearest targets) beside its standard cascade, both at the reference's 100 steps, on the same images
 in one run: robust accuracy, passes per image and time per image of each; ``--malt-targets 3 5 9`` runs the MALT
-cascade at each of those target counts (default: the version's own, ``MALT_TARGETS``), a column group each.
+cascade at each of those target counts (default: the version's own, ``MALT_TARGETS``), a column group each,
+``--malt-fab N`` adds FAB-T on N targets after their APGD-T, ``--malt-only`` leaves the standard cascade out.
 ``--attack parts`` runs each attack of the two cascades alone on every image (APGD-CE; APGD-T on 3 or 9 targets by
 confidence and on 3, 5 or 9 by MALT; FAB-T; Square): its robust accuracy, passes per image, and the images it alone
 breaks (no other attack of the list does); then the attacks of each cascade together (an image counts as broken if
@@ -120,34 +121,43 @@ def _evaluated(model: nn.Module, x: Tensor, y: Tensor, attack: af.Attack) -> tup
 
 @dataclass(frozen=True, eq=False, repr=False)
 class _MaltAt(af.AutoAttack):
-    """``AutoAttack(version="malt")`` with its APGD-T on ``k`` MALT targets instead of ``MALT_TARGETS``."""
+    """``AutoAttack(version="malt")`` with its APGD-T on ``k`` MALT targets instead of ``MALT_TARGETS``, and FAB-T
+    on ``fab`` targets after it when ``fab`` > 0."""
 
     k: int = field(default=MALT_TARGETS, kw_only=True)
+    fab: int = field(default=0, kw_only=True)
 
     def parts(self, classes: int) -> tuple[tuple[str, af.Attack], ...]:
-        (ce, (name, apgd_t)) = super().parts(classes)
+        (ce, (name, apgd_t)) = super().parts(classes)[:2]
         assert isinstance(apgd_t, af.APGD)
-        return ce, (name, replace(apgd_t, n_target_classes=max(1, min(self.k, classes - 1))))
+        out = (ce, (name, replace(apgd_t, n_target_classes=max(1, min(self.k, classes - 1)))))
+        if self.fab:
+            out += (("fab-t", af.FAB(threat=self.threat_model(), criterion=self.criterion, steps=self.steps,
+                                     n_target_classes=min(self.fab, classes - 1))),)
+        return out
 
 
-def _malt_head(counts: list[int]) -> str:
+def _malt_head(counts: list[int], fab: int) -> str:
     head = "| model | norm | eps | clean | AutoAttack standard | standard passes/image | standard ms/image |"
     for k in counts:
-        head += (f" MALT {k} | MALT {k} - standard | MALT {k} passes/image | fewer passes | MALT {k} ms/image |")
+        m = f"MALT {k}" + (f" + FAB-T {fab}" if fab else "")
+        head += f" {m} | {m} - standard | {m} passes/image | fewer passes | {m} ms/image |"
     return head
 
 
-def _malt_row(name: str, model: nn.Module, x: Tensor, y: Tensor, norm: str, eps: float, counts: list[int]) -> str:
-    """AutoAttack's standard cascade and the MALT version at each target count, all at 100 steps, on the same
-    images."""
-    std = _evaluated(model, x, y, af.AutoAttack(norm, eps, seed=0))
+def _malt_row(name: str, model: nn.Module, x: Tensor, y: Tensor, norm: str, eps: float, counts: list[int],
+              fab: int, standard: bool) -> str:
+    """AutoAttack's standard cascade (unless ``standard`` is False: its cells left empty) and the MALT version at
+    each target count, all at 100 steps, on the same images."""
+    std = _evaluated(model, x, y, af.AutoAttack(norm, eps, seed=0)) if standard else None
     with torch.no_grad():
         clean = 100 * float((model(x).argmax(1) == y).double().mean())
-    row = f"| {name} | {norm} | {eps:g} | {clean:.1f} | {std[0]:.1f} | {std[1]:.0f} | {std[2]:.1f} |"
+    row = f"| {name} | {norm} | {eps:g} | {clean:.1f} | " + (
+        f"{std[0]:.1f} | {std[1]:.0f} | {std[2]:.1f} |" if std else " | | |")
     for k in counts:
-        malt = _evaluated(model, x, y, _MaltAt(norm, eps, version="malt", seed=0, k=k))
+        malt = _evaluated(model, x, y, _MaltAt(norm, eps, version="malt", seed=0, k=k, fab=fab))
         row += (f" {malt[0]:.1f} | {malt[0] - std[0]:+.1f} | {malt[1]:.0f} | {std[1] / max(malt[1], 1e-9):.1f}x | "
-                f"{malt[2]:.1f} |")
+                if std else f" {malt[0]:.1f} | | {malt[1]:.0f} | | ") + f"{malt[2]:.1f} |"
     return row
 
 
@@ -195,6 +205,9 @@ def main() -> None:
     ap.add_argument("--offset", type=int, default=0, help="the first test image (default: 0)")
     ap.add_argument("--malt-targets", type=int, nargs="+", default=[MALT_TARGETS],
                     help="--attack malt: the MALT cascade at each of these target counts")
+    ap.add_argument("--malt-fab", type=int, default=0,
+                    help="--attack malt: FAB-T on this many targets after the MALT cascade's APGD-T (default: none)")
+    ap.add_argument("--malt-only", action="store_true", help="--attack malt: leave the standard cascade out")
     ap.add_argument("--queries", type=int, default=5000, help="Square's budget (the cascade's is 5,000)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fashion-root", type=Path, default=af.data.FASHION_MNIST_ROOT)
@@ -206,12 +219,13 @@ def main() -> None:
               for name, (m, x, y, linf, l2) in _models(args.fashion_root, args.models).items()}
     for attack in args.attack:
         if attack == "malt":
-            head = _malt_head(args.malt_targets)
+            head = _malt_head(args.malt_targets, args.malt_fab)
             print(f"\n{head}\n|" + "---|" * (head.count("|") - 1), flush=True)
             for name, (model, x, y, linf, l2) in models.items():
                 for norm, eps in (("linf", linf), ("l2", l2)):
                     if norm in args.norms:
-                        print(_malt_row(name, model, x, y, norm, eps, args.malt_targets), flush=True)
+                        print(_malt_row(name, model, x, y, norm, eps, args.malt_targets, args.malt_fab,
+                                         not args.malt_only), flush=True)
             continue
         if attack == "parts":
             head = "| model | norm | eps | attack alone | robust accuracy | passes/image | images only it breaks |"
