@@ -12,16 +12,16 @@ the IDX files are there) and each norm, robust accuracy (%) of advfeat's attack 
 APGD, APGD-T and FAB-T, and Square at 5,000 queries; the reference runs 100 steps, which the last two columns add
 for advfeat). "No weaker" means advfeat's robust accuracy is at most the reference's + 0.5 points. The AutoAttack
 rows add the passes per image (the model's forward and backward passes, ``EvalResult.passes_per_image``) of
-advfeat's cascade at 100 steps. ``--attack malt`` sets advfeat's ``AutoAttack(version="malt")`` (APGD-CE, then
-APGD-T on MALT's nearest targets) beside its standard cascade, both at the reference's 100 steps, on the same images
-in one run: robust accuracy, passes per image and time per image of each; ``--malt-targets 3 5 9`` runs the MALT
-cascade at each of those target counts (default: the version's own, ``MALT_TARGETS``), a column group each,
-``--malt-fab N`` adds FAB-T on N targets after their APGD-T, ``--malt-only`` leaves the standard cascade out.
-``--attack parts`` runs each attack of the two cascades alone on every image (APGD-CE; APGD-T on 3 or 9 targets by
-confidence and on 3, 5 or 9 by MALT; FAB-T; Square): its robust accuracy, passes per image, and the images it alone
-breaks (no other attack of the list does); then the attacks of each cascade together (an image counts as broken if
-any of them breaks it run alone: the most the cascade can break) and the images that they miss and another attack
-breaks. Prints a Markdown table (docs/benchmarks.md records it).
+advfeat's cascade at 100 steps. ``--attack malt`` sets advfeat's ``AutoAttack(version="malt")`` (APGD-CE, APGD-T on
+MALT's nearest targets, FAB-T on one target) beside its standard cascade, both at the reference's 100 steps, on the
+same images in one run: robust accuracy, passes per image and time per image of each; ``--malt-targets 3 5 9`` runs
+the MALT cascade at each of those target counts (default: the version's own, ``MALT_TARGETS``), a column group each,
+``--malt-fab N`` runs its FAB-T on N targets (0: none; default ``MALT_FAB_TARGETS``), ``--malt-only`` leaves the
+standard cascade out. ``--attack parts`` runs each attack of the two cascades alone on every image (APGD-CE; APGD-T
+on 3 or 9 targets by confidence and on 3, 5 or 9 by MALT; FAB-T on 1 or 9 targets; Square): its robust accuracy,
+passes per image, and the images it alone breaks (no other attack of the list does); then the attacks of each
+cascade together (an image counts as broken if any of them breaks it run alone: the most the cascade can break) and
+the images that they miss and another attack breaks. Prints a Markdown table (docs/benchmarks.md records it).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 import advfeat as af
-from advfeat.attacks.autoattack import MALT_TARGETS
+from advfeat.attacks.autoattack import MALT_FAB_TARGETS, MALT_TARGETS
 
 MODELS = ["planted standard", "planted pgd", "fashion-mnist standard", "fashion-mnist pgd"]
 
@@ -121,19 +121,18 @@ def _evaluated(model: nn.Module, x: Tensor, y: Tensor, attack: af.Attack) -> tup
 
 @dataclass(frozen=True, eq=False, repr=False)
 class _MaltAt(af.AutoAttack):
-    """``AutoAttack(version="malt")`` with its APGD-T on ``k`` MALT targets instead of ``MALT_TARGETS``, and FAB-T
-    on ``fab`` targets after it when ``fab`` > 0."""
+    """``AutoAttack(version="malt")`` with its APGD-T on ``k`` MALT targets and its FAB-T on ``fab`` targets (none
+    when 0) instead of ``MALT_TARGETS`` and ``MALT_FAB_TARGETS``."""
 
     k: int = field(default=MALT_TARGETS, kw_only=True)
-    fab: int = field(default=0, kw_only=True)
+    fab: int = field(default=MALT_FAB_TARGETS, kw_only=True)
 
     def parts(self, classes: int) -> tuple[tuple[str, af.Attack], ...]:
-        (ce, (name, apgd_t)) = super().parts(classes)[:2]
-        assert isinstance(apgd_t, af.APGD)
+        (ce, (name, apgd_t), (fab_name, fab_t)) = super().parts(classes)
+        assert isinstance(apgd_t, af.APGD) and isinstance(fab_t, af.FAB)
         out = (ce, (name, replace(apgd_t, n_target_classes=max(1, min(self.k, classes - 1)))))
         if self.fab:
-            out += (("fab-t", af.FAB(threat=self.threat_model(), criterion=self.criterion, steps=self.steps,
-                                     n_target_classes=min(self.fab, classes - 1))),)
+            out += ((fab_name, replace(fab_t, n_target_classes=min(self.fab, classes - 1))),)
         return out
 
 
@@ -175,6 +174,7 @@ def _parts_rows(name: str, model: nn.Module, x: Tensor, y: Tensor, norm: str, ep
         "APGD-T, 3 by MALT": apgd_t(3, "malt"), "APGD-T, 5 by MALT": apgd_t(5, "malt"),
         "APGD-T, 9 by MALT": apgd_t(9, "malt"),
         "FAB-T": af.FAB(eps, norm=norm, n_target_classes=9, seed=0),
+        "FAB-T, 1 target": af.FAB(eps, norm=norm, n_target_classes=1, seed=0),
         "Square": af.Square(eps, norm=norm, queries=5000, seed=0)}
     r = af.evaluate(model, [(x, y)], attacks, per_sample=True, progress=False)
     assert r.samples is not None
@@ -187,8 +187,8 @@ def _parts_rows(name: str, model: nn.Module, x: Tensor, y: Tensor, norm: str, ep
     names = list(attacks)
     for label, keys in (("standard cascade's attacks, together", ["APGD-CE", "APGD-T, 9 by confidence", "FAB-T",
                                                                   "Square"]),
-                        ("MALT cascade's attacks, together", ["APGD-CE", "APGD-T, 3 by MALT"]),
-                        ("APGD-CE and 5 by MALT, together", ["APGD-CE", "APGD-T, 5 by MALT"]),
+                        ("MALT cascade's attacks, together", ["APGD-CE", "APGD-T, 5 by MALT", "FAB-T, 1 target"]),
+                        ("APGD-CE and 3 by MALT, together", ["APGD-CE", "APGD-T, 3 by MALT"]),
                         ("all of them", names)):
         together = robust[[names.index(k) for k in keys]].all(0)
         missed = (together & ~robust.all(0)).nonzero().flatten().tolist()  # broken by an attack left out
@@ -205,8 +205,9 @@ def main() -> None:
     ap.add_argument("--offset", type=int, default=0, help="the first test image (default: 0)")
     ap.add_argument("--malt-targets", type=int, nargs="+", default=[MALT_TARGETS],
                     help="--attack malt: the MALT cascade at each of these target counts")
-    ap.add_argument("--malt-fab", type=int, default=0,
-                    help="--attack malt: FAB-T on this many targets after the MALT cascade's APGD-T (default: none)")
+    ap.add_argument("--malt-fab", type=int, default=MALT_FAB_TARGETS,
+                    help="--attack malt: the MALT cascade's FAB-T on this many targets (0: none; default: the "
+                         "version's own, MALT_FAB_TARGETS)")
     ap.add_argument("--malt-only", action="store_true", help="--attack malt: leave the standard cascade out")
     ap.add_argument("--queries", type=int, default=5000, help="Square's budget (the cascade's is 5,000)")
     ap.add_argument("--threads", type=int, default=1)

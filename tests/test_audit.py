@@ -221,6 +221,7 @@ def test_malts_cascade_is_no_weaker_than_the_standard_one_at_a_fraction_of_its_p
     r = af.evaluate(robust, [(x, y)], attacks, progress=False)
     assert r.robust_accuracy("malt") <= r.robust_accuracy("standard") + 0.01
     assert r.passes_per_image("malt") < r.passes_per_image("standard")
+    assert [name for name, _ in attacks["malt"].parts(10)] == ["apgd-ce", "apgd-t", "fab-t"]
     assert af.APGD(eps, norm=norm, targets="malt", n_target_classes=3) != af.APGD(eps, norm=norm, n_target_classes=3)
     with pytest.raises(ValueError, match="targets must be one of 'confidence', 'malt'"):
         af.APGD(eps, targets="closest")
