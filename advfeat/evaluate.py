@@ -258,14 +258,10 @@ def robustness_curve(
                         ok = m(run(m, xs, ys, generator=generator)).argmax(1) == ys
                 tally.update(name, torch.zeros_like(correct).index_put((keep,), ok))
                 keep, xs, ys = keep[ok], xs[ok], ys[ok]
-    if sampler is not None:
-        result = tally.compute(indices=list(iter(sampler)))
-        total, clean = result.total, result.clean_correct
-        counts = [result.robust_correct[name] for name in named]
-    else:
-        if tally.total == 0:
-            raise ValueError("loader yielded no samples: there is no curve to draw")
-        total, clean = tally.total, tally.count("clean")
-        counts = [tally.count(name) for name in named]
+    if sampler is None and tally.total == 0:
+        raise ValueError("loader yielded no samples: there is no curve to draw")
+    result = tally.compute(indices=None if sampler is None else list(iter(sampler)))
+    total = result.total
+    counts = [result.robust_correct[name] for name in named]
     return RobustnessCurve(tuple(budgets), tuple(c / total for c in counts), tuple(wilson(c, total) for c in counts),
-                           clean / total, total, name)
+                           result.clean_correct / total, total, name)
